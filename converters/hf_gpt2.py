@@ -1,0 +1,77 @@
+"""HuggingFace GPT-2 (`model_type: gpt2`) -> canonical params.
+
+GPT-2 stores projections as Conv1D, `[in, out]`; `c_attn` fuses q, k, v along
+the output axis as three contiguous `[D]` blocks, each heads-major.
+"""
+
+from __future__ import annotations
+
+from ftjax.config import ModelConfig
+from converters.rules import Rule, check_keys, require_value
+
+_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
+                "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def config_from_hf(hf: dict, where: str) -> ModelConfig:
+    check_keys(hf, where, ["vocab_size", "n_embd", "n_layer", "n_head", "n_positions"])
+    act = require_value(hf, "activation_function", list(_ACTIVATIONS), where, "gelu_new")
+    require_value(hf, "scale_attn_weights", [True], where, True)
+    require_value(hf, "scale_attn_by_inverse_layer_idx", [False], where, False)
+    require_value(hf, "add_cross_attention", [False], where, False)
+    d, n = hf["n_embd"], hf["n_head"]
+    if d % n:
+        raise ValueError(f"{where}: n_embd ({d}) is not a multiple of n_head ({n})")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=n,
+        n_kv_heads=n, head_dim=d // n, d_ff=hf.get("n_inner") or 4 * d,
+        max_positions=hf["n_positions"], norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=_ACTIVATIONS[act],
+        positions="learned", attn_bias=True, mlp_bias=True,
+        tied_embeddings=hf.get("tie_word_embeddings", True),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+
+
+def _qkv(part: int):
+    def f(x, cfg: ModelConfig):
+        d = cfg.d_model
+        block = x[..., part * d:(part + 1) * d]
+        if block.ndim == 2:
+            return block.reshape(d, cfg.n_heads, cfg.head_dim)
+        return block.reshape(cfg.n_heads, cfg.head_dim)
+    return f
+
+
+def _o(x, cfg: ModelConfig):
+    return x.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
+
+
+def rules(cfg: ModelConfig, prefix: str):
+    h = prefix + "h.{i}."
+    table = [
+        Rule("embed", prefix + "wte.weight"),
+        Rule("pos_embed", prefix + "wpe.weight"),
+        Rule("final_norm/scale", prefix + "ln_f.weight"),
+        Rule("final_norm/bias", prefix + "ln_f.bias"),
+        Rule("layers/ln1/scale", h + "ln_1.weight"),
+        Rule("layers/ln1/bias", h + "ln_1.bias"),
+        Rule("layers/ln2/scale", h + "ln_2.weight"),
+        Rule("layers/ln2/bias", h + "ln_2.bias"),
+        Rule("layers/attn/o/kernel", h + "attn.c_proj.weight", _o),
+        Rule("layers/attn/o/bias", h + "attn.c_proj.bias"),
+        Rule("layers/mlp/wi/kernel", h + "mlp.c_fc.weight"),
+        Rule("layers/mlp/wi/bias", h + "mlp.c_fc.bias"),
+        Rule("layers/mlp/wo/kernel", h + "mlp.c_proj.weight"),
+        Rule("layers/mlp/wo/bias", h + "mlp.c_proj.bias"),
+    ]
+    for part, name in enumerate("qkv"):
+        table.append(Rule(f"layers/attn/{name}/kernel", h + "attn.c_attn.weight", _qkv(part)))
+        table.append(Rule(f"layers/attn/{name}/bias", h + "attn.c_attn.bias", _qkv(part)))
+    if not cfg.tied_embeddings:
+        table.append(Rule("lm_head", "lm_head.weight"))
+    return table
+
+
+# Buffers some GPT-2 checkpoints carry (causal mask), and the tied head when saved.
+IGNORE = [r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias"]
+IGNORE_TIED = [r"lm_head\.weight"]

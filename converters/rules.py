@@ -1,0 +1,113 @@
+"""One loader over declarative key tables: checkpoint tensors -> canonical params.
+
+An architecture provides a list of `Rule`s. Each rule names a canonical param path
+(e.g. "layers/attn/q/kernel"), the checkpoint key it comes from ("{i}" stands for
+the layer index; such rules are stacked on a leading layers axis) and a transform
+to the canonical layout. Several rules may read one fused tensor (QKV). Every
+checkpoint tensor must be consumed by a rule or explicitly ignorable: nothing a
+user gave is dropped silently, and a tensor of the wrong shape is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable, Dict, List, Sequence
+
+import numpy as np
+
+from ftjax.errors import CheckpointError
+
+
+def _identity(x, cfg):
+    return x
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    dst: str
+    src: str
+    transform: Callable = _identity
+
+
+def _set_path(tree: dict, path: str, value):
+    keys = path.split("/")
+    for k in keys[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[keys[-1]] = value
+
+
+def flatten_tree(tree, prefix: str = "") -> dict:
+    """Nested dict -> {"a/b/c": leaf}."""
+    out = {}
+    for k, v in tree.items():
+        if hasattr(v, "items"):
+            out.update(flatten_tree(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def apply_rules(tensors: Dict[str, np.ndarray], rules: Sequence[Rule], cfg, expected,
+                ignore: Sequence[str] = (), where: str = "checkpoint") -> dict:
+    """Builds the canonical params pytree (numpy leaves) from checkpoint tensors.
+
+    Args:
+      tensors: checkpoint key -> array.
+      rules: the architecture's table.
+      cfg: the ModelConfig (transforms read head counts from it).
+      expected: the canonical params pytree of shapes (`ftjax.model.param_shapes`).
+      ignore: regexes of checkpoint keys that carry no weights (e.g. causal-mask buffers).
+      where: the checkpoint's path, for messages.
+    """
+    want = {k: tuple(v.shape) for k, v in flatten_tree(expected).items()}
+    used: set = set()
+    params: dict = {}
+
+    def fetch(key):
+        if key not in tensors:
+            raise CheckpointError(f"{where}: missing tensor {key!r}")
+        used.add(key)
+        return np.asarray(tensors[key])
+
+    for rule in rules:
+        if rule.dst not in want:
+            raise CheckpointError(f"{where}: converter rule targets unknown param {rule.dst!r}")
+        if "{i}" in rule.src:
+            value = np.stack([rule.transform(fetch(rule.src.format(i=i)), cfg)
+                              for i in range(cfg.n_layers)])
+        else:
+            value = rule.transform(fetch(rule.src), cfg)
+        if tuple(value.shape) != want[rule.dst]:
+            raise CheckpointError(
+                f"{where}: tensor {rule.src!r} gives {rule.dst} of shape {tuple(value.shape)}, "
+                f"expected {want[rule.dst]} for this config")
+        _set_path(params, rule.dst, value)
+
+    missing = sorted(set(want) - {r.dst for r in rules})
+    if missing:
+        raise CheckpointError(f"{where}: no checkpoint tensor maps to params {missing}")
+    patterns = [re.compile(p) for p in ignore]
+    extra = sorted(k for k in tensors
+                   if k not in used and not any(p.fullmatch(k) for p in patterns))
+    if extra:
+        shown = extra[:8] + (["..."] if len(extra) > 8 else [])
+        raise CheckpointError(
+            f"{where}: tensors this converter does not understand (refusing to drop them): {shown}")
+    return params
+
+
+def check_keys(hf_config: dict, where: str, required: Sequence[str]) -> None:
+    missing = [k for k in required if k not in hf_config]
+    if missing:
+        raise CheckpointError(f"{where}: config.json lacks required keys {missing}")
+
+
+def require_value(hf_config: dict, key: str, allowed: List, where: str, default=None):
+    """Raises if a math-changing config key holds a value ftjax does not implement."""
+    value = hf_config.get(key, default)
+    if value not in allowed:
+        raise CheckpointError(
+            f"{where}: config.json key {key!r} = {value!r} is not supported "
+            f"(supported: {allowed}); refusing to load with different numerics")
+    return value

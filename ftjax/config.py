@@ -1,0 +1,133 @@
+"""ModelConfig: one frozen dataclass that describes the whole GPT family.
+
+Architecture only: no runtime knobs (dtype, batch, cache length) live here.
+A new architecture is a converter mapping plus values of these fields, never a
+new model class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
+POSITIONS = ("learned", "rotary", "alibi", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and variant fields of a decoder-only transformer.
+
+    Attributes:
+      vocab_size: V, rows of the token embedding.
+      d_model: D, the residual width.
+      n_layers: L, number of transformer blocks.
+      n_heads: N, query heads.
+      n_kv_heads: K, key/value heads (N: MHA, 1: MQA, in between: GQA).
+      head_dim: H, per-head width.
+      d_ff: F, MLP hidden width.
+      max_positions: the longest sequence the model accepts.
+      norm: "layernorm" or "rmsnorm".
+      norm_eps: epsilon of every norm.
+      activation: MLP activation ("gelu_new" is GPT-2's tanh approximation).
+      positions: "learned" absolute embeddings, "rotary", "alibi" or "none".
+      position_offset: added to position ids before the learned lookup (OPT: 2).
+      attn_bias: q/k/v/o projections carry biases.
+      mlp_bias: MLP projections carry biases.
+      tied_embeddings: the LM head reuses the token embedding.
+      bos_token_id / eos_token_id: special ids, or None.
+    """
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_positions: int
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu_new"
+    positions: str = "learned"
+    position_offset: int = 0
+    attn_bias: bool = True
+    mlp_bias: bool = True
+    tied_embeddings: bool = True
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
+                     "head_dim", "d_ff", "max_positions"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of "
+                f"n_kv_heads ({self.n_kv_heads})")
+        if self.norm not in NORMS:
+            raise ValueError(f"ModelConfig.norm must be one of {NORMS}, got {self.norm!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"ModelConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(
+                f"ModelConfig.positions must be one of {POSITIONS}, got {self.positions!r}")
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count (embeddings included, tied head counted once)."""
+        d, h = self.d_model, self.head_dim
+        attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
+        if self.attn_bias:
+            attn += h * (self.n_heads + 2 * self.n_kv_heads) + d
+        mlp = 2 * d * self.d_ff + ((self.d_ff + d) if self.mlp_bias else 0)
+        norms = 2 * d * (2 if self.norm == "layernorm" else 1)
+        total = self.n_layers * (attn + mlp + norms) + self.vocab_size * d
+        total += d * (2 if self.norm == "layernorm" else 1)
+        if self.positions == "learned":
+            total += (self.max_positions + self.position_offset) * d
+        if not self.tied_embeddings:
+            total += self.vocab_size * d
+        return total
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def gpt2_preset(d_model: int, n_layers: int, n_heads: int, vocab_size: int = 50257,
+                max_positions: int = 1024) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                       n_heads=n_heads, n_kv_heads=n_heads, head_dim=d_model // n_heads,
+                       d_ff=4 * d_model, max_positions=max_positions,
+                       bos_token_id=50256, eos_token_id=50256)
+
+
+# Named shapes for benchmarks and planning: random weights, no download.
+PRESETS = {
+    "gpt2-124m": lambda: gpt2_preset(768, 12, 12),
+    "gpt2-350m": lambda: gpt2_preset(1024, 24, 16),
+    "gpt2-774m": lambda: gpt2_preset(1280, 36, 20),
+    "gpt2-1.5b": lambda: gpt2_preset(1600, 48, 25),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,233 @@
+"""The one decoder-only transformer, configured by `ModelConfig`.
+
+Shape legend (used in every einsum and docstring here):
+  B batch, T query length, S key length (cache slots), L layers,
+  D model width, N query heads, K kv heads, G = N // K query heads per kv head,
+  H head width, F MLP width, V vocabulary.
+
+Params are the canonical pytree (see `converters`): attention unfused with heads
+explicit, q `[D, N, H]`, k/v `[D, K, H]`, o `[N, H, D]`; block weights stacked
+on a leading `L` axis so one `nn.scan` runs the stack.
+
+The KV cache is an explicit pytree passed in and returned (`KVCache`), never
+state stored on a module.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from ftjax.config import ModelConfig
+
+_init = nn.initializers.normal(stddev=0.02)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer: `k`, `v` are `[L, B, S, K, H]`."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> "KVCache":
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        # jnp.zeros, not jnp.empty: new jax returns uninitialized memory for empty.
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+class Linear(nn.Module):
+    """`einsum(spec, x, kernel) + bias` with an explicitly shaped kernel."""
+
+    spec: str
+    kernel_shape: tuple
+    bias_shape: Optional[tuple]
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", _init, self.kernel_shape, self.dtype)
+        y = jnp.einsum(self.spec, x, kernel)
+        if self.bias_shape is not None:
+            y = y + self.param("bias", nn.initializers.zeros, self.bias_shape, self.dtype)
+        return y
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm; statistics in float32, output in the model dtype."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        d = self.cfg.d_model
+        scale = self.param("scale", nn.initializers.ones, (d,), self.dtype)
+        xf = x.astype(jnp.float32)
+        if self.cfg.norm == "layernorm":
+            bias = self.param("bias", nn.initializers.zeros, (d,), self.dtype)
+            mean = xf.mean(-1, keepdims=True)
+            var = jnp.square(xf - mean).mean(-1, keepdims=True)
+            y = (xf - mean) * jax.lax.rsqrt(var + self.cfg.norm_eps)
+            y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        else:
+            y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.cfg.norm_eps)
+            y = y * scale.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def activation(name: str, x):
+    if name == "gelu_new":
+        return jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu(x)
+    if name == "silu":
+        return jax.nn.silu(x)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def attend(q, k, v, q_pos, k_pos):
+    """Causal attention over keys whose position is <= the query's.
+
+    Args:
+      q: `[B, T, N, H]`; k, v: `[B, S, K, H]`.
+      q_pos: `[B, T]` absolute query positions; k_pos: `[B, S]` or `[S]` key positions.
+    Returns:
+      `[B, T, N, H]` in q's dtype. Scores and softmax run in float32.
+    """
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    qg = q.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / jnp.sqrt(jnp.float32(h)))
+    k_pos = jnp.broadcast_to(k_pos, (b, k.shape[1]))
+    mask = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x, positions, layer, cache: Optional[KVCache]):
+        cfg = self.cfg
+        d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        bias = cfg.attn_bias
+        q = Linear("btd,dnh->btnh", (d, n, h), (n, h) if bias else None, self.dtype, name="q")(x)
+        kk = Linear("btd,dkh->btkh", (d, k, h), (k, h) if bias else None, self.dtype, name="k")(x)
+        vv = Linear("btd,dkh->btkh", (d, k, h), (k, h) if bias else None, self.dtype, name="v")(x)
+        if cache is None:
+            out = attend(q, kk, vv, positions, positions)
+        else:
+            # Write this step's keys/values at their positions, then attend over
+            # the whole cache: slots past a row's position are masked out.
+            rows = jnp.arange(x.shape[0])[:, None]
+            cache = KVCache(k=cache.k.at[layer, rows, positions].set(kk, mode="drop"),
+                            v=cache.v.at[layer, rows, positions].set(vv, mode="drop"))
+            k_layer = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
+            v_layer = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
+            out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len))
+        y = Linear("btnh,nhd->btd", (n, h, d), (d,) if bias else None, self.dtype, name="o")(out)
+        return y, cache
+
+
+class Mlp(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        d, f = cfg.d_model, cfg.d_ff
+        bias = cfg.mlp_bias
+        hdn = Linear("btd,df->btf", (d, f), (f,) if bias else None, self.dtype, name="wi")(x)
+        hdn = activation(cfg.activation, hdn)
+        return Linear("btf,fd->btd", (f, d), (d,) if bias else None, self.dtype, name="wo")(hdn)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, carry, layer):
+        x, positions, cache = carry
+        a, cache = Attention(self.cfg, self.dtype, name="attn")(
+            Norm(self.cfg, self.dtype, name="ln1")(x), positions, layer, cache)
+        x = x + a
+        x = x + Mlp(self.cfg, self.dtype, name="mlp")(Norm(self.cfg, self.dtype, name="ln2")(x))
+        return (x, positions, cache), None
+
+
+class Transformer(nn.Module):
+    """Token ids -> float32 logits, optionally reading and writing a KV cache."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache: Optional[KVCache] = None,
+                 last_index: Optional[jax.Array] = None):
+        """Runs the model.
+
+        Args:
+          tokens: int `[B, T]`.
+          positions: int `[B, T]`; also the cache slots written.
+          cache: a `KVCache` to write and attend over, or None (attend within `tokens`).
+          last_index: optional int `[B]`: return only the logits at these indices of T.
+        Returns:
+          (logits float32 `[B, T, V]` or `[B, 1, V]` with last_index, updated cache)
+        """
+        cfg = self.cfg
+        embed = self.param("embed", _init, (cfg.vocab_size, cfg.d_model), self.dtype)
+        x = jnp.take(embed, tokens, axis=0)
+        if cfg.positions == "learned":
+            pos_embed = self.param("pos_embed", _init,
+                                   (cfg.max_positions + cfg.position_offset, cfg.d_model),
+                                   self.dtype)
+            x = x + jnp.take(pos_embed, positions + cfg.position_offset, axis=0)
+        blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=cfg.n_layers)(cfg, self.dtype, name="layers")
+        (x, _, cache), _ = blocks((x, positions, cache), jnp.arange(cfg.n_layers))
+        if last_index is not None:
+            x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)
+        x = Norm(cfg, self.dtype, name="final_norm")(x)
+        if cfg.tied_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, embed, preferred_element_type=jnp.float32)
+        else:
+            head = self.param("lm_head", _init, (cfg.vocab_size, cfg.d_model), self.dtype)
+            logits = jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
+        return logits, cache
+
+
+def param_shapes(cfg: ModelConfig, dtype=jnp.float32):
+    """The canonical params pytree as `jax.ShapeDtypeStruct`s (nothing allocated)."""
+    model = Transformer(cfg, dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, tokens)
+    return shapes["params"]
+
+
+def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32):
+    """Random params of the canonical shape (for presets and tests)."""
+    model = Transformer(cfg, dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    init = jax.jit(lambda key: model.init(key, tokens, tokens)["params"])
+    return init(jax.random.PRNGKey(seed))
