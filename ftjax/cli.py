@@ -1,0 +1,127 @@
+"""The `ftjax` command: generate, convert, bench."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+
+def _generate(args) -> int:
+    import ftjax
+
+    prompts = list(args.prompt)
+    if not prompts:
+        if sys.stdin.isatty():
+            print("ftjax generate: give a PROMPT (or pipe one on stdin)", file=sys.stderr)
+            return 2
+        prompts = [sys.stdin.read()]
+    model = ftjax.load(args.model or ftjax.demo_model_path(), dtype=args.dtype)
+    sampling = ftjax.SamplingParams(temperature=args.temperature, top_k=args.top_k,
+                                    top_p=args.top_p, seed=args.seed)
+    if model.tokenizer is None:
+        print(f"ftjax generate: {model.path} has no tokenizer; use the Python API with "
+              "token ids", file=sys.stderr)
+        return 2
+    if len(prompts) == 1:
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+        for ev in model.stream(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    out = model.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling)
+    for i, (prompt, text) in enumerate(zip(prompts, out.texts)):
+        print(f"=== [{i}] ({len(out.tokens[i])} tokens, {out.finish_reasons[i]})")
+        print(prompt + text)
+    return 0
+
+
+def _convert(args) -> int:
+    from converters import load_checkpoint, save_native
+    import jax
+    import numpy as np
+
+    from ftjax.api import DTYPES
+
+    if args.dtype not in DTYPES:
+        print(f"ftjax convert: --dtype must be one of {sorted(DTYPES)}", file=sys.stderr)
+        return 2
+    if os.path.exists(args.dst) and os.listdir(args.dst) and not args.force:
+        print(f"ftjax convert: {args.dst} exists and is not empty (use --force to overwrite)",
+              file=sys.stderr)
+        return 2
+    cfg, params = load_checkpoint(args.src)
+    target = np.dtype(DTYPES[args.dtype])
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(target), params)
+    save_native(args.dst, cfg, params, args.dtype, source=args.src)
+    n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    print(f"wrote {args.dst}: {cfg.n_params / 1e6:.1f}M params, {args.dtype}, "
+          f"{n_bytes / 2**20:.1f} MiB")
+    return 0
+
+
+def _bench(args) -> int:
+    from ftjax.bench import run_bench
+
+    return run_bench(args)
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ftjax", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="continue prompts (streams tokens to stdout)")
+    g.add_argument("prompt", nargs="*", help="prompt text(s); stdin when none")
+    g.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--dtype", default="float32")
+    g.set_defaults(func=_generate)
+
+    c = sub.add_parser("convert", help="write an ftjax checkpoint that loads fast")
+    c.add_argument("src", help="HuggingFace (or ftjax) checkpoint directory")
+    c.add_argument("dst", help="output directory")
+    c.add_argument("--dtype", default="float32")
+    c.add_argument("--force", action="store_true", help="overwrite a non-empty dst")
+    c.set_defaults(func=_convert)
+
+    b = sub.add_parser("bench", help="latency / throughput table, FasterTransformer style")
+    src = b.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint directory")
+    src.add_argument("--preset", help="random weights of a named shape (e.g. gpt2-124m)")
+    b.add_argument("--batch", type=_ints, default=[1, 8])
+    b.add_argument("--input-len", type=int, default=128)
+    b.add_argument("--output-len", type=int, default=32)
+    b.add_argument("--dtype", default="float32")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--compare", choices=["hf"], help="also time HuggingFace generate()")
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ftjax.errors import CheckpointError
+
+    try:
+        return args.func(args)
+    except (CheckpointError, ValueError) as e:
+        print(f"ftjax {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
