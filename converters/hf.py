@@ -32,7 +32,7 @@ def load_hf(directory: str):
     from ftjax.model import param_shapes
 
     hf = read_hf_config(directory)
-    where = os.path.join(directory, "config.json")
+    where = directory
     model_type = hf.get("model_type")
     if model_type not in ARCHITECTURES:
         raise CheckpointError(

@@ -7,6 +7,7 @@ the output axis as three contiguous `[D]` blocks, each heads-major.
 from __future__ import annotations
 
 from ftjax.config import ModelConfig
+from ftjax.errors import CheckpointError
 from converters.rules import Rule, check_keys, require_value
 
 _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
@@ -21,7 +22,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
     require_value(hf, "add_cross_attention", [False], where, False)
     d, n = hf["n_embd"], hf["n_head"]
     if d % n:
-        raise ValueError(f"{where}: n_embd ({d}) is not a multiple of n_head ({n})")
+        raise CheckpointError(f"{where}: n_embd ({d}) is not a multiple of n_head ({n})")
     return ModelConfig(
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=n,
         n_kv_heads=n, head_dim=d // n, d_ff=hf.get("n_inner") or 4 * d,

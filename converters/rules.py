@@ -98,9 +98,15 @@ def apply_rules(tensors: Dict[str, np.ndarray], rules: Sequence[Rule], cfg, expe
 
 
 def check_keys(hf_config: dict, where: str, required: Sequence[str]) -> None:
+    """Raises unless every `required` key holds a positive int."""
     missing = [k for k in required if k not in hf_config]
     if missing:
         raise CheckpointError(f"{where}: config.json lacks required keys {missing}")
+    for k in required:
+        v = hf_config[k]
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise CheckpointError(f"{where}: config.json key {k!r} must be a positive int, "
+                                  f"got {v!r}")
 
 
 def require_value(hf_config: dict, key: str, allowed: List, where: str, default=None):
