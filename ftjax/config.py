@@ -34,9 +34,24 @@ class ModelConfig:
       activation: MLP activation ("gelu_new" is GPT-2's tanh approximation).
       positions: "learned" absolute embeddings, "rotary", "alibi" or "none".
       position_offset: added to position ids before the learned lookup (OPT: 2).
+      rotary_dim: with rotary positions, how many leading dims of each head rotate
+        (None: all). Rotation is always "rotate-half" (NeoX/Llama); converters
+        permute rotate-every-two checkpoints (GPT-J) into it at load.
+      rope_theta: rotary base.
       attn_bias: q/k/v/o projections carry biases.
       mlp_bias: MLP projections carry biases.
+      glu: gated MLP, act(x @ wg) * (x @ wi) (Llama's SwiGLU with activation "silu").
+      norm_position: "pre" (x + f(norm(x))) or "post" (norm(x + f(x)), OPT-350m).
+      parallel_residual: x + attn(norm1(x)) + mlp(norm2(x)) (GPT-J, NeoX).
+      shared_norm: with parallel_residual, attn and mlp read one norm (GPT-J).
+      residual_from_norm: the residual is the norm's output, not its input
+        (BLOOM's apply_residual_connection_post_layernorm).
+      embed_norm: a norm right after the token embedding (BLOOM).
+      final_norm: a norm before the LM head.
+      d_embed: embedding width when it differs from d_model (OPT-350m's
+        project_in / project_out); None means d_model.
       tied_embeddings: the LM head reuses the token embedding.
+      lm_head_bias: the LM head carries a bias (GPT-J).
       bos_token_id / eos_token_id: special ids, or None.
     """
 
@@ -53,9 +68,20 @@ class ModelConfig:
     activation: str = "gelu_new"
     positions: str = "learned"
     position_offset: int = 0
+    rotary_dim: Optional[int] = None
+    rope_theta: float = 10000.0
     attn_bias: bool = True
     mlp_bias: bool = True
+    glu: bool = False
+    norm_position: str = "pre"
+    parallel_residual: bool = False
+    shared_norm: bool = False
+    residual_from_norm: bool = False
+    embed_norm: bool = False
+    final_norm: bool = True
+    d_embed: Optional[int] = None
     tied_embeddings: bool = True
+    lm_head_bias: bool = False
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
 
@@ -77,23 +103,38 @@ class ModelConfig:
         if self.positions not in POSITIONS:
             raise ValueError(
                 f"ModelConfig.positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.norm_position not in ("pre", "post"):
+            raise ValueError(
+                f"ModelConfig.norm_position must be 'pre' or 'post', got {self.norm_position!r}")
+        rd = self.rotary_dim
+        if rd is not None and not (0 < rd <= self.head_dim and rd % 2 == 0):
+            raise ValueError(f"ModelConfig.rotary_dim must be even and in (0, head_dim="
+                             f"{self.head_dim}], got {rd!r}")
+        if self.norm_position == "post" and (self.parallel_residual or self.residual_from_norm):
+            raise ValueError("ModelConfig.norm_position='post' cannot combine with "
+                             "parallel_residual or residual_from_norm")
+        if self.shared_norm and not self.parallel_residual:
+            raise ValueError("ModelConfig.shared_norm needs parallel_residual=True")
+
+    @property
+    def embed_dim(self) -> int:
+        """E: the token embedding width (d_embed, or d_model)."""
+        return self.d_embed or self.d_model
+
+    @property
+    def n_rotary(self) -> int:
+        return self.rotary_dim or self.head_dim
 
     @property
     def n_params(self) -> int:
-        """Parameter count (embeddings included, tied head counted once)."""
-        d, h = self.d_model, self.head_dim
-        attn = d * h * (self.n_heads * 2 + self.n_kv_heads * 2)
-        if self.attn_bias:
-            attn += h * (self.n_heads + 2 * self.n_kv_heads) + d
-        mlp = 2 * d * self.d_ff + ((self.d_ff + d) if self.mlp_bias else 0)
-        norms = 2 * d * (2 if self.norm == "layernorm" else 1)
-        total = self.n_layers * (attn + mlp + norms) + self.vocab_size * d
-        total += d * (2 if self.norm == "layernorm" else 1)
-        if self.positions == "learned":
-            total += (self.max_positions + self.position_offset) * d
-        if not self.tied_embeddings:
-            total += self.vocab_size * d
-        return total
+        """Parameter count, from the model's own param shapes (tied head counted once)."""
+        import math
+
+        import jax
+
+        from ftjax.model import param_shapes
+
+        return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(self)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

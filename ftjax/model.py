@@ -15,6 +15,7 @@ state stored on a module.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import flax.linen as nn
@@ -80,8 +81,9 @@ class Norm(nn.Module):
             y = (xf - mean) * jax.lax.rsqrt(var + self.cfg.norm_eps)
             y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
         else:
+            # As HF Llama: normalize in float32, cast, then scale in the model dtype.
             y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.cfg.norm_eps)
-            y = y * scale.astype(jnp.float32)
+            return y.astype(self.dtype) * scale
         return y.astype(self.dtype)
 
 
@@ -97,12 +99,41 @@ def activation(name: str, x):
     raise ValueError(f"unknown activation {name!r}")
 
 
-def attend(q, k, v, q_pos, k_pos):
+def alibi_slopes(n_heads: int) -> jax.Array:
+    """ALiBi head slopes `[N]` (Press et al.; BLOOM's rule for non-powers of two)."""
+    closest = 2 ** math.floor(math.log2(n_heads))
+    base = 2.0 ** (-(2.0 ** -(math.log2(closest) - 3)))
+    slopes = [base ** (i + 1) for i in range(closest)]
+    if closest != n_heads:
+        extra = 2.0 ** (-(2.0 ** -(math.log2(2 * closest) - 3)))
+        slopes += [extra ** (2 * i + 1) for i in range(n_heads - closest)]
+    return jnp.asarray(slopes, jnp.float32)
+
+
+def rotate(x, positions, rotary_dim: int, theta: float):
+    """Rotary embedding, rotate-half convention, on the first `rotary_dim` dims.
+
+    Args:
+      x: `[B, T, X, H]` (X heads); positions: `[B, T]`.
+    """
+    half = rotary_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2 / rotary_dim))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, half]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xr = x[..., :rotary_dim].astype(jnp.float32)
+    x1, x2 = xr[..., :half], xr[..., half:]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([rotated.astype(x.dtype), x[..., rotary_dim:]], axis=-1)
+
+
+def attend(q, k, v, q_pos, k_pos, slopes=None):
     """Causal attention over keys whose position is <= the query's.
 
     Args:
       q: `[B, T, N, H]`; k, v: `[B, S, K, H]`.
       q_pos: `[B, T]` absolute query positions; k_pos: `[B, S]` or `[S]` key positions.
+      slopes: optional ALiBi slopes `[N]`: adds slope * (k_pos - q_pos) to the scores.
     Returns:
       `[B, T, N, H]` in q's dtype. Scores and softmax run in float32.
     """
@@ -112,6 +143,9 @@ def attend(q, k, v, q_pos, k_pos):
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(h)))
     k_pos = jnp.broadcast_to(k_pos, (b, k.shape[1]))
+    if slopes is not None:
+        dist = (k_pos[:, None, :] - q_pos[:, :, None]).astype(jnp.float32)  # [B, T, S]
+        scores = scores + slopes.reshape(kv, n // kv)[None, :, :, None, None] * dist[:, None, None]
     mask = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -131,8 +165,12 @@ class Attention(nn.Module):
         q = Linear("btd,dnh->btnh", (d, n, h), (n, h) if bias else None, self.dtype, name="q")(x)
         kk = Linear("btd,dkh->btkh", (d, k, h), (k, h) if bias else None, self.dtype, name="k")(x)
         vv = Linear("btd,dkh->btkh", (d, k, h), (k, h) if bias else None, self.dtype, name="v")(x)
+        if cfg.positions == "rotary":
+            q = rotate(q, positions, cfg.n_rotary, cfg.rope_theta)
+            kk = rotate(kk, positions, cfg.n_rotary, cfg.rope_theta)
+        slopes = alibi_slopes(n) if cfg.positions == "alibi" else None
         if cache is None:
-            out = attend(q, kk, vv, positions, positions)
+            out = attend(q, kk, vv, positions, positions, slopes)
         else:
             # Write this step's keys/values at their positions, then attend over
             # the whole cache: slots past a row's position are masked out.
@@ -141,7 +179,7 @@ class Attention(nn.Module):
                             v=cache.v.at[layer, rows, positions].set(vv, mode="drop"))
             k_layer = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
             v_layer = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
-            out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len))
+            out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len), slopes)
         y = Linear("btnh,nhd->btd", (n, h, d), (d,) if bias else None, self.dtype, name="o")(out)
         return y, cache
 
@@ -156,12 +194,16 @@ class Mlp(nn.Module):
         d, f = cfg.d_model, cfg.d_ff
         bias = cfg.mlp_bias
         hdn = Linear("btd,df->btf", (d, f), (f,) if bias else None, self.dtype, name="wi")(x)
-        hdn = activation(cfg.activation, hdn)
+        if cfg.glu:
+            gate = Linear("btd,df->btf", (d, f), (f,) if bias else None, self.dtype, name="wg")(x)
+            hdn = activation(cfg.activation, gate) * hdn
+        else:
+            hdn = activation(cfg.activation, hdn)
         return Linear("btf,fd->btd", (f, d), (d,) if bias else None, self.dtype, name="wo")(hdn)
 
 
 class Block(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """One transformer block; `ModelConfig` picks the residual arrangement."""
 
     cfg: ModelConfig
     dtype: jnp.dtype
@@ -169,10 +211,25 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, carry, layer):
         x, positions, cache = carry
-        a, cache = Attention(self.cfg, self.dtype, name="attn")(
-            Norm(self.cfg, self.dtype, name="ln1")(x), positions, layer, cache)
-        x = x + a
-        x = x + Mlp(self.cfg, self.dtype, name="mlp")(Norm(self.cfg, self.dtype, name="ln2")(x))
+        cfg = self.cfg
+        attn = Attention(cfg, self.dtype, name="attn")
+        mlp = Mlp(cfg, self.dtype, name="mlp")
+        ln1 = Norm(cfg, self.dtype, name="ln1")
+        ln2 = None if cfg.shared_norm else Norm(cfg, self.dtype, name="ln2")
+        if cfg.norm_position == "post":      # norm(x + f(x))
+            a, cache = attn(x, positions, layer, cache)
+            x = ln1(x + a)
+            x = ln2(x + mlp(x))
+        elif cfg.parallel_residual:          # x + attn(norm1(x)) + mlp(norm2(x))
+            h = ln1(x)
+            a, cache = attn(h, positions, layer, cache)
+            x = x + a + mlp(h if ln2 is None else ln2(x))
+        else:                                # x + f(norm(x))
+            h = ln1(x)
+            a, cache = attn(h, positions, layer, cache)
+            x = (h if cfg.residual_from_norm else x) + a
+            h = ln2(x)
+            x = (h if cfg.residual_from_norm else x) + mlp(h)
         return (x, positions, cache), None
 
 
@@ -196,24 +253,33 @@ class Transformer(nn.Module):
           (logits float32 `[B, T, V]` or `[B, 1, V]` with last_index, updated cache)
         """
         cfg = self.cfg
-        embed = self.param("embed", _init, (cfg.vocab_size, cfg.d_model), self.dtype)
+        d, e = cfg.d_model, cfg.embed_dim
+        embed = self.param("embed", _init, (cfg.vocab_size, e), self.dtype)
         x = jnp.take(embed, tokens, axis=0)
+        if e != d:
+            x = Linear("bte,ed->btd", (e, d), None, self.dtype, name="project_in")(x)
         if cfg.positions == "learned":
             pos_embed = self.param("pos_embed", _init,
-                                   (cfg.max_positions + cfg.position_offset, cfg.d_model),
-                                   self.dtype)
+                                   (cfg.max_positions + cfg.position_offset, d), self.dtype)
             x = x + jnp.take(pos_embed, positions + cfg.position_offset, axis=0)
+        if cfg.embed_norm:
+            x = Norm(cfg, self.dtype, name="embed_norm")(x)
         blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                          length=cfg.n_layers)(cfg, self.dtype, name="layers")
         (x, _, cache), _ = blocks((x, positions, cache), jnp.arange(cfg.n_layers))
         if last_index is not None:
             x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)
-        x = Norm(cfg, self.dtype, name="final_norm")(x)
-        if cfg.tied_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, embed, preferred_element_type=jnp.float32)
-        else:
-            head = self.param("lm_head", _init, (cfg.vocab_size, cfg.d_model), self.dtype)
-            logits = jnp.einsum("btd,vd->btv", x, head, preferred_element_type=jnp.float32)
+        if cfg.final_norm:
+            x = Norm(cfg, self.dtype, name="final_norm")(x)
+        if e != d:
+            x = Linear("btd,de->bte", (d, e), None, self.dtype, name="project_out")(x)
+        head = embed
+        if not cfg.tied_embeddings:
+            head = self.param("lm_head", _init, (cfg.vocab_size, e), self.dtype)
+        logits = jnp.einsum("bte,ve->btv", x, head, preferred_element_type=jnp.float32)
+        if cfg.lm_head_bias:
+            logits = logits + self.param("lm_head_bias", nn.initializers.zeros,
+                                         (cfg.vocab_size,), self.dtype).astype(jnp.float32)
         return logits, cache
 
 
