@@ -30,20 +30,24 @@ _init = nn.initializers.normal(stddev=0.02)
 
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every layer: `k`, `v` are `[L, B, S, K, H]`."""
+    """Keys and values of every layer: `k`, `v` are `[L, B, K, S, H]`.
+
+    Heads before slots: attention then reads each head's keys as one contiguous
+    `[S, H]` matrix, with no transpose copy per step.
+    """
 
     k: jax.Array
     v: jax.Array
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> "KVCache":
-        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         # jnp.zeros, not jnp.empty: new jax returns uninitialized memory for empty.
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 class Linear(nn.Module):
@@ -127,29 +131,30 @@ def rotate(x, positions, rotary_dim: int, theta: float):
     return jnp.concatenate([rotated.astype(x.dtype), x[..., rotary_dim:]], axis=-1)
 
 
-def attend(q, k, v, q_pos, k_pos, slopes=None):
+def attend(q, k, v, q_pos, k_pos, slopes=None, heads_first=False):
     """Causal attention over keys whose position is <= the query's.
 
     Args:
-      q: `[B, T, N, H]`; k, v: `[B, S, K, H]`.
+      q: `[B, T, N, H]`; k, v: `[B, S, K, H]`, or `[B, K, S, H]` with heads_first.
       q_pos: `[B, T]` absolute query positions; k_pos: `[B, S]` or `[S]` key positions.
       slopes: optional ALiBi slopes `[N]`: adds slope * (k_pos - q_pos) to the scores.
     Returns:
       `[B, T, N, H]` in q's dtype. Scores and softmax run in float32.
     """
     b, t, n, h = q.shape
-    kv = k.shape[2]
+    kv, s = (k.shape[1], k.shape[2]) if heads_first else (k.shape[2], k.shape[1])
+    kspec = "bksh" if heads_first else "bskh"
     qg = q.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(f"btkgh,{kspec}->bkgts", qg, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(h)))
-    k_pos = jnp.broadcast_to(k_pos, (b, k.shape[1]))
+    k_pos = jnp.broadcast_to(k_pos, (b, s))
     if slopes is not None:
         dist = (k_pos[:, None, :] - q_pos[:, :, None]).astype(jnp.float32)  # [B, T, S]
         scores = scores + slopes.reshape(kv, n // kv)[None, :, :, None, None] * dist[:, None, None]
     mask = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    out = jnp.einsum(f"bkgts,{kspec}->btkgh", probs, v)
     return out.reshape(b, t, n, h)
 
 
@@ -174,12 +179,18 @@ class Attention(nn.Module):
         else:
             # Write this step's keys/values at their positions, then attend over
             # the whole cache: slots past a row's position are masked out.
+            # The engine keeps positions inside the cache; the clamp guarantees it,
+            # so the scatter needs no out-of-bounds handling.
             rows = jnp.arange(x.shape[0])[:, None]
-            cache = KVCache(k=cache.k.at[layer, rows, positions].set(kk, mode="drop"),
-                            v=cache.v.at[layer, rows, positions].set(vv, mode="drop"))
+            slots = jnp.minimum(positions, cache.max_len - 1)
+            # [B, T, K, H] written at [layer, b, :, slot]: index order puts (B, T) first.
+            cache = KVCache(
+                k=cache.k.at[layer, rows, :, slots].set(kk, mode="promise_in_bounds"),
+                v=cache.v.at[layer, rows, :, slots].set(vv, mode="promise_in_bounds"))
             k_layer = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
             v_layer = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
-            out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len), slopes)
+            out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len), slopes,
+                         heads_first=True)
         y = Linear("btnh,nhd->btd", (n, h, d), (d,) if bias else None, self.dtype, name="o")(out)
         return y, cache
 
