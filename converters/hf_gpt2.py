@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
+from converters.hf_common import token_id
 from converters.rules import Rule, check_keys, require_value
 
 _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
@@ -30,7 +31,8 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=_ACTIVATIONS[act],
         positions="learned", attn_bias=True, mlp_bias=True,
         tied_embeddings=hf.get("tie_word_embeddings", True),
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
+        bos_token_id=token_id(hf, "bos_token_id", where),
+        eos_token_id=token_id(hf, "eos_token_id", where))
 
 
 def _qkv(part: int):

@@ -177,7 +177,7 @@ class Model:
             tokens[i, :len(p)] = p
             lengths[i] = len(p)
         sp = SamplingArrays.build(sampling, plan.batch, self.config.vocab_size,
-                                  self.config.eos_token_id, [max_new_tokens] * n)
+                                  self.config.eos_token_ids, [max_new_tokens] * n)
         greedy_only = all(s.greedy for s in sampling)
         state = self.engine.prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths), sp,
                                     max_len=plan.cache_len, width=plan.width,

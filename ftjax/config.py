@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
@@ -52,7 +52,9 @@ class ModelConfig:
         project_in / project_out); None means d_model.
       tied_embeddings: the LM head reuses the token embedding.
       lm_head_bias: the LM head carries a bias (GPT-J).
-      bos_token_id / eos_token_id: special ids, or None.
+      bos_token_id: the begin-of-sequence id, or None.
+      eos_token_id: the end-of-sequence id, several (a tuple: Llama 3 lists more
+        than one), or None. Generation stops at any of them by default.
     """
 
     vocab_size: int
@@ -83,9 +85,11 @@ class ModelConfig:
     tied_embeddings: bool = True
     lm_head_bias: bool = False
     bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
+    eos_token_id: Union[None, int, Tuple[int, ...]] = None
 
     def __post_init__(self):
+        if isinstance(self.eos_token_id, (list, tuple)):  # JSON gives lists; keep it hashable
+            object.__setattr__(self, "eos_token_id", tuple(int(i) for i in self.eos_token_id))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                      "head_dim", "d_ff", "max_positions"):
             value = getattr(self, name)
@@ -115,6 +119,15 @@ class ModelConfig:
                              "parallel_residual or residual_from_norm")
         if self.shared_norm and not self.parallel_residual:
             raise ValueError("ModelConfig.shared_norm needs parallel_residual=True")
+
+    @property
+    def eos_token_ids(self) -> Tuple[int, ...]:
+        """Every end-of-sequence id (empty when there is none)."""
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, tuple):
+            return self.eos_token_id
+        return (self.eos_token_id,)
 
     @property
     def embed_dim(self) -> int:

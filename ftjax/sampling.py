@@ -71,15 +71,14 @@ class SamplingArrays:
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], batch: int, vocab_size: int,
-              eos_token_id: Optional[int], max_new: Sequence[int]) -> "SamplingArrays":
+              eos_token_ids: Sequence[int], max_new: Sequence[int]) -> "SamplingArrays":
         n = len(params)
         stops = []
         for i, p in enumerate(params):
             ids = p.stop_token_ids
             if ids is None:
-                # The model's eos; an eos outside the vocabulary can never be produced.
-                ok = eos_token_id is not None and eos_token_id < vocab_size
-                ids = (eos_token_id,) if ok else ()
+                # The model's eos ids; one outside the vocabulary can never be produced.
+                ids = tuple(t for t in eos_token_ids if t < vocab_size)
             bad = [t for t in ids if t >= vocab_size]
             if bad:
                 raise ValueError(f"sampling[{i}].stop_token_ids {bad} are outside the "

@@ -77,6 +77,15 @@ def test_stop_token_ends_request(model):
     assert out.tokens[1] == free and out.finish_reasons[1] == "length"
 
 
+def test_every_eos_id_of_the_model_stops_by_default(model):
+    free = model.generate([[3, 1, 4]], max_new_tokens=12, sampling=NO_STOP).tokens[0]
+    stop = free[5]
+    first = free.index(stop)
+    eos_model = tiny_model(eos_token_id=(96, stop))  # same weights: same seed and shapes
+    out = eos_model.generate([[3, 1, 4]], max_new_tokens=12)
+    assert out.tokens[0] == free[:first + 1] and out.finish_reasons == ["stop"]
+
+
 def test_positions_run_out_gives_length(model):
     # max_positions 64: a 60-token prompt leaves room for 4 tokens.
     prompt = list(range(60))

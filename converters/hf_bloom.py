@@ -1,0 +1,104 @@
+"""HuggingFace BLOOM (`model_type: bloom`) -> canonical params.
+
+BLOOM has no position table: attention adds ALiBi biases (`positions="alibi"`),
+and a LayerNorm follows the token embedding (`word_embeddings_layernorm`,
+`embed_norm`). `query_key_value` is one `nn.Linear` whose output axis is laid out
+per head, `[N, 3, H]` (q, k, v interleaved head by head); it is de-interleaved
+here. `apply_residual_connection_post_layernorm` maps to `residual_from_norm`.
+The MLP is always `4 * hidden_size` wide with BLOOM's tanh GELU (= gelu_new).
+"""
+
+from __future__ import annotations
+
+from ftjax.config import ModelConfig
+from ftjax.errors import CheckpointError
+from converters.hf_common import token_id
+from converters.rules import Rule, check_keys, require_value
+
+PREFIXES = ("transformer.", "")
+EMBED = "word_embeddings.weight"
+
+# BLOOM was trained at 2048 tokens; ALiBi has no hard limit, config.json rarely says.
+_DEFAULT_MAX_POSITIONS = 2048
+
+
+
+
+def config_from_hf(hf: dict, where: str) -> ModelConfig:
+    hf = dict(hf)
+    if "n_embed" in hf:  # older BLOOM configs name the width n_embed (HF prefers it)
+        hf["hidden_size"] = hf["n_embed"]
+    check_keys(hf, where, ["vocab_size", "hidden_size", "n_layer", "n_head"])
+    tp = hf.get("pretraining_tp", 1)
+    if tp != 1:
+        # slow_but_exact splits the output projections into pretraining_tp slices.
+        require_value(hf, "slow_but_exact", [False], f"{where} (pretraining_tp={tp})", False)
+    residual_from_norm = require_value(
+        hf, "apply_residual_connection_post_layernorm", [True, False], where, False)
+    d, n = hf["hidden_size"], hf["n_head"]
+    if d % n:
+        raise CheckpointError(f"{where}: hidden_size ({d}) is not a multiple of n_head ({n})")
+    max_positions = hf.get("seq_length") or _DEFAULT_MAX_POSITIONS
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=n,
+        n_kv_heads=n, head_dim=d // n, d_ff=4 * d, max_positions=max_positions,
+        norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation="gelu_new",
+        positions="alibi", attn_bias=True, mlp_bias=True,
+        residual_from_norm=bool(residual_from_norm), embed_norm=True, final_norm=True,
+        tied_embeddings=hf.get("tie_word_embeddings", True),
+        bos_token_id=token_id(hf, "bos_token_id", where),
+        eos_token_id=token_id(hf, "eos_token_id", where))
+
+
+def _t(x, cfg):
+    return x.T
+
+
+def _qkv(part: int, src: str):
+    """Fused `[N*3*H, D]` weight (or `[N*3*H]` bias), per-head interleaved -> part."""
+    def f(x, cfg: ModelConfig):
+        n, h, d = cfg.n_heads, cfg.head_dim, cfg.d_model
+        want = (3 * n * h, d) if x.ndim == 2 else (3 * n * h,)
+        if tuple(x.shape) != want:
+            raise CheckpointError(f"tensor {src!r} has shape {tuple(x.shape)}, expected {want} "
+                                  f"(n_head={n} heads of {h}, q/k/v interleaved per head)")
+        if x.ndim == 2:
+            return x.T.reshape(d, n, 3, h)[:, :, part, :]
+        return x.reshape(n, 3, h)[:, part, :]
+    return f
+
+
+def _o(x, cfg: ModelConfig):
+    return x.T.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
+
+
+def rules(cfg: ModelConfig, prefix: str):
+    h = prefix + "h.{i}."
+    table = [
+        Rule("embed", prefix + "word_embeddings.weight"),
+        Rule("embed_norm/scale", prefix + "word_embeddings_layernorm.weight"),
+        Rule("embed_norm/bias", prefix + "word_embeddings_layernorm.bias"),
+        Rule("final_norm/scale", prefix + "ln_f.weight"),
+        Rule("final_norm/bias", prefix + "ln_f.bias"),
+        Rule("layers/ln1/scale", h + "input_layernorm.weight"),
+        Rule("layers/ln1/bias", h + "input_layernorm.bias"),
+        Rule("layers/ln2/scale", h + "post_attention_layernorm.weight"),
+        Rule("layers/ln2/bias", h + "post_attention_layernorm.bias"),
+        Rule("layers/attn/o/kernel", h + "self_attention.dense.weight", _o),
+        Rule("layers/attn/o/bias", h + "self_attention.dense.bias"),
+        Rule("layers/mlp/wi/kernel", h + "mlp.dense_h_to_4h.weight", _t),
+        Rule("layers/mlp/wi/bias", h + "mlp.dense_h_to_4h.bias"),
+        Rule("layers/mlp/wo/kernel", h + "mlp.dense_4h_to_h.weight", _t),
+        Rule("layers/mlp/wo/bias", h + "mlp.dense_4h_to_h.bias"),
+    ]
+    src = h + "self_attention.query_key_value."
+    for part, name in enumerate("qkv"):
+        table.append(Rule(f"layers/attn/{name}/kernel", src + "weight", _qkv(part, src + "weight")))
+        table.append(Rule(f"layers/attn/{name}/bias", src + "bias", _qkv(part, src + "bias")))
+    if not cfg.tied_embeddings:
+        table.append(Rule("lm_head", "lm_head.weight"))
+    return table
+
+
+IGNORE: list = []
+IGNORE_TIED = [r"lm_head\.weight"]

@@ -1,0 +1,87 @@
+"""Shared HuggingFace config.json readers: plain rotary settings, special-token ids.
+
+Rotary: transformers 5.x stores rotary settings in `rope_parameters`
+(`{"rope_type": "default", "rope_theta": ..., "partial_rotary_factor": ...}`);
+4.x checkpoints carry `rope_scaling` (null, or a dict with "type"/"rope_type")
+plus top-level keys (`rope_theta`; GPT-NeoX's `rotary_emb_base` and `rotary_pct`).
+HF resolves them in that order: `rope_scaling`, then `rope_parameters`, then the
+top-level keys. Only plain rope ("default") is implemented; any other rope_type
+(linear, dynamic, yarn, llama3, longrope, ...) or any extra parameter in those
+dicts is refused naming the key, never loaded with different numerics.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Tuple
+
+from ftjax.errors import CheckpointError
+
+_PLAIN_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+
+
+def _number(value, key: str, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
+        raise CheckpointError(f"{where}: config.json key {key!r} must be a positive number, "
+                              f"got {value!r}")
+    return float(value)
+
+
+def plain_rope(hf: dict, where: str, theta_keys: Sequence[str] = ("rope_theta",),
+               pct_keys: Sequence[str] = (), default_theta: float = 10000.0,
+               default_pct: float = 1.0) -> Tuple[float, float]:
+    """Returns (rope_theta, partial_rotary_factor) of a plain-rope config.
+
+    Args:
+      hf: config.json contents.
+      theta_keys / pct_keys: top-level keys that hold the base / rotary fraction
+        when the rope dicts do not (in priority order).
+    Raises:
+      CheckpointError naming the key for any rope_type other than "default" or any
+      parameter plain rope does not have.
+    """
+    theta: Optional[float] = None
+    pct: Optional[float] = None
+    for key in ("rope_scaling", "rope_parameters"):
+        params = hf.get(key)
+        if params is None or params == {}:
+            continue
+        if not isinstance(params, dict):
+            raise CheckpointError(f"{where}: config.json key {key!r} = {params!r} is not a dict")
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise CheckpointError(
+                f"{where}: config.json key {key!r} has rope_type {kind!r}; only plain "
+                "rope ('default') is supported; refusing to load with different numerics")
+        extra = sorted(set(params) - _PLAIN_KEYS)
+        if extra:
+            raise CheckpointError(
+                f"{where}: config.json key {key!r} carries {extra}, which plain rope does not "
+                "have; refusing to load with different numerics")
+        if theta is None and params.get("rope_theta") is not None:
+            theta = _number(params["rope_theta"], f"{key}.rope_theta", where)
+        if pct is None and params.get("partial_rotary_factor") is not None:
+            pct = _number(params["partial_rotary_factor"], f"{key}.partial_rotary_factor", where)
+    for key in theta_keys:
+        if theta is None and hf.get(key) is not None:
+            theta = _number(hf[key], key, where)
+    for key in pct_keys:
+        if pct is None and hf.get(key) is not None:
+            pct = _number(hf[key], key, where)
+    return (default_theta if theta is None else theta), (default_pct if pct is None else pct)
+
+
+def token_id(hf: dict, key: str, where: str):
+    """A special-token id from config.json: an int, a tuple of ints (some configs list
+    several eos ids, e.g. Llama 3 instruct), or None."""
+    value = hf.get(key)
+    if value is None:
+        return None
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise CheckpointError(f"{where}: config.json key {key!r} = {value!r} is not a "
+                                  "token id (or a list of them)")
+    if isinstance(value, list):
+        return tuple(values) if values else None
+    return value

@@ -1,0 +1,112 @@
+"""HuggingFace GPT-NeoX / Pythia (`model_type: gpt_neox`) -> canonical params.
+
+GPT-NeoX: rotary (rotate-half, as the model) on the first
+`int(head_dim * rotary_pct)` dims of each head; `use_parallel_residual` picks
+x + attn(ln1(x)) + mlp(ln2(x)) or the sequential pre-norm block; an untied
+output embedding (`embed_out`, which transformers 5.x calls `lm_head` in memory).
+
+`query_key_value` is one torch Linear `[3*N*H, D]` whose output is interleaved
+per head: row n*3H + part*H + h is head n's q (part 0), k (1) or v (2) dim h.
+It is de-interleaved here, once, at load.
+"""
+
+from __future__ import annotations
+
+from ftjax.config import ModelConfig
+from ftjax.errors import CheckpointError
+from converters.hf_common import plain_rope, token_id
+from converters.rules import Rule, check_keys, require_value
+
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
+                "relu": "relu", "silu": "silu", "swish": "silu"}
+
+PREFIXES = ("gpt_neox.", "")
+EMBED = "embed_in.weight"
+HEAD = "embed_out.weight"
+# Checkpoints written with the in-memory name of the head.
+ALIASES = {"lm_head.weight": "embed_out.weight"}
+
+
+def config_from_hf(hf: dict, where: str) -> ModelConfig:
+    check_keys(hf, where, ["vocab_size", "hidden_size", "num_hidden_layers",
+                           "num_attention_heads", "intermediate_size", "max_position_embeddings"])
+    act = require_value(hf, "hidden_act", list(_ACTIVATIONS), where, "gelu")
+    parallel = require_value(hf, "use_parallel_residual", [True, False], where, True)
+    attn_bias = require_value(hf, "attention_bias", [True, False], where, True)
+    theta, pct = plain_rope(hf, where, theta_keys=("rotary_emb_base",),
+                            pct_keys=("rotary_pct",), default_pct=0.25)
+    d, n = hf["hidden_size"], hf["num_attention_heads"]
+    if d % n:
+        raise CheckpointError(f"{where}: hidden_size ({d}) is not a multiple of "
+                              f"num_attention_heads ({n})")
+    h = d // n
+    # HF's rotary reads head_dim when present, its attention never does.
+    require_value(hf, "head_dim", [None, h], where, None)
+    rd = int(h * pct)
+    if not 0 < rd <= h or rd % 2:
+        raise CheckpointError(
+            f"{where}: config.json key 'rotary_pct' / 'rope_parameters.partial_rotary_factor' "
+            f"= {pct} gives {rd} rotary dims of head_dim {h}; an even count in (0, {h}] is needed")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
+        n_kv_heads=n, head_dim=h, d_ff=hf["intermediate_size"],
+        max_positions=hf["max_position_embeddings"], norm="layernorm",
+        norm_eps=hf.get("layer_norm_eps", 1e-5), activation=_ACTIVATIONS[act],
+        positions="rotary", rotary_dim=rd, rope_theta=theta, attn_bias=attn_bias,
+        mlp_bias=True, parallel_residual=parallel, shared_norm=False,
+        tied_embeddings=hf.get("tie_word_embeddings", False),
+        bos_token_id=token_id(hf, "bos_token_id", where),
+        eos_token_id=token_id(hf, "eos_token_id", where))
+
+
+def _qkv(part: int):
+    def f(x, cfg: ModelConfig):
+        n, h = cfg.n_heads, cfg.head_dim
+        if x.ndim == 2:  # weight [N*3*H, D] -> [D, N, H]
+            return x.reshape(n, 3, h, cfg.d_model)[:, part].transpose(2, 0, 1)
+        return x.reshape(n, 3, h)[:, part]  # bias -> [N, H]
+    return f
+
+
+def _o(x, cfg: ModelConfig):
+    return x.T.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
+
+
+def _t(x, cfg: ModelConfig):
+    return x.T
+
+
+def rules(cfg: ModelConfig, prefix: str):
+    h = prefix + "layers.{i}."
+    table = [
+        Rule("embed", prefix + "embed_in.weight"),
+        Rule("final_norm/scale", prefix + "final_layer_norm.weight"),
+        Rule("final_norm/bias", prefix + "final_layer_norm.bias"),
+        Rule("layers/ln1/scale", h + "input_layernorm.weight"),
+        Rule("layers/ln1/bias", h + "input_layernorm.bias"),
+        Rule("layers/ln2/scale", h + "post_attention_layernorm.weight"),
+        Rule("layers/ln2/bias", h + "post_attention_layernorm.bias"),
+        Rule("layers/attn/o/kernel", h + "attention.dense.weight", _o),
+        Rule("layers/mlp/wi/kernel", h + "mlp.dense_h_to_4h.weight", _t),
+        Rule("layers/mlp/wi/bias", h + "mlp.dense_h_to_4h.bias"),
+        Rule("layers/mlp/wo/kernel", h + "mlp.dense_4h_to_h.weight", _t),
+        Rule("layers/mlp/wo/bias", h + "mlp.dense_4h_to_h.bias"),
+    ]
+    for part, name in enumerate("qkv"):
+        table.append(Rule(f"layers/attn/{name}/kernel", h + "attention.query_key_value.weight",
+                          _qkv(part)))
+        if cfg.attn_bias:
+            table.append(Rule(f"layers/attn/{name}/bias", h + "attention.query_key_value.bias",
+                              _qkv(part)))
+    if cfg.attn_bias:
+        table.append(Rule("layers/attn/o/bias", h + "attention.dense.bias"))
+    if not cfg.tied_embeddings:
+        table.append(Rule("lm_head", "embed_out.weight"))
+    return table
+
+
+# Buffers older checkpoints carry (causal mask, rotary inverse frequencies); the
+# tied head when saved.
+IGNORE = [r"(gpt_neox\.)?layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",
+          r"(gpt_neox\.)?rotary_emb\.inv_freq"]
+IGNORE_TIED = [r"embed_out\.weight"]

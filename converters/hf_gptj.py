@@ -1,0 +1,111 @@
+"""HuggingFace GPT-J (`model_type: gptj`) -> canonical params.
+
+GPT-J: parallel residual with one shared layernorm (x + attn(ln(x)) + mlp(ln(x))),
+rotary on the first `rotary_dim` dims of each head with base 10000, no attention
+biases, an LM head with a bias. Projections are torch Linear, `[out, in]`.
+
+GPT-J rotates adjacent pairs (dims 2i, 2i+1: "rotate-every-two"); the model
+always rotates halves (dims i, i + rotary_dim/2). Permuting the q and k output
+columns within each head's rotary dims, even indices first then odd, maps one
+onto the other exactly, and leaves q.k unchanged (both sides move alike).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ftjax.config import ModelConfig
+from ftjax.errors import CheckpointError
+from converters.hf_common import plain_rope, token_id
+from converters.rules import Rule, check_keys, require_value
+
+_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
+                "relu": "relu", "silu": "silu", "swish": "silu"}
+
+# Base-model key prefixes, the token embedding and the head, for `converters.hf`.
+PREFIXES = ("transformer.", "")
+EMBED = "wte.weight"
+HEAD = "lm_head.weight"
+
+
+def config_from_hf(hf: dict, where: str) -> ModelConfig:
+    check_keys(hf, where, ["vocab_size", "n_embd", "n_layer", "n_head", "n_positions"])
+    act = require_value(hf, "activation_function", list(_ACTIVATIONS), where, "gelu_new")
+    # GPT-J's rotary base is fixed at 10000: refuse rope settings it would not honour.
+    theta, pct = plain_rope(hf, where)
+    if theta != 10000.0 or pct != 1.0:
+        raise CheckpointError(f"{where}: config.json sets rope base {theta} / partial rotary "
+                              f"factor {pct}; GPT-J's rotary is fixed (base 10000, rotary_dim)")
+    d, n = hf["n_embd"], hf["n_head"]
+    if d % n:
+        raise CheckpointError(f"{where}: n_embd ({d}) is not a multiple of n_head ({n})")
+    h = d // n
+    rd = hf.get("rotary_dim")
+    if rd is None:
+        rd = h  # HF's rotary_dim=None rotates whole heads (it only runs with one head)
+    if isinstance(rd, bool) or not isinstance(rd, int) or not 0 < rd <= h or rd % 2:
+        raise CheckpointError(f"{where}: config.json key 'rotary_dim' = {rd!r} must be an even "
+                              f"int in (0, head_dim={h}]")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=n,
+        n_kv_heads=n, head_dim=h, d_ff=hf.get("n_inner") or 4 * d,
+        max_positions=hf["n_positions"], norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=_ACTIVATIONS[act],
+        positions="rotary", rotary_dim=rd, rope_theta=10000.0, attn_bias=False,
+        mlp_bias=True, parallel_residual=True, shared_norm=True,
+        tied_embeddings=hf.get("tie_word_embeddings", False), lm_head_bias=True,
+        bos_token_id=token_id(hf, "bos_token_id", where),
+        eos_token_id=token_id(hf, "eos_token_id", where))
+
+
+def every_two_to_half(rotary_dim: int, head_dim: int) -> np.ndarray:
+    """Per-head index order turning rotate-every-two dims into rotate-half dims."""
+    return np.concatenate([np.arange(0, rotary_dim, 2), np.arange(1, rotary_dim, 2),
+                           np.arange(rotary_dim, head_dim)])
+
+
+def _qk(x, cfg: ModelConfig):
+    """`[N*H, D]` -> `[D, N, H]` with each head's rotary dims permuted."""
+    w = x.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
+    w = w[:, every_two_to_half(cfg.n_rotary, cfg.head_dim), :]
+    return w.transpose(2, 0, 1)
+
+
+def _v(x, cfg: ModelConfig):
+    return x.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model).transpose(2, 0, 1)
+
+
+def _o(x, cfg: ModelConfig):
+    return x.T.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
+
+
+def _t(x, cfg: ModelConfig):
+    return x.T
+
+
+def rules(cfg: ModelConfig, prefix: str):
+    h = prefix + "h.{i}."
+    table = [
+        Rule("embed", prefix + "wte.weight"),
+        Rule("final_norm/scale", prefix + "ln_f.weight"),
+        Rule("final_norm/bias", prefix + "ln_f.bias"),
+        Rule("layers/ln1/scale", h + "ln_1.weight"),
+        Rule("layers/ln1/bias", h + "ln_1.bias"),
+        Rule("layers/attn/q/kernel", h + "attn.q_proj.weight", _qk),
+        Rule("layers/attn/k/kernel", h + "attn.k_proj.weight", _qk),
+        Rule("layers/attn/v/kernel", h + "attn.v_proj.weight", _v),
+        Rule("layers/attn/o/kernel", h + "attn.out_proj.weight", _o),
+        Rule("layers/mlp/wi/kernel", h + "mlp.fc_in.weight", _t),
+        Rule("layers/mlp/wi/bias", h + "mlp.fc_in.bias"),
+        Rule("layers/mlp/wo/kernel", h + "mlp.fc_out.weight", _t),
+        Rule("layers/mlp/wo/bias", h + "mlp.fc_out.bias"),
+        Rule("lm_head_bias", "lm_head.bias"),
+    ]
+    if not cfg.tied_embeddings:
+        table.append(Rule("lm_head", "lm_head.weight"))
+    return table
+
+
+# Buffers older checkpoints carry (causal mask, sinusoid table); the tied head when saved.
+IGNORE = [r"(transformer\.)?h\.\d+\.attn\.(masked_bias|bias|embed_positions)"]
+IGNORE_TIED = [r"lm_head\.weight"]

@@ -1,0 +1,117 @@
+"""HuggingFace Llama (`model_type: llama`) -> canonical params.
+
+Llama: RMSNorm, SwiGLU MLP (silu(x @ gate) * (x @ up)), rotate-half rotary on
+whole heads with base `rope_theta`, grouped-query attention
+(`num_key_value_heads` from 1 to `num_attention_heads`), `head_dim` possibly
+different from hidden_size / heads, optional `attention_bias` (q/k/v/o) and
+`mlp_bias` (gate/up/down). Projections are torch Linear, `[out, in]`.
+"""
+
+from __future__ import annotations
+
+from ftjax.config import ModelConfig
+from ftjax.errors import CheckpointError
+from converters.hf_common import plain_rope, token_id
+from converters.rules import Rule, check_keys, require_value
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
+                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
+
+PREFIXES = ("model.", "")
+EMBED = "embed_tokens.weight"
+HEAD = "lm_head.weight"
+
+
+def config_from_hf(hf: dict, where: str) -> ModelConfig:
+    check_keys(hf, where, ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads", "max_position_embeddings"])
+    act = require_value(hf, "hidden_act", list(_ACTIVATIONS), where, "silu")
+    # pretraining_tp > 1 splits the projections into slices (transformers 4.x).
+    require_value(hf, "pretraining_tp", [1, None], where, 1)
+    attn_bias = require_value(hf, "attention_bias", [False, True], where, False)
+    mlp_bias = require_value(hf, "mlp_bias", [False, True], where, False)
+    theta, pct = plain_rope(hf, where, pct_keys=("partial_rotary_factor",))
+    if pct != 1.0:
+        raise CheckpointError(
+            f"{where}: config.json key 'partial_rotary_factor' = {pct} is not supported for "
+            "llama (transformers' Llama rotates whole heads); refusing to load with different "
+            "numerics")
+    d, n = hf["hidden_size"], hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or n
+    if isinstance(kv, bool) or not isinstance(kv, int) or n % kv:
+        raise CheckpointError(f"{where}: config.json key 'num_key_value_heads' = {kv!r} must "
+                              f"divide num_attention_heads ({n})")
+    h = hf.get("head_dim")
+    if h is None:
+        if d % n:
+            raise CheckpointError(f"{where}: hidden_size ({d}) is not a multiple of "
+                                  f"num_attention_heads ({n}) and head_dim is not given")
+        h = d // n
+    elif isinstance(h, bool) or not isinstance(h, int) or h <= 0 or h % 2:
+        raise CheckpointError(f"{where}: config.json key 'head_dim' = {h!r} must be a "
+                              "positive even int")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
+        n_kv_heads=kv, head_dim=h, d_ff=hf["intermediate_size"],
+        max_positions=hf["max_position_embeddings"], norm="rmsnorm",
+        norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_ACTIVATIONS[act],
+        positions="rotary", rotary_dim=None, rope_theta=theta, attn_bias=attn_bias,
+        mlp_bias=mlp_bias, glu=True, tied_embeddings=hf.get("tie_word_embeddings", False),
+        bos_token_id=token_id(hf, "bos_token_id", where),
+        eos_token_id=token_id(hf, "eos_token_id", where))
+
+
+def _heads(count: str):
+    def f(x, cfg: ModelConfig):
+        heads = cfg.n_heads if count == "n" else cfg.n_kv_heads
+        if x.ndim == 2:  # weight [X*H, D] -> [D, X, H]
+            return x.reshape(heads, cfg.head_dim, cfg.d_model).transpose(2, 0, 1)
+        return x.reshape(heads, cfg.head_dim)  # bias -> [X, H]
+    return f
+
+
+def _o(x, cfg: ModelConfig):
+    return x.T.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
+
+
+def _t(x, cfg: ModelConfig):
+    return x.T
+
+
+def rules(cfg: ModelConfig, prefix: str):
+    h = prefix + "layers.{i}."
+    table = [
+        Rule("embed", prefix + "embed_tokens.weight"),
+        Rule("final_norm/scale", prefix + "norm.weight"),
+        Rule("layers/ln1/scale", h + "input_layernorm.weight"),
+        Rule("layers/ln2/scale", h + "post_attention_layernorm.weight"),
+        Rule("layers/attn/q/kernel", h + "self_attn.q_proj.weight", _heads("n")),
+        Rule("layers/attn/k/kernel", h + "self_attn.k_proj.weight", _heads("k")),
+        Rule("layers/attn/v/kernel", h + "self_attn.v_proj.weight", _heads("k")),
+        Rule("layers/attn/o/kernel", h + "self_attn.o_proj.weight", _o),
+        Rule("layers/mlp/wg/kernel", h + "mlp.gate_proj.weight", _t),
+        Rule("layers/mlp/wi/kernel", h + "mlp.up_proj.weight", _t),
+        Rule("layers/mlp/wo/kernel", h + "mlp.down_proj.weight", _t),
+    ]
+    if cfg.attn_bias:
+        table += [
+            Rule("layers/attn/q/bias", h + "self_attn.q_proj.bias", _heads("n")),
+            Rule("layers/attn/k/bias", h + "self_attn.k_proj.bias", _heads("k")),
+            Rule("layers/attn/v/bias", h + "self_attn.v_proj.bias", _heads("k")),
+            Rule("layers/attn/o/bias", h + "self_attn.o_proj.bias"),
+        ]
+    if cfg.mlp_bias:
+        table += [
+            Rule("layers/mlp/wg/bias", h + "mlp.gate_proj.bias"),
+            Rule("layers/mlp/wi/bias", h + "mlp.up_proj.bias"),
+            Rule("layers/mlp/wo/bias", h + "mlp.down_proj.bias"),
+        ]
+    if not cfg.tied_embeddings:
+        table.append(Rule("lm_head", "lm_head.weight"))
+    return table
+
+
+# Rotary inverse-frequency buffers older checkpoints carry; the tied head when saved.
+IGNORE = [r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+          r"(model\.)?rotary_emb\.inv_freq"]
+IGNORE_TIED = [r"lm_head\.weight"]
