@@ -13,6 +13,7 @@ from __future__ import annotations
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 from converters.hf_common import token_id
+from converters.transforms import fused_per_head, linear_out_heads, transpose
 from converters.rules import Rule, check_keys, require_value
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_new", "gelu_new": "gelu_new", "gelu": "gelu",
@@ -45,8 +46,6 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         eos_token_id=token_id(hf, "eos_token_id", where))
 
 
-def _t(x, cfg):
-    return x.T
 
 
 def _qkv(part: int, src: str):
@@ -59,19 +58,16 @@ def _qkv(part: int, src: str):
             raise CheckpointError(
                 f"tensor {src!r} has shape {tuple(x.shape)}, expected {want} "
                 f"({n} query heads, {k} kv heads of {h})")
-        y = x.T if x.ndim == 2 else x[None]             # [D or 1, out]
         if k == n:                                      # MHA: per head [q | k | v]
-            y = y.reshape(y.shape[0], n, 3, h)[:, :, part, :]
-        else:                                           # MQA: [q (N*H) | k (K*H) | v (K*H)]
-            start = (0, n * h, (n + k) * h)[part]
-            heads = n if part == 0 else k
-            y = y[:, start:start + heads * h].reshape(y.shape[0], heads, h)
+            return fused_per_head(part)(x, cfg)
+        y = x.T if x.ndim == 2 else x[None]             # [D or 1, out]
+        start = (0, n * h, (n + k) * h)[part]           # MQA: [q (N*H) | k (K*H) | v (K*H)]
+        heads = n if part == 0 else k
+        y = y[:, start:start + heads * h].reshape(y.shape[0], heads, h)
         return y if x.ndim == 2 else y[0]
     return f
 
 
-def _o(x, cfg: ModelConfig):
-    return x.T.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -85,11 +81,11 @@ def rules(cfg: ModelConfig, prefix: str):
         Rule("layers/ln1/bias", h + "ln_1.bias"),
         Rule("layers/ln2/scale", h + "ln_2.weight"),
         Rule("layers/ln2/bias", h + "ln_2.bias"),
-        Rule("layers/attn/o/kernel", h + "attn.c_proj.weight", _o),
+        Rule("layers/attn/o/kernel", h + "attn.c_proj.weight", linear_out_heads),
         Rule("layers/attn/o/bias", h + "attn.c_proj.bias"),
-        Rule("layers/mlp/wi/kernel", h + "mlp.c_fc.weight", _t),
+        Rule("layers/mlp/wi/kernel", h + "mlp.c_fc.weight", transpose),
         Rule("layers/mlp/wi/bias", h + "mlp.c_fc.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.c_proj.weight", _t),
+        Rule("layers/mlp/wo/kernel", h + "mlp.c_proj.weight", transpose),
         Rule("layers/mlp/wo/bias", h + "mlp.c_proj.bias"),
     ]
     src = h + "attn.c_attn."

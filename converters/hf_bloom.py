@@ -13,6 +13,7 @@ from __future__ import annotations
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 from converters.hf_common import token_id
+from converters.transforms import fused_per_head, linear_out_heads, transpose
 from converters.rules import Rule, check_keys, require_value
 
 PREFIXES = ("transformer.", "")
@@ -50,26 +51,10 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         eos_token_id=token_id(hf, "eos_token_id", where))
 
 
-def _t(x, cfg):
-    return x.T
 
 
-def _qkv(part: int, src: str):
-    """Fused `[N*3*H, D]` weight (or `[N*3*H]` bias), per-head interleaved -> part."""
-    def f(x, cfg: ModelConfig):
-        n, h, d = cfg.n_heads, cfg.head_dim, cfg.d_model
-        want = (3 * n * h, d) if x.ndim == 2 else (3 * n * h,)
-        if tuple(x.shape) != want:
-            raise CheckpointError(f"tensor {src!r} has shape {tuple(x.shape)}, expected {want} "
-                                  f"(n_head={n} heads of {h}, q/k/v interleaved per head)")
-        if x.ndim == 2:
-            return x.T.reshape(d, n, 3, h)[:, :, part, :]
-        return x.reshape(n, 3, h)[:, part, :]
-    return f
 
 
-def _o(x, cfg: ModelConfig):
-    return x.T.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -84,17 +69,17 @@ def rules(cfg: ModelConfig, prefix: str):
         Rule("layers/ln1/bias", h + "input_layernorm.bias"),
         Rule("layers/ln2/scale", h + "post_attention_layernorm.weight"),
         Rule("layers/ln2/bias", h + "post_attention_layernorm.bias"),
-        Rule("layers/attn/o/kernel", h + "self_attention.dense.weight", _o),
+        Rule("layers/attn/o/kernel", h + "self_attention.dense.weight", linear_out_heads),
         Rule("layers/attn/o/bias", h + "self_attention.dense.bias"),
-        Rule("layers/mlp/wi/kernel", h + "mlp.dense_h_to_4h.weight", _t),
+        Rule("layers/mlp/wi/kernel", h + "mlp.dense_h_to_4h.weight", transpose),
         Rule("layers/mlp/wi/bias", h + "mlp.dense_h_to_4h.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.dense_4h_to_h.weight", _t),
+        Rule("layers/mlp/wo/kernel", h + "mlp.dense_4h_to_h.weight", transpose),
         Rule("layers/mlp/wo/bias", h + "mlp.dense_4h_to_h.bias"),
     ]
     src = h + "self_attention.query_key_value."
     for part, name in enumerate("qkv"):
-        table.append(Rule(f"layers/attn/{name}/kernel", src + "weight", _qkv(part, src + "weight")))
-        table.append(Rule(f"layers/attn/{name}/bias", src + "bias", _qkv(part, src + "bias")))
+        table.append(Rule(f"layers/attn/{name}/kernel", src + "weight", fused_per_head(part)))
+        table.append(Rule(f"layers/attn/{name}/bias", src + "bias", fused_per_head(part)))
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "lm_head.weight"))
     return table

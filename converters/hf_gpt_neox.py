@@ -15,6 +15,7 @@ from __future__ import annotations
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 from converters.hf_common import plain_rope, token_id
+from converters.transforms import fused_per_head, linear_out_heads, transpose
 from converters.rules import Rule, check_keys, require_value
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
@@ -59,21 +60,10 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         eos_token_id=token_id(hf, "eos_token_id", where))
 
 
-def _qkv(part: int):
-    def f(x, cfg: ModelConfig):
-        n, h = cfg.n_heads, cfg.head_dim
-        if x.ndim == 2:  # weight [N*3*H, D] -> [D, N, H]
-            return x.reshape(n, 3, h, cfg.d_model)[:, part].transpose(2, 0, 1)
-        return x.reshape(n, 3, h)[:, part]  # bias -> [N, H]
-    return f
 
 
-def _o(x, cfg: ModelConfig):
-    return x.T.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
 
 
-def _t(x, cfg: ModelConfig):
-    return x.T
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -86,18 +76,18 @@ def rules(cfg: ModelConfig, prefix: str):
         Rule("layers/ln1/bias", h + "input_layernorm.bias"),
         Rule("layers/ln2/scale", h + "post_attention_layernorm.weight"),
         Rule("layers/ln2/bias", h + "post_attention_layernorm.bias"),
-        Rule("layers/attn/o/kernel", h + "attention.dense.weight", _o),
-        Rule("layers/mlp/wi/kernel", h + "mlp.dense_h_to_4h.weight", _t),
+        Rule("layers/attn/o/kernel", h + "attention.dense.weight", linear_out_heads),
+        Rule("layers/mlp/wi/kernel", h + "mlp.dense_h_to_4h.weight", transpose),
         Rule("layers/mlp/wi/bias", h + "mlp.dense_h_to_4h.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.dense_4h_to_h.weight", _t),
+        Rule("layers/mlp/wo/kernel", h + "mlp.dense_4h_to_h.weight", transpose),
         Rule("layers/mlp/wo/bias", h + "mlp.dense_4h_to_h.bias"),
     ]
     for part, name in enumerate("qkv"):
         table.append(Rule(f"layers/attn/{name}/kernel", h + "attention.query_key_value.weight",
-                          _qkv(part)))
+                          fused_per_head(part)))
         if cfg.attn_bias:
             table.append(Rule(f"layers/attn/{name}/bias", h + "attention.query_key_value.bias",
-                              _qkv(part)))
+                              fused_per_head(part)))
     if cfg.attn_bias:
         table.append(Rule("layers/attn/o/bias", h + "attention.dense.bias"))
     if not cfg.tied_embeddings:

@@ -17,6 +17,7 @@ import numpy as np
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 from converters.hf_common import plain_rope, token_id
+from converters.transforms import linear_in_heads, linear_out_heads, transpose
 from converters.rules import Rule, check_keys, require_value
 
 _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
@@ -71,16 +72,10 @@ def _qk(x, cfg: ModelConfig):
     return w.transpose(2, 0, 1)
 
 
-def _v(x, cfg: ModelConfig):
-    return x.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model).transpose(2, 0, 1)
 
 
-def _o(x, cfg: ModelConfig):
-    return x.T.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
 
 
-def _t(x, cfg: ModelConfig):
-    return x.T
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -93,11 +88,11 @@ def rules(cfg: ModelConfig, prefix: str):
         Rule("layers/ln1/bias", h + "ln_1.bias"),
         Rule("layers/attn/q/kernel", h + "attn.q_proj.weight", _qk),
         Rule("layers/attn/k/kernel", h + "attn.k_proj.weight", _qk),
-        Rule("layers/attn/v/kernel", h + "attn.v_proj.weight", _v),
-        Rule("layers/attn/o/kernel", h + "attn.out_proj.weight", _o),
-        Rule("layers/mlp/wi/kernel", h + "mlp.fc_in.weight", _t),
+        Rule("layers/attn/v/kernel", h + "attn.v_proj.weight", linear_in_heads()),
+        Rule("layers/attn/o/kernel", h + "attn.out_proj.weight", linear_out_heads),
+        Rule("layers/mlp/wi/kernel", h + "mlp.fc_in.weight", transpose),
         Rule("layers/mlp/wi/bias", h + "mlp.fc_in.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.fc_out.weight", _t),
+        Rule("layers/mlp/wo/kernel", h + "mlp.fc_out.weight", transpose),
         Rule("layers/mlp/wo/bias", h + "mlp.fc_out.bias"),
         Rule("lm_head_bias", "lm_head.bias"),
     ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 from converters.hf_common import plain_rope, token_id
+from converters.transforms import linear_in_heads, linear_out_heads, transpose
 from converters.rules import Rule, check_keys, require_value
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
@@ -61,21 +62,10 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         eos_token_id=token_id(hf, "eos_token_id", where))
 
 
-def _heads(count: str):
-    def f(x, cfg: ModelConfig):
-        heads = cfg.n_heads if count == "n" else cfg.n_kv_heads
-        if x.ndim == 2:  # weight [X*H, D] -> [D, X, H]
-            return x.reshape(heads, cfg.head_dim, cfg.d_model).transpose(2, 0, 1)
-        return x.reshape(heads, cfg.head_dim)  # bias -> [X, H]
-    return f
 
 
-def _o(x, cfg: ModelConfig):
-    return x.T.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
 
 
-def _t(x, cfg: ModelConfig):
-    return x.T
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -85,19 +75,19 @@ def rules(cfg: ModelConfig, prefix: str):
         Rule("final_norm/scale", prefix + "norm.weight"),
         Rule("layers/ln1/scale", h + "input_layernorm.weight"),
         Rule("layers/ln2/scale", h + "post_attention_layernorm.weight"),
-        Rule("layers/attn/q/kernel", h + "self_attn.q_proj.weight", _heads("n")),
-        Rule("layers/attn/k/kernel", h + "self_attn.k_proj.weight", _heads("k")),
-        Rule("layers/attn/v/kernel", h + "self_attn.v_proj.weight", _heads("k")),
-        Rule("layers/attn/o/kernel", h + "self_attn.o_proj.weight", _o),
-        Rule("layers/mlp/wg/kernel", h + "mlp.gate_proj.weight", _t),
-        Rule("layers/mlp/wi/kernel", h + "mlp.up_proj.weight", _t),
-        Rule("layers/mlp/wo/kernel", h + "mlp.down_proj.weight", _t),
+        Rule("layers/attn/q/kernel", h + "self_attn.q_proj.weight", linear_in_heads()),
+        Rule("layers/attn/k/kernel", h + "self_attn.k_proj.weight", linear_in_heads(kv=True)),
+        Rule("layers/attn/v/kernel", h + "self_attn.v_proj.weight", linear_in_heads(kv=True)),
+        Rule("layers/attn/o/kernel", h + "self_attn.o_proj.weight", linear_out_heads),
+        Rule("layers/mlp/wg/kernel", h + "mlp.gate_proj.weight", transpose),
+        Rule("layers/mlp/wi/kernel", h + "mlp.up_proj.weight", transpose),
+        Rule("layers/mlp/wo/kernel", h + "mlp.down_proj.weight", transpose),
     ]
     if cfg.attn_bias:
         table += [
-            Rule("layers/attn/q/bias", h + "self_attn.q_proj.bias", _heads("n")),
-            Rule("layers/attn/k/bias", h + "self_attn.k_proj.bias", _heads("k")),
-            Rule("layers/attn/v/bias", h + "self_attn.v_proj.bias", _heads("k")),
+            Rule("layers/attn/q/bias", h + "self_attn.q_proj.bias", linear_in_heads()),
+            Rule("layers/attn/k/bias", h + "self_attn.k_proj.bias", linear_in_heads(kv=True)),
+            Rule("layers/attn/v/bias", h + "self_attn.v_proj.bias", linear_in_heads(kv=True)),
             Rule("layers/attn/o/bias", h + "self_attn.o_proj.bias"),
         ]
     if cfg.mlp_bias:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 from converters.hf_common import token_id
+from converters.transforms import linear_in_heads, linear_out_heads, transpose
 from converters.rules import Rule, check_keys, require_value
 
 _ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new",
@@ -57,21 +58,10 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         eos_token_id=token_id(hf, "eos_token_id", where))
 
 
-def _t(x, cfg):
-    """`nn.Linear` weight `[out, in]` -> kernel `[in, out]`."""
-    return x.T
 
 
-def _heads_in(x, cfg: ModelConfig):
-    """q/k/v weight `[N*H, D]` -> `[D, N, H]`; bias `[N*H]` -> `[N, H]`."""
-    if x.ndim == 2:
-        return x.T.reshape(x.shape[1], cfg.n_heads, cfg.head_dim)
-    return x.reshape(cfg.n_heads, cfg.head_dim)
 
 
-def _heads_out(x, cfg: ModelConfig):
-    """out_proj weight `[D, N*H]` -> `[N, H, D]`."""
-    return x.T.reshape(cfg.n_heads, cfg.head_dim, x.shape[0])
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -84,16 +74,16 @@ def rules(cfg: ModelConfig, prefix: str):
         Rule("layers/ln1/bias", h + "self_attn_layer_norm.bias"),
         Rule("layers/ln2/scale", h + "final_layer_norm.weight"),
         Rule("layers/ln2/bias", h + "final_layer_norm.bias"),
-        Rule("layers/attn/o/kernel", h + "self_attn.out_proj.weight", _heads_out),
-        Rule("layers/mlp/wi/kernel", h + "fc1.weight", _t),
-        Rule("layers/mlp/wo/kernel", h + "fc2.weight", _t),
+        Rule("layers/attn/o/kernel", h + "self_attn.out_proj.weight", linear_out_heads),
+        Rule("layers/mlp/wi/kernel", h + "fc1.weight", transpose),
+        Rule("layers/mlp/wo/kernel", h + "fc2.weight", transpose),
     ]
     for name in "qkv":
         table.append(Rule(f"layers/attn/{name}/kernel", h + f"self_attn.{name}_proj.weight",
-                          _heads_in))
+                          linear_in_heads()))
         if cfg.attn_bias:
             table.append(Rule(f"layers/attn/{name}/bias", h + f"self_attn.{name}_proj.bias",
-                              _heads_in))
+                              linear_in_heads()))
     if cfg.attn_bias:
         table.append(Rule("layers/attn/o/bias", h + "self_attn.out_proj.bias"))
     if cfg.mlp_bias:
@@ -103,8 +93,8 @@ def rules(cfg: ModelConfig, prefix: str):
         table += [Rule("final_norm/scale", p + "final_layer_norm.weight"),
                   Rule("final_norm/bias", p + "final_layer_norm.bias")]
     if cfg.d_embed is not None:
-        table += [Rule("project_in/kernel", p + "project_in.weight", _t),
-                  Rule("project_out/kernel", p + "project_out.weight", _t)]
+        table += [Rule("project_in/kernel", p + "project_in.weight", transpose),
+                  Rule("project_out/kernel", p + "project_out.weight", transpose)]
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "lm_head.weight"))
     return table

@@ -70,14 +70,22 @@ def apply_rules(tensors: Dict[str, np.ndarray], rules: Sequence[Rule], cfg, expe
         used.add(key)
         return np.asarray(tensors[key])
 
+    def convert(rule, key):
+        x = fetch(key)
+        try:
+            return rule.transform(x, cfg)
+        except (ValueError, IndexError) as e:  # a reshape of a tensor of the wrong size
+            raise CheckpointError(
+                f"{where}: tensor {key!r} of shape {tuple(x.shape)} does not fit {rule.dst} "
+                f"for this config ({e})") from e
+
     for rule in rules:
         if rule.dst not in want:
             raise CheckpointError(f"{where}: converter rule targets unknown param {rule.dst!r}")
         if "{i}" in rule.src:
-            value = np.stack([rule.transform(fetch(rule.src.format(i=i)), cfg)
-                              for i in range(cfg.n_layers)])
+            value = np.stack([convert(rule, rule.src.format(i=i)) for i in range(cfg.n_layers)])
         else:
-            value = rule.transform(fetch(rule.src), cfg)
+            value = convert(rule, rule.src)
         if tuple(value.shape) != want[rule.dst]:
             raise CheckpointError(
                 f"{where}: tensor {rule.src!r} gives {rule.dst} of shape {tuple(value.shape)}, "

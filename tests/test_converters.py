@@ -8,7 +8,7 @@ import pytest
 
 import ftjax
 from converters import load_checkpoint, save_native
-from converters.hf_export import hf_gpt2_tensors, save_hf_gpt2
+from converters.hf_export import save_hf_gpt2
 from converters.tensors import read_safetensors, write_safetensors
 from tiny import tiny_config, tiny_params
 
