@@ -12,7 +12,7 @@ import numpy as np
 
 from ftjax import buckets
 from ftjax.config import ModelConfig
-from ftjax.engine import FINISH_LENGTH, FINISH_STOP, DecodeState, Engine
+from ftjax.engine import FINISH_STOP, DecodeState, Engine
 from ftjax.errors import CheckpointError
 from ftjax.sampling import SamplingArrays, SamplingParams
 
