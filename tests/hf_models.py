@@ -54,3 +54,48 @@ def hf_greedy(model, prompt, n, eos=None):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                              do_sample=False, pad_token_id=0, generation_config=gen)
     return out[0, len(prompt):].tolist()
+
+
+EPS = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+LOW_TOL_EPS = 16  # tolerance in units of the dtype's eps times the logit scale
+
+
+def check_low_precision(directory, hf32, dtype, ids, label=""):
+    """ftjax in `dtype` vs HF loaded from `directory` in the same dtype.
+
+    Both cast the same fp32 checkpoint and compute in the dtype but round
+    differently (ftjax keeps norm statistics, rotary angles, attention scores and
+    softmax in float32; HF rounds some of them to the dtype and orders its sums
+    differently). Each rounding is a relative error ~eps (bf16 2^-8, fp16 2^-11);
+    through a few layers they compound to a few eps of the logit scale, the size
+    of HF's own dtype-vs-fp32 error. Required:
+      - max |ftjax - HF| <= 16 eps * max |HF fp32 logit| (bf16 6.3%, fp16 0.8% of
+        the logit scale; a wrong layout is off by ~100%);
+      - max |ftjax - HF| <= 2 * max |HF(dtype) - HF(fp32)|: ftjax is off HF by at most
+        twice HF's own rounding error against fp32;
+      - teacher-forced next-token argmax agrees on >= 95% of positions.
+    Returns the max abs error.
+    """
+    import torch
+    import transformers
+
+    import ftjax
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(directory), dtype=getattr(torch, dtype)).eval()
+    model = ftjax.load(str(directory), dtype=dtype)
+    ref32 = hf_logits(hf32, ids)
+    ref = hf_logits(hf, ids)
+    ours = np.asarray(model.forward(ids))
+    scale = np.abs(ref32).max()
+    err = np.abs(ours - ref).max()
+    hf_own = np.abs(ref - ref32).max()
+    agree = (ours[:, :-1].argmax(-1) == ref[:, :-1].argmax(-1)).mean()
+    print(f"\n{label} {dtype}: max abs logit error {err:.3g} = {err / scale / EPS[dtype]:.1f} "
+          f"eps x scale {scale:.1f}; HF {dtype} vs fp32 {hf_own:.3g}; argmax agreement "
+          f"{agree:.3f}")
+    assert np.isfinite(ours).all()
+    assert err <= LOW_TOL_EPS * EPS[dtype] * scale
+    assert err <= 2 * hf_own
+    assert agree >= 0.95
+    return err

@@ -41,13 +41,11 @@ import pytest
 import ftjax
 from converters import load_checkpoint
 from converters.tensors import read_safetensors, write_safetensors
-from hf_models import hf_greedy, hf_logits, make_hf
+from hf_models import check_low_precision, hf_greedy, hf_logits, make_hf
 
 pytestmark = pytest.mark.torch
 ATOL = 1e-4
 NO_STOP = ftjax.SamplingParams(stop_token_ids=[])
-EPS = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
-LOW_TOL_EPS = 16  # tolerance in units of the dtype's eps times the logit scale
 RAGGED = [[3, 14, 15, 92, 65], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [9, 8, 7, 40, 100, 2, 77, 31]]
 COMMON = dict(vocab_size=211, initializer_range=0.3, bos_token_id=None, eos_token_id=None)
 
@@ -218,33 +216,9 @@ def test_low_precision_close_to_hf(case, tmp_path):
     # between two correct bf16 implementations would be a coin flip. At 0.15 HF's
     # bf16-vs-fp32 agreement is ~97.5% and logits still spread over a scale of ~5.
     hf32 = _build(case.name, tmp_path, initializer_range=LOW_PRECISION_INIT)
-    for dtype in LOW_PRECISION[case.name]:
-        _check_low_precision(case.name, tmp_path, hf32, dtype)
-
-
-def _check_low_precision(name, directory, hf32, dtype):
-    import torch
-    import transformers
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        str(directory), dtype=getattr(torch, dtype)).eval()
-    model = ftjax.load(str(directory), dtype=dtype)
     ids = np.random.default_rng(2).integers(0, 211, (8, 33))
-    ref32 = hf_logits(hf32, ids)
-    ref = hf_logits(hf, ids)
-    ours = np.asarray(model.forward(ids))
-    scale = np.abs(ref32).max()
-    err = np.abs(ours - ref).max()
-    hf_own = np.abs(ref - ref32).max()
-    agree = (ours[:, :-1].argmax(-1) == ref[:, :-1].argmax(-1)).mean()
-    print(f"\n{name} {dtype} max abs logit error {err:.3f} = {err / scale / EPS[dtype]:.1f} "
-          f"eps x scale {scale:.1f}; HF {dtype} vs fp32 {hf_own:.3f}, ftjax {dtype} vs fp32 "
-          f"{np.abs(ours - ref32).max():.3f}; argmax agreement {agree:.3f} (HF {dtype} vs "
-          f"fp32: {(ref[:, :-1].argmax(-1) == ref32[:, :-1].argmax(-1)).mean():.3f})")
-    assert np.isfinite(ours).all()
-    assert err <= LOW_TOL_EPS * EPS[dtype] * scale
-    assert err <= 2 * hf_own
-    assert agree >= 0.95
+    for dtype in LOW_PRECISION[case.name]:
+        check_low_precision(tmp_path, hf32, dtype, ids, label=case.name)
 
 
 # -- unsupported config keys and checkpoint contents ---------------------------

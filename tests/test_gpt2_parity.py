@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ftjax
-from hf_models import hf_greedy, hf_logits, make_gpt2
+from hf_models import check_low_precision, hf_greedy, hf_logits, make_gpt2
 
 pytestmark = pytest.mark.torch
 ATOL = 1e-4
@@ -81,3 +81,11 @@ def test_log_probs_are_hf_log_softmax(pair):
     ref = torch.log_softmax(logits, -1)[len(prompt) - 1:, :]
     ref = ref[torch.arange(6), torch.tensor(out.tokens[0])].numpy()
     assert np.allclose(out.log_probs[0], ref, atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_low_precision_close_to_hf(tmp_path, dtype):
+    """bf16 / fp16 against HF in the same dtype; tolerances: `check_low_precision`."""
+    hf32 = make_gpt2(tmp_path, initializer_range=0.15)
+    ids = np.random.default_rng(4).integers(0, 211, (8, 33))
+    check_low_precision(tmp_path, hf32, dtype, ids, label="gpt2")
