@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
+from converters import hf_gpt2
 from converters.hf_common import token_id
 from converters.transforms import fused_per_head, linear_out_heads, transpose
-from converters.rules import Rule, check_keys, require_value
+from converters.rules import check_keys, require_value
 
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_new", "gelu_new": "gelu_new", "gelu": "gelu",
                 "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -46,18 +47,15 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         eos_token_id=token_id(hf, "eos_token_id", where))
 
 
-
-
-def _qkv(part: int, src: str):
+def _qkv(part: int):
     """Fused c_attn weight `[(N + 2K)*H, D]` (or bias) -> q `[D, N, H]` / k, v `[D, K, H]`."""
     def f(x, cfg: ModelConfig):
         n, k, h, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_model
         out = (n + 2 * k) * h
         want = (out, d) if x.ndim == 2 else (out,)
         if tuple(x.shape) != want:
-            raise CheckpointError(
-                f"tensor {src!r} has shape {tuple(x.shape)}, expected {want} "
-                f"({n} query heads, {k} kv heads of {h})")
+            # apply_rules reports it as a CheckpointError naming the tensor.
+            raise ValueError(f"expected shape {want} ({n} query heads, {k} kv heads of {h})")
         if k == n:                                      # MHA: per head [q | k | v]
             return fused_per_head(part)(x, cfg)
         y = x.T if x.ndim == 2 else x[None]             # [D or 1, out]
@@ -71,30 +69,8 @@ def _qkv(part: int, src: str):
 
 
 def rules(cfg: ModelConfig, prefix: str):
-    h = prefix + "h.{i}."
-    table = [
-        Rule("embed", prefix + "wte.weight"),
-        Rule("pos_embed", prefix + "wpe.weight"),
-        Rule("final_norm/scale", prefix + "ln_f.weight"),
-        Rule("final_norm/bias", prefix + "ln_f.bias"),
-        Rule("layers/ln1/scale", h + "ln_1.weight"),
-        Rule("layers/ln1/bias", h + "ln_1.bias"),
-        Rule("layers/ln2/scale", h + "ln_2.weight"),
-        Rule("layers/ln2/bias", h + "ln_2.bias"),
-        Rule("layers/attn/o/kernel", h + "attn.c_proj.weight", linear_out_heads),
-        Rule("layers/attn/o/bias", h + "attn.c_proj.bias"),
-        Rule("layers/mlp/wi/kernel", h + "mlp.c_fc.weight", transpose),
-        Rule("layers/mlp/wi/bias", h + "mlp.c_fc.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.c_proj.weight", transpose),
-        Rule("layers/mlp/wo/bias", h + "mlp.c_proj.bias"),
-    ]
-    src = h + "attn.c_attn."
-    for part, name in enumerate("qkv"):
-        table.append(Rule(f"layers/attn/{name}/kernel", src + "weight", _qkv(part, src + "weight")))
-        table.append(Rule(f"layers/attn/{name}/bias", src + "bias", _qkv(part, src + "bias")))
-    if not cfg.tied_embeddings:
-        table.append(Rule("lm_head", "lm_head.weight"))
-    return table
+    # GPT-2's key names, with nn.Linear ([out, in]) weights instead of Conv1D.
+    return hf_gpt2.layout_rules(cfg, prefix, _qkv, linear_out_heads, transpose)
 
 
 # The causal-mask buffers older checkpoints may carry (never weights).

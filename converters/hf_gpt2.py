@@ -49,7 +49,9 @@ def _o(x, cfg: ModelConfig):
     return x.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
 
 
-def rules(cfg: ModelConfig, prefix: str):
+def layout_rules(cfg: ModelConfig, prefix: str, qkv, o, mlp):
+    """GPT-2's key names (shared by GPTBigCode), with the layout transforms given:
+    `qkv(part)` for the fused c_attn weight and bias, `o` for c_proj, `mlp` for c_fc/c_proj."""
     h = prefix + "h.{i}."
     table = [
         Rule("embed", prefix + "wte.weight"),
@@ -60,19 +62,24 @@ def rules(cfg: ModelConfig, prefix: str):
         Rule("layers/ln1/bias", h + "ln_1.bias"),
         Rule("layers/ln2/scale", h + "ln_2.weight"),
         Rule("layers/ln2/bias", h + "ln_2.bias"),
-        Rule("layers/attn/o/kernel", h + "attn.c_proj.weight", _o),
+        Rule("layers/attn/o/kernel", h + "attn.c_proj.weight", o),
         Rule("layers/attn/o/bias", h + "attn.c_proj.bias"),
-        Rule("layers/mlp/wi/kernel", h + "mlp.c_fc.weight"),
+        Rule("layers/mlp/wi/kernel", h + "mlp.c_fc.weight", mlp),
         Rule("layers/mlp/wi/bias", h + "mlp.c_fc.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.c_proj.weight"),
+        Rule("layers/mlp/wo/kernel", h + "mlp.c_proj.weight", mlp),
         Rule("layers/mlp/wo/bias", h + "mlp.c_proj.bias"),
     ]
     for part, name in enumerate("qkv"):
-        table.append(Rule(f"layers/attn/{name}/kernel", h + "attn.c_attn.weight", _qkv(part)))
-        table.append(Rule(f"layers/attn/{name}/bias", h + "attn.c_attn.bias", _qkv(part)))
+        table.append(Rule(f"layers/attn/{name}/kernel", h + "attn.c_attn.weight", qkv(part)))
+        table.append(Rule(f"layers/attn/{name}/bias", h + "attn.c_attn.bias", qkv(part)))
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "lm_head.weight"))
     return table
+
+
+def rules(cfg: ModelConfig, prefix: str):
+    # Conv1D weights are already [in, out]: only the fused c_attn and heads need reshaping.
+    return layout_rules(cfg, prefix, _qkv, _o, lambda x, cfg: x)
 
 
 # Buffers some GPT-2 checkpoints carry (causal mask), and the tied head when saved.
