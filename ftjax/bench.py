@@ -77,16 +77,21 @@ def _hf_model(model, dtype: str):
     import torch
     import transformers
 
-    directory = model.path
-    if directory is None or directory.startswith("preset:"):
-        from converters.hf_export import save_hf_gpt2
-
-        directory = tempfile.mkdtemp(prefix="ftjax-bench-")
-        params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), model.params)
-        save_hf_gpt2(directory, model.config, params)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
                    "float16": torch.float16}[dtype]
-    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).eval()
+
+    def from_dir(directory):
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch_dtype).eval()
+
+    if model.path is not None and not model.path.startswith("preset:"):
+        return from_dir(model.path)
+    from converters.hf_export import save_hf_gpt2
+
+    with tempfile.TemporaryDirectory(prefix="ftjax-bench-") as directory:
+        params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), model.params)
+        save_hf_gpt2(directory, model.config, params)
+        return from_dir(directory)
 
 
 def run_bench(args) -> int:
