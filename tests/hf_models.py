@@ -49,10 +49,9 @@ def hf_greedy(model, prompt, n, eos=None):
 
     ids = torch.tensor([list(prompt)])
     gen = copy.deepcopy(model.generation_config)
-    gen.eos_token_id = eos
+    gen.update(eos_token_id=eos, max_new_tokens=n, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                             do_sample=False, pad_token_id=0, generation_config=gen)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen)
     return out[0, len(prompt):].tolist()
 
 
