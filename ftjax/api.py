@@ -14,6 +14,7 @@ from ftjax import buckets
 from ftjax.config import ModelConfig
 from ftjax.engine import FINISH_STOP, DecodeState, Engine
 from ftjax.errors import CheckpointError
+from ftjax.model import stack_layers, unstack_layers
 from ftjax.sampling import SamplingArrays, SamplingParams
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -99,11 +100,21 @@ class Model:
     def __init__(self, config: ModelConfig, params, dtype: str = "float32", tokenizer=None,
                  path: Optional[str] = None):
         self.config = config
-        self.params = params
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.path = path
-        self.engine = Engine(config, _dtype(dtype))
+        # On CPU the layers run as a Python loop over per-layer weights (see
+        # `Transformer.scan_layers`); elsewhere one scan over the stacked weights.
+        scan = jax.default_backend() != "cpu"
+        self.engine = Engine(config, _dtype(dtype), scan_layers=scan)
+        self._run_params = params if scan else unstack_layers(params, config.n_layers)
+
+    @property
+    def params(self):
+        """The canonical params pytree (layers stacked)."""
+        if self.engine.model.scan_layers:
+            return self._run_params
+        return stack_layers(self._run_params, self.config.n_layers)
 
     def __repr__(self):
         c = self.config
@@ -150,7 +161,7 @@ class Model:
                              f"shape {ids.shape} dtype {ids.dtype}")
         for i, row in enumerate(ids):
             self._check_ids(row, f"input_ids[{i}]", self.config.max_positions)
-        return self.engine.forward(self.params, jnp.asarray(ids, jnp.int32))
+        return self.engine.forward(self._run_params, jnp.asarray(ids, jnp.int32))
 
     # -- generation -----------------------------------------------------------
 
@@ -179,7 +190,7 @@ class Model:
         sp = SamplingArrays.build(sampling, plan.batch, self.config.vocab_size,
                                   self.config.eos_token_ids, [max_new_tokens] * n)
         greedy_only = all(s.greedy for s in sampling)
-        state = self.engine.prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths), sp,
+        state = self.engine.prefill(self._run_params, jnp.asarray(tokens), jnp.asarray(lengths), sp,
                                     max_len=plan.cache_len, width=plan.width,
                                     greedy_only=greedy_only)
         return state, sp, n, greedy_only
@@ -196,7 +207,7 @@ class Model:
           sampling: one SamplingParams for all prompts or one per prompt; None is greedy.
         """
         state, sp, n, greedy_only = self._start(prompts, max_new_tokens, sampling)
-        state = self.engine.decode(self.params, state, sp, greedy_only=greedy_only,
+        state = self.engine.decode(self._run_params, state, sp, greedy_only=greedy_only,
                                    chunk=DECODE_CHUNK)
         return self._collect(state, n)
 
@@ -241,5 +252,5 @@ class Model:
                 seen[i] = int(n_gen[i])
             if all(finish[:n] != 0):
                 return
-            state = self.engine.decode_chunk(self.params, state, sp, greedy_only=greedy_only,
+            state = self.engine.decode_chunk(self._run_params, state, sp, greedy_only=greedy_only,
                                              chunk=STREAM_CHUNK)

@@ -37,9 +37,10 @@ def measure_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
 def decode_bytes_per_step(model, batch: int, context: int) -> int:
     """Bytes a decode step must read: every weight once, plus the KV cache in use."""
     cfg = model.config
-    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
+    params = model.params
+    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     if cfg.positions == "learned":  # one row of the position table, not all of it
-        weights -= model.params["pos_embed"].nbytes
+        weights -= params["pos_embed"].nbytes
     itemsize = jnp.dtype(model.engine.dtype).itemsize
     kv = 2 * cfg.n_layers * batch * context * cfg.n_kv_heads * cfg.head_dim * itemsize
     return weights + kv

@@ -44,10 +44,10 @@ class DecodeState:
 class Engine:
     """Jitted prefill / decode functions for one model config and dtype."""
 
-    def __init__(self, cfg: ModelConfig, dtype):
+    def __init__(self, cfg: ModelConfig, dtype, scan_layers: bool = True):
         self.cfg = cfg
         self.dtype = dtype
-        self.model = Transformer(cfg, dtype)
+        self.model = Transformer(cfg, dtype, scan_layers=scan_layers)
         self.trace_counts = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "greedy_only"))
         self.decode = jax.jit(self._decode, static_argnames=("greedy_only", "chunk"),

@@ -169,3 +169,22 @@ def test_bad_forward_input_raises(model):
 def test_bad_dtype_raises(tmp_path):
     with pytest.raises(ValueError, match="dtype must be one of"):
         ftjax.load(str(tmp_path), dtype="float64")
+
+
+def test_scan_and_unrolled_layers_agree(model):
+    """The stacked-layer scan (accelerators) and the per-layer loop (CPU) are one model."""
+    from ftjax.engine import Engine
+    from ftjax.sampling import SamplingArrays
+
+    assert not model.engine.model.scan_layers  # CPU default
+    ids = np.asarray([[5, 6, 7, 8, 9, 10]], np.int32)
+    scan = Engine(model.config, model.engine.dtype, scan_layers=True)
+    a = np.asarray(scan.forward(model.params, ids))
+    b = np.asarray(model.forward(ids))
+    assert np.allclose(a, b, atol=1e-5)
+    sp = SamplingArrays.build([NO_STOP], 1, 97, (), [8])
+    state = scan.prefill(model.params, ids, np.array([6], np.int32), sp, max_len=32, width=16,
+                         greedy_only=True)
+    state = scan.decode(model.params, state, sp, greedy_only=True, chunk=8)
+    ref = model.generate([ids[0].tolist()], max_new_tokens=8, sampling=NO_STOP).tokens[0]
+    assert np.asarray(state.tokens)[0, :8].tolist() == ref
