@@ -10,41 +10,22 @@ Both are de-interleaved here into q `[D, N, H]`, k/v `[D, K, H]`.
 
 from __future__ import annotations
 
-from ftjax.config import ModelConfig
-from ftjax.errors import CheckpointError
-from converters import hf_gpt2
-from converters.hf_common import token_id
-from converters.transforms import fused_per_head, linear_out_heads, transpose
-from converters.rules import check_keys, require_value
+import dataclasses
 
-_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_new", "gelu_new": "gelu_new", "gelu": "gelu",
-                "relu": "relu", "silu": "silu", "swish": "silu"}
+from ftjax.config import ModelConfig
+from converters import hf_gpt2
+from converters.transforms import fused_per_head, linear_out_heads, transpose
+from converters.rules import require_value
 
 PREFIXES = ("transformer.", "")
 EMBED = "wte.weight"
 
 
-
-
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
-    check_keys(hf, where, ["vocab_size", "n_embd", "n_layer", "n_head", "n_positions"])
-    act = require_value(hf, "activation_function", list(_ACTIVATIONS), where,
-                        "gelu_pytorch_tanh")
-    require_value(hf, "scale_attn_weights", [True], where, True)
-    require_value(hf, "add_cross_attention", [False], where, False)
+    """GPT-2's config keys and checks, plus `multi_query` (one KV head)."""
     mqa = require_value(hf, "multi_query", [True, False], where, True)
-    d, n = hf["n_embd"], hf["n_head"]
-    if d % n:
-        raise CheckpointError(f"{where}: n_embd ({d}) is not a multiple of n_head ({n})")
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=n,
-        n_kv_heads=1 if mqa else n, head_dim=d // n, d_ff=hf.get("n_inner") or 4 * d,
-        max_positions=hf["n_positions"], norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=_ACTIVATIONS[act],
-        positions="learned", attn_bias=True, mlp_bias=True,
-        tied_embeddings=hf.get("tie_word_embeddings", True),
-        bos_token_id=token_id(hf, "bos_token_id", where),
-        eos_token_id=token_id(hf, "eos_token_id", where))
+    cfg = hf_gpt2.config_from_hf(hf, where, default_activation="gelu_pytorch_tanh")
+    return dataclasses.replace(cfg, n_kv_heads=1 if mqa else cfg.n_heads)
 
 
 def _qkv(part: int):

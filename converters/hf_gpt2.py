@@ -15,9 +15,10 @@ _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu":
                 "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
-def config_from_hf(hf: dict, where: str) -> ModelConfig:
+def config_from_hf(hf: dict, where: str, default_activation: str = "gelu_new") -> ModelConfig:
     check_keys(hf, where, ["vocab_size", "n_embd", "n_layer", "n_head", "n_positions"])
-    act = require_value(hf, "activation_function", list(_ACTIVATIONS), where, "gelu_new")
+    act = require_value(hf, "activation_function", list(_ACTIVATIONS), where,
+                        default_activation)
     require_value(hf, "scale_attn_weights", [True], where, True)
     require_value(hf, "scale_attn_by_inverse_layer_idx", [False], where, False)
     require_value(hf, "add_cross_attention", [False], where, False)
