@@ -111,7 +111,8 @@ class Model:
 
     @property
     def params(self):
-        """The canonical params pytree (layers stacked)."""
+        """The canonical params pytree (layers stacked). On CPU the model holds per-layer
+        weights, so this builds a stacked copy on each access: read it once, not per call."""
         if self.engine.model.scan_layers:
             return self._run_params
         return stack_layers(self._run_params, self.config.n_layers)
