@@ -12,10 +12,13 @@ import numpy as np
 
 from ftjax import buckets
 from ftjax.config import ModelConfig
-from ftjax.engine import FINISH_STOP, DecodeState, Engine
+from ftjax import batching
+from ftjax.batching import Request, Sequences
+from ftjax.beam import BeamSearch
+from ftjax.engine import FINISH_STOP, Engine
 from ftjax.errors import CheckpointError
 from ftjax.model import stack_layers, unstack_layers
-from ftjax.sampling import SamplingArrays, SamplingParams
+from ftjax.sampling import SamplingParams
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DECODE_CHUNK = 8  # decode steps per while-loop iteration
@@ -28,30 +31,48 @@ Prompts = Union[Sequence[str], Sequence[Sequence[int]]]
 class GenerateOutput:
     """Result of `Model.generate`, one entry per prompt, in prompt order.
 
+    A request with n > 1 samples (or beams returning n > 1 sequences) has a list
+    of n values in every per-request field below instead of one value.
+
     Attributes:
       tokens: generated token ids (the prompt excluded; a stop token that ended
         the request is included, as HuggingFace `generate` does).
-      finish_reasons: "stop" (a stop token was produced) or "length" (the
+      finish_reasons: "stop" (a stop token, sequence or string) or "length" (the
         max_new_tokens budget or the model's positions ran out).
       log_probs: log-probability of each generated token under the model's
-        unmodified distribution (before temperature / top-k / top-p).
+        unmodified distribution (before penalties, temperature, top-k / top-p).
       texts: the decoded continuations when the model has a tokenizer, else None.
+      cum_log_probs: the sum of log_probs (FasterTransformer's cum_log_probs); for
+        beam search, the beam's length-penalized score (HF's sequences_scores).
+      top_logprobs: for requests with logprobs=N: per generated token a dict
+        {token: log-prob} of the chosen token and the N most likely (else None).
+      prompt_logprobs: for requests with prompt_logprobs=N: per prompt token a
+        dict {token: log-prob} of that token and the N most likely given the
+        tokens before it (None for the first token and soft-prompt rows).
     """
 
-    tokens: List[List[int]]
-    finish_reasons: List[str]
-    log_probs: List[List[float]]
-    texts: Optional[List[str]] = None
+    tokens: List
+    finish_reasons: List
+    log_probs: List
+    texts: Optional[List] = None
+    cum_log_probs: Optional[List] = None
+    top_logprobs: Optional[List] = None
+    prompt_logprobs: Optional[List] = None
 
 
 @dataclasses.dataclass
 class StreamEvent:
-    """One generated token of request `index` (`text`: its decoded text, if a tokenizer exists)."""
+    """One generated token of request `index` (sample `sample` when n > 1).
+
+    `text` is its newly decoded text, if a tokenizer exists; `finish_reason` is
+    set on a sequence's last event.
+    """
 
     index: int
     token: int
     text: Optional[str] = None
     finish_reason: Optional[str] = None
+    sample: int = 0
 
 
 def _dtype(name: str):
@@ -107,6 +128,7 @@ class Model:
         # `Transformer.scan_layers`); elsewhere one scan over the stacked weights.
         scan = jax.default_backend() != "cpu"
         self.engine = Engine(config, _dtype(dtype), scan_layers=scan)
+        self.beams = BeamSearch(self.engine)
         self._run_params = params if scan else unstack_layers(params, config.n_layers)
 
     @property
@@ -166,8 +188,9 @@ class Model:
 
     # -- generation -----------------------------------------------------------
 
-    def _start(self, prompts: Prompts, max_new_tokens: int, sampling):
-        """Validates, buckets and prefills. Returns (state, sampling arrays, n, static flags)."""
+    def _requests(self, prompts: Prompts, max_new_tokens: int, sampling,
+                  soft_prompts=None) -> List[Request]:
+        """Validates a call: one `Request` per prompt."""
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         # A prompt must leave room for at least one generated token.
@@ -181,77 +204,191 @@ class Model:
         if len(sampling) != n or not all(isinstance(s, SamplingParams) for s in sampling):
             raise ValueError(f"sampling must be a SamplingParams or a list of {n} of them "
                              f"(one per prompt), got {len(sampling)} items")
-        plan = buckets.plan(n, max(len(p) for p in ids), int(max_new_tokens),
-                            self.config.max_positions, DECODE_CHUNK)
-        tokens = np.zeros((plan.batch, plan.prompt_len), np.int32)
-        lengths = np.ones((plan.batch,), np.int32)
-        for i, p in enumerate(ids):
-            tokens[i, :len(p)] = p
-            lengths[i] = len(p)
-        sp = SamplingArrays.build(sampling, plan.batch, self.config.vocab_size,
-                                  self.config.eos_token_ids, [max_new_tokens] * n)
-        greedy_only = all(s.greedy for s in sampling)
-        state = self.engine.prefill(self._run_params, jnp.asarray(tokens), jnp.asarray(lengths), sp,
-                                    max_len=plan.cache_len, width=plan.width,
-                                    greedy_only=greedy_only)
-        return state, sp, n, greedy_only
+        softs = self._soft_prompts(soft_prompts, n)
+        out = []
+        for i, (p, sp, soft) in enumerate(zip(ids, sampling, softs)):
+            budget = int(max_new_tokens if sp.max_new_tokens is None else sp.max_new_tokens)
+            if sp.min_new_tokens > budget:
+                raise ValueError(f"sampling[{i}].min_new_tokens ({sp.min_new_tokens}) is larger "
+                                 f"than its max_new_tokens ({budget})")
+            r = Request(p, sp, budget, soft)
+            if r.length > self.config.max_positions - 1:
+                raise ValueError(f"prompts[{i}] with its soft prompt has {r.length} positions; "
+                                 f"the limit is {self.config.max_positions - 1}")
+            out.append(r)
+        return out
+
+    def _soft_prompts(self, soft_prompts, n: int):
+        if soft_prompts is None:
+            return [None] * n
+        if len(soft_prompts) != n:
+            raise ValueError(f"soft_prompts must have one entry (array or None) per prompt: "
+                             f"{n} prompts, {len(soft_prompts)} entries")
+        e = self.config.embed_dim
+        out = []
+        for i, sp in enumerate(soft_prompts):
+            if sp is None:
+                out.append(None)
+                continue
+            arr = np.asarray(sp, np.float32)
+            if arr.ndim != 2 or arr.shape[1] != e or arr.shape[0] == 0:
+                raise ValueError(f"soft_prompts[{i}] must be [P, {e}] (P >= 1 embedding rows "
+                                 f"of the model's embedding width), got shape {arr.shape}")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"soft_prompts[{i}] has non-finite values")
+            out.append(arr)
+        return out
 
     def generate(self, prompts: Prompts, max_new_tokens: int = 32,
-                 sampling: Union[SamplingParams, Sequence[SamplingParams], None] = None
+                 sampling: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 soft_prompts: Optional[Sequence[Optional[np.ndarray]]] = None
                  ) -> GenerateOutput:
         """Generates continuations of a batch of prompts.
 
         Args:
           prompts: token-id lists (ragged lengths allowed) or strings (encoded
             with `self.tokenizer`).
-          max_new_tokens: the most tokens to generate per prompt.
+          max_new_tokens: the most tokens to generate per prompt (a request's
+            `SamplingParams.max_new_tokens` overrides it).
           sampling: one SamplingParams for all prompts or one per prompt; None is greedy.
+          soft_prompts: optional, per prompt None or a float array `[P, E]` (E the
+            embedding width, = d_model except for project_in models) prepended to
+            the prompt's token embeddings (prompt tuning, FasterTransformer's
+            request_prompt_embedding).
+        Returns:
+          GenerateOutput. A request with n > 1 (or beams returning n > 1) gets a list
+          of n sequences in each field instead of one.
         """
-        state, sp, n, greedy_only = self._start(prompts, max_new_tokens, sampling)
-        state = self.engine.decode(self._run_params, state, sp, greedy_only=greedy_only,
-                                   chunk=DECODE_CHUNK)
-        return self._collect(state, n)
+        reqs = self._requests(prompts, max_new_tokens, sampling, soft_prompts)
+        results: List[Optional[Sequences]] = [None] * len(reqs)
+        groups: dict = {}
+        for i, r in enumerate(reqs):
+            sp = r.sp
+            key = None if sp.num_beams == 1 else (sp.num_beams, sp.length_penalty,
+                                                  sp.early_stopping, r.max_new)
+            groups.setdefault(key, []).append(i)
+        for key, idx in groups.items():
+            group = [reqs[i] for i in idx]
+            done = self._run_sampling(group)[0] if key is None else self._run_beams(group)
+            for i, seqs in zip(idx, done):
+                results[i] = seqs
+        return self._output(reqs, results)
 
-    def _collect(self, state: DecodeState, n: int) -> GenerateOutput:
-        tokens, log_probs, n_gen, finish = jax.device_get(
-            (state.tokens, state.log_probs, state.n_gen, state.finish))
-        out_tokens = [tokens[i, :n_gen[i]].tolist() for i in range(n)]
-        reasons = ["stop" if finish[i] == FINISH_STOP else "length" for i in range(n)]
+    def _run_sampling(self, reqs: List[Request], session=None, cache=None):
+        """Prefill + decode of sampled / greedy requests. Returns (Sequences per request, state)."""
+        batch = batching.build(reqs, [r.sp.n for r in reqs], self.config, DECODE_CHUNK,
+                               session=session)
+        state, prompt_lp = self.engine.prefill(
+            self._run_params, **batch.prefill_args, sp=batch.sp, cache=cache,
+            max_len=batch.max_len, width=batch.width, feat=batch.feat)
+        stops = batching.StopStrings(batch, reqs, self.tokenizer)
+        if stops:
+            # Text is only known on the host: decode chunk by chunk and check between chunks.
+            state = stops.check(state)
+            while stops.running(state) and int(state.step) < batch.width:
+                state = self.engine.decode_chunk(self._run_params, state, batch.sp,
+                                                 feat=batch.feat, chunk=DECODE_CHUNK)
+                state = stops.check(state)
+        else:
+            state = self.engine.decode(self._run_params, state, batch.sp, feat=batch.feat,
+                                       chunk=DECODE_CHUNK)
+        return batching.collect(batch, reqs, state, prompt_lp, stops.cut), state, stops.cut
+
+    def _run_beams(self, reqs: List[Request]) -> List[Sequences]:
+        sp0 = reqs[0].sp
+        for i, r in enumerate(reqs):
+            if r.sp.stop_strings or r.sp.stop_sequences or r.sp.logprobs or (
+                    r.sp.prompt_logprobs is not None):
+                raise ValueError("num_beams > 1 does not support stop_strings, stop_sequences, "
+                                 "logprobs or prompt_logprobs")
+        nb, rpad = sp0.num_beams, buckets.next_pow2(len(reqs))
+        batch = batching.build(reqs, [nb] * len(reqs), self.config, 1, batch_size=rpad * nb)
+        live = jnp.arange(rpad) < len(reqs)
+        st = self.beams.run(self._run_params, **batch.prefill_args, sp=batch.sp, live=live,
+                            num_beams=nb, max_new=reqs[0].max_new,
+                            early_stopping=sp0.early_stopping,
+                            length_penalty=float(sp0.length_penalty), max_len=batch.max_len,
+                            width=batch.width, feat=batch.feat)
+        fin, fin_lp, fin_len, fin_stop, scores = jax.device_get(
+            (st.fin, st.fin_lp, st.fin_len, st.fin_stop, st.fin_scores))
+        out = []
+        for i, r in enumerate(reqs):
+            keep = range(r.sp.n)
+            out.append(Sequences(
+                tokens=[fin[i, j, :fin_len[i, j]].tolist() for j in keep],
+                finish_reasons=["stop" if fin_stop[i, j] else "length" for j in keep],
+                log_probs=[fin_lp[i, j, :fin_len[i, j]].tolist() for j in keep],
+                cum_log_probs=[float(scores[i, j]) for j in keep]))
+        return out
+
+    def _output(self, reqs: List[Request], results: List[Sequences]) -> GenerateOutput:
+        def pick(r, values):
+            return values if r.sp.n > 1 else values[0]
+
         texts = None
         if self.tokenizer is not None:
-            texts = [self.tokenizer.decode(t) for t in out_tokens]
-        return GenerateOutput(tokens=out_tokens, finish_reasons=reasons,
-                              log_probs=[log_probs[i, :n_gen[i]].tolist() for i in range(n)],
-                              texts=texts)
+            texts = [pick(r, [self.tokenizer.decode(t) for t in s.tokens])
+                     for r, s in zip(reqs, results)]
+        tops = [s.top_logprobs for s in results]
+        return GenerateOutput(
+            tokens=[pick(r, s.tokens) for r, s in zip(reqs, results)],
+            finish_reasons=[pick(r, s.finish_reasons) for r, s in zip(reqs, results)],
+            log_probs=[pick(r, s.log_probs) for r, s in zip(reqs, results)],
+            texts=texts,
+            cum_log_probs=[pick(r, s.cum_log_probs) for r, s in zip(reqs, results)],
+            top_logprobs=None if all(t is None for t in tops) else
+            [None if t is None else pick(r, t) for r, t in zip(reqs, tops)],
+            prompt_logprobs=None if all(s.prompt_logprobs is None for s in results) else
+            [s.prompt_logprobs for s in results])
 
     def stream(self, prompts: Prompts, max_new_tokens: int = 32,
-               sampling: Union[SamplingParams, Sequence[SamplingParams], None] = None
+               sampling: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+               soft_prompts: Optional[Sequence[Optional[np.ndarray]]] = None
                ) -> Iterator[StreamEvent]:
         """Like `generate`, but yields each token as soon as it is produced.
 
-        Events of one request come in order; `text` is the newly decoded text
-        (held back while a multi-byte character is incomplete).
+        Events of one sequence come in order; `text` is the newly decoded text
+        (held back while a multi-byte character is incomplete). With n > 1,
+        `sample` tells which of the request's samples the token belongs to.
         """
-        state, sp, n, greedy_only = self._start(prompts, max_new_tokens, sampling)
-        seen = [0] * n
-        shown = [""] * n
+        reqs = self._requests(prompts, max_new_tokens, sampling, soft_prompts)
+        if any(r.sp.num_beams > 1 for r in reqs):
+            raise ValueError("stream does not support num_beams > 1: beams are only final "
+                             "when the search ends; use generate")
+        batch = batching.build(reqs, [r.sp.n for r in reqs], self.config, STREAM_CHUNK)
+        state, _ = self.engine.prefill(self._run_params, **batch.prefill_args, sp=batch.sp,
+                                       max_len=batch.max_len, width=batch.width, feat=batch.feat)
+        stops = batching.StopStrings(batch, reqs, self.tokenizer)
+        rows = batch.rows
+        seen = [0] * len(rows)
+        shown = [""] * len(rows)
         while True:
+            state = stops.check(state)
             tokens, n_gen, finish = jax.device_get((state.tokens, state.n_gen, state.finish))
-            for i in range(n):
-                for j in range(seen[i], int(n_gen[i])):
-                    last = j + 1 == n_gen[i] and finish[i] != 0
+            for b, (i, j) in enumerate(rows):
+                end = stops.cut.get(b, int(n_gen[b]))
+                for k in range(seen[b], end):
+                    last = k + 1 == end and finish[b] != 0
                     text = None
                     if self.tokenizer is not None:
-                        full = self.tokenizer.decode(tokens[i, :j + 1].tolist())
+                        full = self.tokenizer.decode(tokens[b, :k + 1].tolist())
                         if full.endswith("\ufffd") and not last:
                             text = ""  # an incomplete multi-byte character: wait for more
                         else:
-                            text, shown[i] = full[len(shown[i]):], full
-                    reason = ("stop" if finish[i] == FINISH_STOP else "length") if last else None
-                    yield StreamEvent(index=i, token=int(tokens[i, j]), text=text,
-                                      finish_reason=reason)
-                seen[i] = int(n_gen[i])
-            if all(finish[:n] != 0):
+                            text, shown[b] = full[len(shown[b]):], full
+                    reason = None
+                    if last:
+                        reason = "stop" if finish[b] == FINISH_STOP else "length"
+                    yield StreamEvent(index=i, token=int(tokens[b, k]), text=text,
+                                      finish_reason=reason, sample=j)
+                seen[b] = max(seen[b], end)
+            if all(finish[:len(rows)] != 0) or int(state.step) >= batch.width:
                 return
-            state = self.engine.decode_chunk(self._run_params, state, sp, greedy_only=greedy_only,
+            state = self.engine.decode_chunk(self._run_params, state, batch.sp, feat=batch.feat,
                                              chunk=STREAM_CHUNK)
+
+    def session(self, max_len: Optional[int] = None) -> "Session":
+        """An interactive conversation that keeps its KV cache between turns (see `Session`)."""
+        from ftjax.session import Session
+
+        return Session(self, max_len or self.config.max_positions)

@@ -6,22 +6,28 @@ calls inside a bucket reuse the compiled functions; `Engine.trace_counts`
 counts how often each function was traced (= compiled) so tests can assert it.
 
 Per row, the state holds the token to feed next (`last`) and its position
-(`pos`). Prompts are right-padded: row b's token t sits at position t, and the
-first generated token of row b sits at position `length[b]`. Every decode step
-writes the new key/value at the row's own position before attending, so the
-padding slots a short prompt left in the cache are overwritten before anyone
-can attend to them.
+(`pos`). Prompts are right-padded: row b's token t sits at position start + t.
+Every decode step writes the new key/value at the row's own position before
+attending, so the padding slots a short prompt left in the cache are
+overwritten before anyone can attend to them.
+
+Shared contexts: prefill runs over the distinct prompts only (`U` rows) and
+then gathers each output row's cache from its prompt (`rows` `[B]`), so n
+samples of one prompt cost one prefill, as FasterTransformer's shared_contexts.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
+from typing import Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ftjax import processors
 from ftjax.config import ModelConfig
 from ftjax.model import KVCache, Transformer
 from ftjax.sampling import SamplingArrays, sample
@@ -29,16 +35,57 @@ from ftjax.sampling import SamplingArrays, sample
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
 
 
+@dataclasses.dataclass(frozen=True)
+class Features:
+    """Static switches of one compiled decode (each value compiles once).
+
+    greedy_only: every row is greedy (no sort, no draw).
+    processors: some row uses a history-dependent logits processor.
+    top_n: alternatives recorded per generated token (0 = none).
+    prompt_top_n: alternatives per prompt token (-1 = no prompt log-probs).
+    """
+
+    greedy_only: bool = True
+    processors: bool = False
+    top_n: int = 0
+    prompt_top_n: int = -1
+
+
 @flax.struct.dataclass
 class DecodeState:
     cache: KVCache
     tokens: jax.Array     # i32 [B, W] generated tokens (W >= the step budget)
-    log_probs: jax.Array  # f32 [B, W]
+    log_probs: jax.Array  # f32 [B, W] under the unmodified distribution
+    top_ids: jax.Array    # i32 [B, W, top_n] most likely alternatives
+    top_lps: jax.Array    # f32 [B, W, top_n] their log-probabilities
+    hist: jax.Array       # i32 [B, P] every token by position (prompt, output); -1 = none
+    seen: jax.Array       # bool [B, V] tokens in prompt or output ([B, 0] without processors)
+    counts: jax.Array     # i32 [B, V] output token counts ([B, 0] without processors)
     last: jax.Array       # i32 [B] the token to feed next
     pos: jax.Array        # i32 [B] its position
     n_gen: jax.Array      # i32 [B] tokens generated so far
     finish: jax.Array     # i32 [B] FINISH_* reason, 0 while running
     step: jax.Array       # i32 [] steps taken
+
+
+@flax.struct.dataclass
+class PromptLogprobs:
+    """Per distinct prompt: log p(token t+1 | tokens <= t) `[U, T]` and the top alternatives."""
+
+    log_probs: jax.Array
+    top_ids: jax.Array
+    top_lps: jax.Array
+
+
+def _log_probs_and_top(logits, tokens, top_n: int):
+    """log-softmax of `logits [..., V]`: the value at `tokens [...]` and the top_n."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    chosen = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    if top_n == 0:
+        empty = logp[..., :0]
+        return chosen, empty.astype(jnp.int32), empty
+    top_lps, top_ids = jax.lax.top_k(logp, top_n)
+    return chosen, top_ids.astype(jnp.int32), top_lps
 
 
 class Engine:
@@ -49,10 +96,11 @@ class Engine:
         self.dtype = dtype
         self.model = Transformer(cfg, dtype, scan_layers=scan_layers)
         self.trace_counts = collections.Counter()
-        self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "greedy_only"))
-        self.decode = jax.jit(self._decode, static_argnames=("greedy_only", "chunk"),
+        self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "feat"),
+                               donate_argnames=("cache",))
+        self.decode = jax.jit(self._decode, static_argnames=("feat", "chunk"),
                               donate_argnames=("state",))
-        self.decode_chunk = jax.jit(self._decode_chunk, static_argnames=("greedy_only", "chunk"),
+        self.decode_chunk = jax.jit(self._decode_chunk, static_argnames=("feat", "chunk"),
                                     donate_argnames=("state",))
         self.forward = jax.jit(self._forward)
 
@@ -62,69 +110,119 @@ class Engine:
         logits, _ = self.model.apply({"params": params}, tokens, positions)
         return logits
 
-    def _finish(self, tokens, pos, n_gen, finish, sp: SamplingArrays):
-        """Marks rows that just produced a stop token or reached their length limit."""
-        stopped = jnp.any(tokens[:, None] == sp.stop_ids, axis=-1)
+    def _finish(self, state: DecodeState, tok, sp: SamplingArrays):
+        """FINISH_* of rows that just produced `tok` at `state.pos` (already advanced)."""
+        stopped = jnp.any(tok[:, None] == sp.stop_ids, axis=-1)
+        seq_hit = processors.hit_stop_sequence(state.hist, state.pos + 1, sp)
+        # A stop sequence counts once it lies within the output.
+        stopped = stopped | (seq_hit & jnp.any(sp.stop_seq_len <= state.n_gen[:, None], -1))
         # A row ends at its token budget, or when the token just made (at `pos`)
         # fills the model's positions: prompt + generated <= max_positions.
-        full = (n_gen >= sp.max_new) | (pos + 1 >= self.cfg.max_positions)
-        new = jnp.where(stopped, FINISH_STOP, jnp.where(full, FINISH_LENGTH, FINISH_NONE))
-        return jnp.where(finish == FINISH_NONE, new, finish)
+        full = (state.n_gen >= sp.max_new) | (state.pos + 1 >= self.cfg.max_positions)
+        return jnp.where(stopped, FINISH_STOP, jnp.where(full, FINISH_LENGTH, FINISH_NONE))
 
-    def _prefill(self, params, tokens, lengths, sp: SamplingArrays, *, max_len: int, width: int,
-                 greedy_only: bool) -> DecodeState:
-        """Runs the padded prompts, fills the cache, samples each row's first token.
+    def _advance(self, state: DecodeState, logits, sp: SamplingArrays, feat: Features):
+        """Picks each running row's next token from `logits [B, V]` and records it."""
+        running = state.finish == FINISH_NONE
+        scores = logits
+        if feat.processors:
+            scores = processors.process(logits, sp, state.hist, state.pos + 1, state.seen,
+                                        state.counts, state.n_gen)
+        tok = jnp.where(running, sample(scores, sp, state.step, feat.greedy_only), 0)
+        logp, top_ids, top_lps = _log_probs_and_top(logits, tok, feat.top_n)
+        idx = jnp.minimum(state.step, state.tokens.shape[1] - 1)
+        put = functools.partial(jax.lax.dynamic_update_index_in_dim, index=idx, axis=1)
+        b = jnp.arange(tok.shape[0])
+        pos = state.pos + running
+        hist = state.hist.at[b, jnp.where(running, pos, state.hist.shape[1])].set(tok, mode="drop")
+        seen, counts = state.seen, state.counts
+        if feat.processors:
+            col = jnp.where(running, tok, seen.shape[1])
+            seen = seen.at[b, col].set(True, mode="drop")
+            counts = counts.at[b, col].add(1, mode="drop")
+        new = state.replace(
+            tokens=put(state.tokens, tok), log_probs=put(state.log_probs, logp),
+            top_ids=put(state.top_ids, top_ids), top_lps=put(state.top_lps, top_lps),
+            hist=hist, seen=seen, counts=counts, last=jnp.where(running, tok, state.last),
+            pos=pos, n_gen=state.n_gen + running, step=state.step + 1)
+        finish = jnp.where(running, self._finish(new, tok, sp), state.finish)
+        return new.replace(finish=finish)
+
+    def context(self, params, tokens, start, lengths, rows, cache, soft, max_len: int,
+                prompt_top_n: int):
+        """The context phase: runs the distinct prompts and gathers each row's share.
+
+        Returns (last-token logits `[B, V]`, cache with B rows, PromptLogprobs or None).
+        """
+        if cache is None:
+            cache = KVCache.zeros(self.cfg, tokens.shape[0], max_len, self.dtype)
+        positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
+        prompt_lp = None
+        if prompt_top_n >= 0:
+            logits, cache = self.model.apply({"params": params}, tokens, positions, cache,
+                                             soft=soft)
+            nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
+            prompt_lp = PromptLogprobs(*_log_probs_and_top(logits, nxt, prompt_top_n))
+            logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
+        else:
+            logits, cache = self.model.apply({"params": params}, tokens, positions, cache,
+                                             last_index=lengths - 1, soft=soft)
+        cache = jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=1), cache)
+        return logits[rows, 0], cache, prompt_lp
+
+    def _prefill(self, params, tokens, start, lengths, rows, hist, sp: SamplingArrays,
+                 cache: Optional[KVCache] = None, soft=None, *, max_len: int, width: int,
+                 feat: Features):
+        """Runs the distinct prompts, fills the cache, picks each row's first token.
 
         Args:
-          tokens: i32 `[B, T]` right-padded prompts; lengths: i32 `[B]` (>= 1).
-          max_len: static cache length S (>= T); width: static token buffer W.
+          tokens: i32 `[U, T]` right-padded distinct prompts; start: i32 `[U]` position
+            of their first token (0, or a session's length); lengths: i32 `[U]` (>= 1).
+          rows: i32 `[B]` the prompt each output row continues.
+          hist: i32 `[B, P]` each row's tokens by position (-1 past the prompt).
+          cache: a session's cache to extend (`[.., U, .., max_len, ..]`), or None for a
+            fresh one. soft: optional (embeddings `[U, T, E]`, mask `[U, T]`).
+          max_len: static cache length S; width: static token buffer W.
+        Returns:
+          (DecodeState, PromptLogprobs or None)
         """
         self.trace_counts["prefill"] += 1
-        b, t = tokens.shape
-        cache = KVCache.zeros(self.cfg, b, max_len, self.dtype)
-        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        logits, cache = self.model.apply({"params": params}, tokens, positions, cache,
-                                         last_index=lengths - 1)
-        first, logp = sample(logits[:, 0], sp, 0, greedy_only)
-        n_gen = jnp.ones((b,), jnp.int32)
-        finish = self._finish(first, lengths, n_gen, jnp.zeros((b,), jnp.int32), sp)
-        # Rows with no budget at all (max_new == 0) produce nothing.
-        finish = jnp.where(sp.max_new <= 0, FINISH_LENGTH, finish)
-        n_gen = jnp.where(sp.max_new <= 0, 0, n_gen)
-        out = jnp.zeros((b, width), jnp.int32).at[:, 0].set(first)
-        lp = jnp.zeros((b, width), jnp.float32).at[:, 0].set(logp)
-        return DecodeState(cache=cache, tokens=out, log_probs=lp, last=first, pos=lengths,
-                           n_gen=n_gen, finish=finish, step=jnp.ones((), jnp.int32))
+        logits, cache, prompt_lp = self.context(params, tokens, start, lengths, rows, cache,
+                                                soft, max_len, feat.prompt_top_n)
+        b = rows.shape[0]
+        vocab = self.cfg.vocab_size if feat.processors else 0
+        pos = (start + lengths - 1)[rows]
+        seen = processors.token_counts(hist, jnp.zeros_like(pos), pos + 1, vocab) > 0
+        state = DecodeState(
+            cache=cache, tokens=jnp.zeros((b, width), jnp.int32),
+            log_probs=jnp.zeros((b, width), jnp.float32),
+            top_ids=jnp.zeros((b, width, feat.top_n), jnp.int32),
+            top_lps=jnp.zeros((b, width, feat.top_n), jnp.float32),
+            hist=hist, seen=seen, counts=jnp.zeros((b, vocab), jnp.int32),
+            last=jnp.zeros((b,), jnp.int32), pos=pos, n_gen=jnp.zeros((b,), jnp.int32),
+            # Rows with no budget at all (max_new == 0) produce nothing.
+            finish=jnp.where(sp.max_new <= 0, FINISH_LENGTH, FINISH_NONE),
+            step=jnp.zeros((), jnp.int32))
+        return self._advance(state, logits, sp, feat), prompt_lp
 
-    def _step(self, params, state: DecodeState, sp: SamplingArrays, greedy_only: bool):
-        running = state.finish == FINISH_NONE
+    def _step(self, params, state: DecodeState, sp: SamplingArrays, feat: Features):
         logits, cache = self.model.apply({"params": params}, state.last[:, None],
                                          state.pos[:, None], state.cache)
-        tok, logp = sample(logits[:, 0], sp, state.step, greedy_only)
-        tok = jnp.where(running, tok, 0)
-        idx = jnp.minimum(state.step, state.tokens.shape[1] - 1)
-        tokens = jax.lax.dynamic_update_slice(state.tokens, tok[:, None], (0, idx))
-        log_probs = jax.lax.dynamic_update_slice(state.log_probs, logp[:, None], (0, idx))
-        pos = state.pos + running
-        n_gen = state.n_gen + running
-        finish = jnp.where(running, self._finish(tok, pos, n_gen, state.finish, sp), state.finish)
-        return DecodeState(cache=cache, tokens=tokens, log_probs=log_probs,
-                           last=jnp.where(running, tok, state.last), pos=pos, n_gen=n_gen,
-                           finish=finish, step=state.step + 1)
+        return self._advance(state.replace(cache=cache), logits[:, 0], sp, feat)
 
-    def _scan(self, params, state, sp, greedy_only, chunk):
+    def _scan(self, params, state, sp, feat, chunk):
         def body(s, _):
-            return self._step(params, s, sp, greedy_only), None
+            return self._step(params, s, sp, feat), None
         return jax.lax.scan(body, state, None, length=chunk)[0]
 
     def _decode_chunk(self, params, state: DecodeState, sp: SamplingArrays, *,
-                      greedy_only: bool, chunk: int) -> DecodeState:
+                      feat: Features, chunk: int) -> DecodeState:
         """`chunk` decode steps (for streaming: Python sees tokens between chunks)."""
         self.trace_counts["decode_chunk"] += 1
-        return self._scan(params, state, sp, greedy_only, chunk)
+        return self._scan(params, state, sp, feat, chunk)
 
     def _decode(self, params, state: DecodeState, sp: SamplingArrays, *,
-                greedy_only: bool, chunk: int) -> DecodeState:
+                feat: Features, chunk: int) -> DecodeState:
         """Decodes until every row has finished: chunks of `chunk` scanned steps
         inside a while loop that exits as soon as all rows are done."""
         self.trace_counts["decode"] += 1
@@ -134,5 +232,4 @@ class Engine:
             return jnp.any(s.finish == FINISH_NONE) & (s.step < width)
 
         return jax.lax.while_loop(
-            cond, functools.partial(self._scan, params, sp=sp, greedy_only=greedy_only,
-                                    chunk=chunk), state)
+            cond, functools.partial(self._scan, params, sp=sp, feat=feat, chunk=chunk), state)

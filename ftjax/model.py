@@ -185,14 +185,17 @@ class Attention(nn.Module):
         else:
             # Write this step's keys/values at their positions, then attend over
             # the whole cache: slots past a row's position are masked out.
-            # The engine keeps positions inside the cache; the clamp guarantees it,
-            # so the scatter needs no out-of-bounds handling.
             rows = jnp.arange(x.shape[0])[:, None]
-            slots = jnp.minimum(positions, cache.max_len - 1)
+            if x.shape[1] == 1:
+                # Decode: the engine keeps positions inside the cache (the clamp makes
+                # it certain), so the scatter needs no bounds handling.
+                slots, mode = jnp.minimum(positions, cache.max_len - 1), "promise_in_bounds"
+            else:
+                # Prefill: padding past the cache end (a session's last chunk) is dropped.
+                slots, mode = positions, "drop"
             # [B, T, K, H] written at [layer, b, :, slot]: index order puts (B, T) first.
-            cache = KVCache(
-                k=cache.k.at[layer, rows, :, slots].set(kk, mode="promise_in_bounds"),
-                v=cache.v.at[layer, rows, :, slots].set(vv, mode="promise_in_bounds"))
+            cache = KVCache(k=cache.k.at[layer, rows, :, slots].set(kk, mode=mode),
+                            v=cache.v.at[layer, rows, :, slots].set(vv, mode=mode))
             k_layer = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
             v_layer = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
             out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len), slopes,
@@ -263,7 +266,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions, cache: Optional[KVCache] = None,
-                 last_index: Optional[jax.Array] = None):
+                 last_index: Optional[jax.Array] = None, soft: Optional[tuple] = None):
         """Runs the model.
 
         Args:
@@ -271,6 +274,8 @@ class Transformer(nn.Module):
           positions: int `[B, T]`; also the cache slots written.
           cache: a `KVCache` to write and attend over, or None (attend within `tokens`).
           last_index: optional int `[B]`: return only the logits at these indices of T.
+          soft: optional (embeddings `[B, T, E]`, mask bool `[B, T]`): where the mask
+            is set, the embedding replaces the token's (soft prompts).
         Returns:
           (logits float32 `[B, T, V]` or `[B, 1, V]` with last_index, updated cache)
         """
@@ -278,6 +283,8 @@ class Transformer(nn.Module):
         d, e = cfg.d_model, cfg.embed_dim
         embed = self.param("embed", _init, (cfg.vocab_size, e), self.dtype)
         x = jnp.take(embed, tokens, axis=0)
+        if soft is not None:
+            x = jnp.where(soft[1][..., None], soft[0].astype(x.dtype), x)
         if e != d:
             x = Linear("bte,ed->btd", (e, d), None, self.dtype, name="project_in")(x)
         if cfg.positions == "learned":

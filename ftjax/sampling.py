@@ -3,91 +3,243 @@
 `SamplingParams` is what a user writes, one per request. `SamplingArrays` is
 the same for a whole batch as per-row arrays, so every row of a batch can carry
 its own options without a Python branch (or a recompile) inside the decode step.
+The logits processors that read the generated history (penalties, n-gram and
+bad-word bans, min_new_tokens) live in `ftjax.processors`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import secrets
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+MAX_LOGPROBS = 20  # the most alternatives `logprobs` / `prompt_logprobs` may ask for
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def _id_sequences(value, field: str) -> Optional[Tuple[Tuple[int, ...], ...]]:
+    if value is None:
+        return None
+    try:
+        seqs = tuple(tuple(s) for s in value)
+    except TypeError:
+        raise ValueError(f"SamplingParams.{field} must be a list of token-id lists, "
+                         f"got {value!r}") from None
+    for s in seqs:
+        if not s or not all(_is_int(t) and t >= 0 for t in s):
+            raise ValueError(f"SamplingParams.{field} entries must be non-empty lists of "
+                             f"non-negative token ids, got {list(s)!r}")
+    return tuple(tuple(int(t) for t in s) for s in seqs)
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to pick each next token of one request.
+    """How to generate one request (the defaults are greedy decoding).
 
-    Attributes:
-      temperature: 0 picks the most likely token (greedy); > 0 samples from
-        softmax(logits / temperature).
-      top_k: keep only the k most likely tokens (0: no limit).
-      top_p: keep the smallest set of tokens whose probability reaches top_p (1: no limit).
-      seed: the same seed gives the same sample; None draws a fresh seed per call.
-      stop_token_ids: generation of one of these ends the request (the token is
-        returned); None means the model's eos token, [] means none.
+    Processors, applied in HuggingFace `generate()`'s order before any sampling:
+      repetition_penalty: HF's multiplicative penalty (> 0, 1 = off) on every token
+        already in the prompt or the output: a positive logit is divided by it,
+        a negative one multiplied.
+      presence_penalty, frequency_penalty: OpenAI's additive penalties over the
+        tokens generated so far: logit -= presence * (count > 0) + frequency * count.
+      no_repeat_ngram_size: never produce an n-gram (over prompt + output) twice (0 = off).
+      bad_words: token sequences never produced (the last token of a sequence is
+        banned whenever the output ends with the rest of it).
+      min_new_tokens: stop tokens are banned until this many tokens were generated.
+    Sampling (temperature 0 is greedy and ignores the rest):
+      temperature, top_k (0 = off), top_p (1 = off), min_p (0 = off: keep tokens
+      whose probability is >= min_p x the top token's), seed (None draws one per call).
+    Stopping:
+      max_new_tokens: overrides the `generate` call's budget for this request.
+      stop_token_ids: None means the model's eos ids; these tokens end the request
+        (and are returned). ignore_eos: the eos ids do not stop (explicit
+        stop_token_ids still do). stop_sequences: token sequences that end the
+        request when the output ends with one. stop_strings: texts that end the
+        request when the decoded output contains one (needs a tokenizer).
+    Returned extras:
+      logprobs: the N most likely alternatives (and their log-probabilities) for
+        each generated token (0 = off, at most 20). prompt_logprobs: the same for
+        every prompt token after the first (None = off).
+    Several sequences:
+      n: independent samples of this prompt (one shared prefill), or with beams
+        the number of beams returned. num_beams > 1: beam search as HF
+        `generate(num_beams=...)`, with length_penalty and early_stopping
+        (True, False or "never").
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: Optional[int] = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    max_new_tokens: Optional[int] = None
     stop_token_ids: Optional[Sequence[int]] = None
+    stop_sequences: Optional[Sequence[Sequence[int]]] = None
+    stop_strings: Optional[Sequence[str]] = None
+    bad_words: Optional[Sequence[Sequence[int]]] = None
+    seed: Optional[int] = None
+    logprobs: int = 0
+    prompt_logprobs: Optional[int] = None
+    ignore_eos: bool = False
+    n: int = 1
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: object = False
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or not self.temperature >= 0:
-            raise ValueError(f"SamplingParams.temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"SamplingParams.top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
-            raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32):
-            raise ValueError(f"SamplingParams.seed must be an int in [0, 2**32), got {self.seed!r}")
+        def fail(field, rule):
+            raise ValueError(f"SamplingParams.{field} {rule}, got {getattr(self, field)!r}")
+
+        if not _is_num(self.temperature) or not self.temperature >= 0:
+            fail("temperature", "must be >= 0")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            fail("top_k", "must be an int >= 0 (0 = off)")
+        if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
+            fail("top_p", "must be in (0, 1]")
+        if not _is_num(self.min_p) or not 0 <= self.min_p <= 1:
+            fail("min_p", "must be in [0, 1]")
+        if not _is_num(self.repetition_penalty) or not self.repetition_penalty > 0:
+            fail("repetition_penalty", "must be > 0 (1 = off)")
+        for f in ("presence_penalty", "frequency_penalty"):
+            if not _is_num(getattr(self, f)) or not -2 <= getattr(self, f) <= 2:
+                fail(f, "must be in [-2, 2] (0 = off)")
+        for f in ("no_repeat_ngram_size", "min_new_tokens", "logprobs"):
+            if not _is_int(getattr(self, f)) or getattr(self, f) < 0:
+                fail(f, "must be an int >= 0")
+        if self.max_new_tokens is not None and (not _is_int(self.max_new_tokens)
+                                                or self.max_new_tokens < 0):
+            fail("max_new_tokens", "must be an int >= 0 or None")
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            fail("min_new_tokens", f"must be <= max_new_tokens ({self.max_new_tokens})")
+        if self.logprobs > MAX_LOGPROBS:
+            fail("logprobs", f"must be <= {MAX_LOGPROBS}")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            fail("prompt_logprobs", f"must be None or an int in [0, {MAX_LOGPROBS}]")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
+            fail("seed", "must be an int in [0, 2**32)")
+        if not isinstance(self.ignore_eos, bool):
+            fail("ignore_eos", "must be a bool")
+        if not _is_int(self.n) or self.n < 1:
+            fail("n", "must be an int >= 1")
+        if not _is_int(self.num_beams) or self.num_beams < 1:
+            fail("num_beams", "must be an int >= 1")
+        if self.num_beams > 1 and self.n > self.num_beams:
+            fail("n", f"(sequences returned) must be <= num_beams ({self.num_beams})")
+        if self.num_beams > 1 and self.temperature != 0:
+            fail("temperature", "must be 0 with num_beams > 1 (beam sampling is not supported)")
+        if not _is_num(self.length_penalty):
+            fail("length_penalty", "must be a number")
+        if self.early_stopping not in (True, False, "never"):
+            fail("early_stopping", 'must be True, False or "never"')
         if self.stop_token_ids is not None:
             ids = list(self.stop_token_ids)
-            if not all(isinstance(i, (int, np.integer)) and i >= 0 for i in ids):
-                raise ValueError(
-                    f"SamplingParams.stop_token_ids must be non-negative ints, got {ids!r}")
+            if not all(_is_int(i) and i >= 0 for i in ids):
+                fail("stop_token_ids", "must be non-negative ints")
             object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
+        object.__setattr__(self, "stop_sequences",
+                           _id_sequences(self.stop_sequences, "stop_sequences"))
+        object.__setattr__(self, "bad_words", _id_sequences(self.bad_words, "bad_words"))
+        if self.stop_strings is not None:
+            if isinstance(self.stop_strings, str) or not all(
+                    isinstance(s, str) and s for s in self.stop_strings):
+                fail("stop_strings", "must be a list of non-empty strings")
+            object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def uses_processors(self) -> bool:
+        """True when a logits processor (anything that reads the history) is on."""
+        return (self.repetition_penalty != 1 or self.presence_penalty != 0
+                or self.frequency_penalty != 0 or self.no_repeat_ngram_size > 0
+                or self.min_new_tokens > 0 or bool(self.bad_words))
+
+
+def _bucket(n: int, least: int) -> int:
+    """Rounds a width up to a power of two (at least `least`) so shapes rarely change."""
+    n = max(n, least)
+    return 1 << (n - 1).bit_length()
+
+
+def _pack_sequences(rows: Sequence[Tuple[Tuple[int, ...], ...]], batch: int):
+    """Ragged lists of token sequences -> (ids i32 [B, W, L] padded with -1, lengths [B, W])."""
+    width = _bucket(max([0] + [len(r) for r in rows]), 2)
+    length = _bucket(max([0] + [len(s) for r in rows for s in r]), 4)
+    ids = np.full((batch, width, length), -1, np.int32)
+    lens = np.zeros((batch, width), np.int32)
+    for b, r in enumerate(rows):
+        for w, s in enumerate(r):
+            ids[b, w, :len(s)] = s
+            lens[b, w] = len(s)
+    return jnp.asarray(ids), jnp.asarray(lens)
+
 
 @flax.struct.dataclass
 class SamplingArrays:
-    """A batch's sampling options, one row per request (padding rows are greedy)."""
+    """A batch's options, one row per sequence (padding rows are greedy, budget 0)."""
 
-    temperature: jax.Array  # f32 [B]
-    top_k: jax.Array        # i32 [B], 0 = off
-    top_p: jax.Array        # f32 [B]
-    seed: jax.Array         # u32 [B]
-    stop_ids: jax.Array     # i32 [B, S], -1 = unused slot
-    max_new: jax.Array      # i32 [B], tokens this request may generate
+    temperature: jax.Array   # f32 [B]
+    top_k: jax.Array         # i32 [B], 0 = off
+    top_p: jax.Array         # f32 [B]
+    min_p: jax.Array         # f32 [B]
+    seed: jax.Array          # u32 [B]
+    stop_ids: jax.Array      # i32 [B, S], -1 = unused slot
+    max_new: jax.Array       # i32 [B], tokens this row may generate
+    min_new: jax.Array       # i32 [B]
+    rep_penalty: jax.Array   # f32 [B]
+    presence: jax.Array      # f32 [B]
+    frequency: jax.Array     # f32 [B]
+    ngram: jax.Array         # i32 [B], 0 = off
+    bad_ids: jax.Array       # i32 [B, W, L] banned sequences, -1 padded
+    bad_len: jax.Array       # i32 [B, W]
+    stop_seq_ids: jax.Array  # i32 [B, W, L] stop sequences, -1 padded
+    stop_seq_len: jax.Array  # i32 [B, W]
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], batch: int, vocab_size: int,
-              eos_token_ids: Sequence[int], max_new: Sequence[int]) -> "SamplingArrays":
+              eos_token_ids: Sequence[int], max_new: Sequence[int],
+              sample_index: Optional[Sequence[int]] = None) -> "SamplingArrays":
+        """Packs one SamplingParams per row (rows past len(params) are padding).
+
+        Args:
+          sample_index: per row, which of its request's `n` samples it is: folded
+            into the seed so the samples of one request differ.
+        """
         n = len(params)
         stops = []
         for i, p in enumerate(params):
             ids = p.stop_token_ids
             if ids is None:
                 # The model's eos ids; one outside the vocabulary can never be produced.
-                ids = tuple(t for t in eos_token_ids if t < vocab_size)
-            bad = [t for t in ids if t >= vocab_size]
-            if bad:
-                raise ValueError(f"sampling[{i}].stop_token_ids {bad} are outside the "
-                                 f"vocabulary (size {vocab_size})")
+                ids = () if p.ignore_eos else tuple(t for t in eos_token_ids if t < vocab_size)
             stops.append(ids)
-        width = max([1] + [len(s) for s in stops])
-        # Round the stop-id width to a power of two so it rarely changes shapes.
-        width = 1 << (width - 1).bit_length()
-        stop_ids = np.full((batch, width), -1, np.int32)
+            for field, values in (("stop_token_ids", ids),
+                                  ("bad_words", [t for s in p.bad_words or () for t in s]),
+                                  ("stop_sequences", [t for s in p.stop_sequences or () for t in s])):
+                bad = sorted({t for t in values if t >= vocab_size})
+                if bad:
+                    raise ValueError(f"sampling[{i}].{field} has token ids {bad[:5]} outside "
+                                     f"the vocabulary (size {vocab_size})")
+        stop_ids = np.full((batch, _bucket(max([0] + [len(s) for s in stops]), 1)), -1, np.int32)
         for i, s in enumerate(stops):
             stop_ids[i, :len(s)] = s
 
@@ -96,18 +248,39 @@ class SamplingArrays:
             arr[:n] = values
             return jnp.asarray(arr)
 
-        seeds = [p.seed if p.seed is not None else secrets.randbits(32) for p in params]
+        seeds = []
+        for i, p in enumerate(params):
+            seed = p.seed if p.seed is not None else secrets.randbits(32)
+            j = 0 if sample_index is None else sample_index[i]
+            seeds.append((seed + j * 0x9E3779B1) % 2**32)  # a distinct stream per sample
+        bad_ids, bad_len = _pack_sequences([p.bad_words or () for p in params], batch)
+        seq_ids, seq_len = _pack_sequences([p.stop_sequences or () for p in params], batch)
         return cls(
             temperature=col([p.temperature for p in params], 0.0, np.float32),
             top_k=col([p.top_k for p in params], 0, np.int32),
             top_p=col([p.top_p for p in params], 1.0, np.float32),
+            min_p=col([p.min_p for p in params], 0.0, np.float32),
             seed=col(seeds, 0, np.uint32),
             stop_ids=jnp.asarray(stop_ids),
-            max_new=col(list(max_new), 0, np.int32))
+            max_new=col(list(max_new), 0, np.int32),
+            min_new=col([p.min_new_tokens for p in params], 0, np.int32),
+            rep_penalty=col([p.repetition_penalty for p in params], 1.0, np.float32),
+            presence=col([p.presence_penalty for p in params], 0.0, np.float32),
+            frequency=col([p.frequency_penalty for p in params], 0.0, np.float32),
+            ngram=col([p.no_repeat_ngram_size for p in params], 0, np.int32),
+            bad_ids=bad_ids, bad_len=bad_len, stop_seq_ids=seq_ids, stop_seq_len=seq_len)
+
+    def take(self, rows) -> "SamplingArrays":
+        """The options of the given rows (e.g. to follow beams or expand samples)."""
+        return jax.tree_util.tree_map(lambda a: a[rows], self)
 
 
-def _sample_row(logits, temperature, top_k, top_p, key):
-    """One row: temperature, then top-k and top-p filtering, then a categorical draw."""
+def warp(logits, temperature, top_k, top_p, min_p):
+    """Temperature, top-k, top-p and min-p (HF's order) on one row's logits `[V]`.
+
+    Returns (filtered scaled logits in sorted order `[V]`, the sort order `[V]`);
+    removed tokens are -inf.
+    """
     vocab = logits.shape[-1]
     scaled = logits / jnp.maximum(temperature, 1e-6)
     order = jnp.argsort(-scaled)
@@ -118,28 +291,36 @@ def _sample_row(logits, temperature, top_k, top_p, key):
     # Keep a token if the mass before it is below top_p (the first token always stays).
     before = jnp.cumsum(probs) - probs
     keep = keep & (before < top_p)
-    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf))
-    return order[choice]
+    # min-p: probability >= min_p x the top probability, i.e. in log space.
+    keep = keep & ((sorted_logits >= sorted_logits[0] + jnp.log(min_p)) | (rank == 0))
+    return jnp.where(keep, sorted_logits, -jnp.inf), order
+
+
+def _sample_row(logits, temperature, top_k, top_p, min_p, key):
+    filtered, order = warp(logits, temperature, top_k, top_p, min_p)
+    return order[jax.random.categorical(key, filtered)]
+
+
+def row_keys(seed, step):
+    """Per-row PRNG keys: a row's draw depends only on its seed and the step."""
+    return jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(seed)
 
 
 def sample(logits, sp: SamplingArrays, step, greedy_only: bool):
-    """Picks the next token of every row.
+    """Picks the next token of every row from (already processed) logits.
 
     Args:
-      logits: float32 `[B, V]`.
+      logits: float32 `[B, V]`, after the logits processors.
       sp: the batch's options.
       step: int, index of the token being generated (folds into each row's key,
         so a row's sample depends only on its seed, never on its batch mates).
       greedy_only: static; when every row is greedy the sort and draw are skipped.
     Returns:
-      (tokens int32 `[B]`, log-probabilities of those tokens under the model `[B]`)
+      tokens int32 `[B]`.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy_only:
-        tokens = greedy
-    else:
-        keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(sp.seed)
-        drawn = jax.vmap(_sample_row)(logits, sp.temperature, sp.top_k, sp.top_p, keys)
-        tokens = jnp.where(sp.temperature > 0, drawn.astype(jnp.int32), greedy)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return tokens, jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
+        return greedy
+    drawn = jax.vmap(_sample_row)(logits, sp.temperature, sp.top_k, sp.top_p, sp.min_p,
+                                  row_keys(sp.seed, step))
+    return jnp.where(sp.temperature > 0, drawn.astype(jnp.int32), greedy)

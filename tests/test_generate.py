@@ -174,7 +174,6 @@ def test_bad_dtype_raises(tmp_path):
 def test_scan_and_unrolled_layers_agree(model):
     """The stacked-layer scan (accelerators) and the per-layer loop (CPU) are one model."""
     from ftjax.engine import Engine
-    from ftjax.sampling import SamplingArrays
 
     assert not model.engine.model.scan_layers  # CPU default
     ids = np.asarray([[5, 6, 7, 8, 9, 10]], np.int32)
@@ -182,9 +181,11 @@ def test_scan_and_unrolled_layers_agree(model):
     a = np.asarray(scan.forward(model.params, ids))
     b = np.asarray(model.forward(ids))
     assert np.allclose(a, b, atol=1e-5)
-    sp = SamplingArrays.build([NO_STOP], 1, 97, (), [8])
-    state = scan.prefill(model.params, ids, np.array([6], np.int32), sp, max_len=32, width=16,
-                         greedy_only=True)
-    state = scan.decode(model.params, state, sp, greedy_only=True, chunk=8)
+    from ftjax import batching
+
+    batch = batching.build([batching.Request(ids[0].tolist(), NO_STOP, 8)], [1], model.config, 8)
+    state, _ = scan.prefill(model.params, **batch.prefill_args, sp=batch.sp,
+                            max_len=batch.max_len, width=batch.width, feat=batch.feat)
+    state = scan.decode(model.params, state, batch.sp, feat=batch.feat, chunk=8)
     ref = model.generate([ids[0].tolist()], max_new_tokens=8, sampling=NO_STOP).tokens[0]
     assert np.asarray(state.tokens)[0, :8].tolist() == ref
