@@ -35,7 +35,7 @@ def _ban(logits, tokens, banned):
     b, v = logits.shape
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], tokens.shape)
     idx = jnp.where(banned & (tokens >= 0), tokens, v)
-    return logits.at[rows, idx].set(NEG_INF, mode="drop")
+    return jnp.asarray(logits).at[rows, idx].set(NEG_INF, mode="drop")
 
 
 def tail_matches(hist, hist_len, seqs, n_match):
