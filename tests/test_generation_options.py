@@ -181,10 +181,7 @@ def test_stop_sequences(model):
 
 
 def test_stop_strings_with_the_bundled_tokenizer():
-    m = ftjax.load(ftjax.demo_model_path()) if hasattr(ftjax, "demo_model_path") else None
-    if m is None:
-        import os
-        m = ftjax.load(os.path.join(os.path.dirname(ftjax.__file__), "assets", "demo-model"))
+    m = ftjax.load(ftjax.demo_model_path())
     prompt = "def add(a, b):\n"
     free = m.generate([prompt], max_new_tokens=24, sampling=NO_STOP).texts[0]
     stop = free[6:9]
