@@ -18,8 +18,11 @@ def _generate(args) -> int:
             return 2
         prompts = [sys.stdin.read()]
     model = ftjax.load(args.model or ftjax.demo_model_path(), dtype=args.dtype)
-    sampling = ftjax.SamplingParams(temperature=args.temperature, top_k=args.top_k,
-                                    top_p=args.top_p, seed=args.seed)
+    sampling = ftjax.SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, stop_strings=args.stop or None,
+        seed=args.seed)
     if model.tokenizer is None:
         print(f"ftjax generate: {model.path} has no tokenizer; use the Python API with "
               "token ids", file=sys.stderr)
@@ -87,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when the output contains TEXT (repeatable)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="float32")
     g.set_defaults(func=_generate)
