@@ -39,31 +39,43 @@ def save_native(directory: str, cfg: ModelConfig, params, dtype_name: str, sourc
                       {k: np.asarray(v) for k, v in flatten_tree(params).items()})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
-    if source:
-        for name in TOKENIZER_FILES:
-            path = os.path.join(source, name)
-            if os.path.exists(path):
-                shutil.copy(path, os.path.join(directory, name))
+    copy_tokenizer(source, directory)
 
 
-def load_native(directory: str):
-    """Returns (ModelConfig, params pytree of memory-mapped numpy arrays, stored dtype name)."""
-    from ftjax.model import param_shapes
+def copy_tokenizer(source, directory: str):
+    """Copies the source checkpoint's tokenizer files (if any) next to the converted params."""
+    if not source:
+        return
+    for name in TOKENIZER_FILES:
+        path = os.path.join(source, name)
+        if os.path.exists(path):
+            shutil.copy(path, os.path.join(directory, name))
 
+
+def read_meta(directory: str, fmt: str = "ftjax", version: int = FORMAT_VERSION):
+    """Reads and checks ftjax_config.json: returns (the JSON dict, ModelConfig)."""
     where = os.path.join(directory, CONFIG_NAME)
     try:
         with open(where) as f:
             meta = json.load(f)
     except ValueError as e:
         raise CheckpointError(f"{where}: not valid JSON ({e})") from e
-    if meta.get("format") != "ftjax" or meta.get("version") != FORMAT_VERSION:
+    if meta.get("format") != fmt or meta.get("version") != version:
         raise CheckpointError(
             f"{where}: format {meta.get('format')!r} version {meta.get('version')!r} is not "
-            f"ftjax format version {FORMAT_VERSION}")
+            f"{fmt} format version {version}")
     try:
         cfg = ModelConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: bad 'config' entry ({e})") from e
+    return meta, cfg
+
+
+def load_native(directory: str):
+    """Returns (ModelConfig, params pytree of memory-mapped numpy arrays, stored dtype name)."""
+    from ftjax.model import param_shapes
+
+    meta, cfg = read_meta(directory)
     params_path = os.path.join(directory, PARAMS_NAME)
     if not os.path.exists(params_path):
         raise CheckpointError(f"{params_path}: not found")

@@ -43,7 +43,7 @@ def _generate(args) -> int:
 
 
 def _convert(args) -> int:
-    from converters import load_checkpoint, save_native
+    from converters import load_checkpoint, save_native, save_orbax
     import jax
     import numpy as np
 
@@ -59,9 +59,10 @@ def _convert(args) -> int:
     cfg, params = load_checkpoint(args.src)
     target = np.dtype(DTYPES[args.dtype])
     params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(target), params)
-    save_native(args.dst, cfg, params, args.dtype, source=args.src)
+    save = save_orbax if args.to == "orbax" else save_native
+    save(args.dst, cfg, params, args.dtype, source=args.src)
     n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-    print(f"wrote {args.dst}: {cfg.n_params / 1e6:.1f}M params, {args.dtype}, "
+    print(f"wrote {args.dst} ({args.to}): {cfg.n_params / 1e6:.1f}M params, {args.dtype}, "
           f"{n_bytes / 2**20:.1f} MiB")
     return 0
 
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="HuggingFace (or ftjax) checkpoint directory")
     c.add_argument("dst", help="output directory")
     c.add_argument("--dtype", default="float32")
+    c.add_argument("--to", choices=["orbax", "native"], default="orbax",
+                   help="orbax: tensorstore checkpoint restored shard by shard onto a mesh "
+                        "(default); native: one memory-mapped safetensors file")
     c.add_argument("--force", action="store_true", help="overwrite a non-empty dst")
     c.set_defaults(func=_convert)
 

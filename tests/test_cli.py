@@ -53,17 +53,19 @@ def test_generate_bad_arguments_fail_clearly(tmp_path):
 
 
 def test_convert_then_load_is_identical(tmp_path):
-    dst = tmp_path / "native"
+    dst = tmp_path / "orbax"
     r = ftjax_cli("convert", DEMO, str(dst))
     assert r.returncode == 0, r.stderr
     assert (dst / "ftjax_config.json").exists() and (dst / "tokenizer.json").exists()
+    assert (dst / "params").is_dir()  # the default target is orbax
     ids = [[1, 2, 3, 4, 5, 6]]
     a, b = ftjax.load(DEMO), ftjax.load(str(dst))
     assert np.array_equal(np.asarray(a.forward(ids)), np.asarray(b.forward(ids)))
     assert b.tokenizer is not None
     r2 = ftjax_cli("convert", DEMO, str(dst))
     assert r2.returncode == 2 and "not empty" in r2.stderr
-    r3 = ftjax_cli("convert", DEMO, str(tmp_path / "bf16"), "--dtype", "bfloat16")
+    r3 = ftjax_cli("convert", DEMO, str(tmp_path / "bf16"), "--dtype", "bfloat16", "--to",
+                   "native")
     assert r3.returncode == 0, r3.stderr
     assert ftjax.load(str(tmp_path / "bf16"), dtype="bfloat16").generate(
         ["def f():"], max_new_tokens=4).tokens

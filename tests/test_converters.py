@@ -111,3 +111,39 @@ def test_sharded_safetensors_index(hf_dir):
     os.remove(hf_dir / "model.safetensors")
     (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     assert np.array_equal(np.asarray(ftjax.load(str(hf_dir)).forward([[1, 2, 3]])), ref)
+
+
+def test_orbax_round_trip_restores_onto_given_shardings(hf_dir, tmp_path_factory):
+    import jax
+
+    from converters import load_orbax, save_orbax
+
+    cfg, params = load_checkpoint(str(hf_dir))
+    out = tmp_path_factory.mktemp("orbax")
+    save_orbax(str(out), cfg, params, "float32", source=str(hf_dir))
+    cfg2, restored, dtype = load_orbax(str(out))
+    assert cfg2 == cfg and dtype == "float32"
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(restored)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("tensor",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    _, placed, _ = load_orbax(str(out), jax.tree_util.tree_map(lambda _: spec, params),
+                              dtype="bfloat16")
+    leaf = jax.tree_util.tree_leaves(placed)[0]
+    assert leaf.sharding == spec and leaf.dtype == np.dtype("bfloat16")
+    ids = [[1, 2, 3, 4, 5]]
+    assert np.array_equal(np.asarray(ftjax.load(str(hf_dir)).forward(ids)),
+                          np.asarray(ftjax.load(str(out)).forward(ids)))
+
+
+def test_orbax_checkpoint_of_another_config_is_refused(hf_dir, tmp_path_factory):
+    from converters import load_orbax, save_orbax
+
+    cfg, params = load_checkpoint(str(hf_dir))
+    out = tmp_path_factory.mktemp("orbax")
+    save_orbax(str(out), cfg, params, "float32")
+    meta = json.loads((out / "ftjax_config.json").read_text())
+    meta["config"]["d_ff"] = 48
+    (out / "ftjax_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ftjax.CheckpointError, match="cannot restore"):
+        load_orbax(str(out))

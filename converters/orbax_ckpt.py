@@ -1,0 +1,79 @@
+"""ftjax checkpoints as orbax: canonical params restored straight onto a mesh.
+
+A directory holding:
+  ftjax_config.json  {"format": "ftjax-orbax", "version": 1, "dtype", "config"}
+  params/            an orbax (tensorstore) checkpoint of the canonical params pytree
+  tokenizer files    copied from the source checkpoint, when it had them.
+
+`load_orbax(path, shardings)` restores each parameter with the given sharding:
+every process reads only the shards its devices hold, so a model larger than
+one host's memory loads on many hosts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+
+from converters.native import CONFIG_NAME, copy_tokenizer, read_meta
+from ftjax.config import ModelConfig
+from ftjax.errors import CheckpointError
+
+FORMAT = "ftjax-orbax"
+VERSION = 1
+PARAMS_DIR = "params"
+
+
+def is_orbax(directory: str) -> bool:
+    return (os.path.exists(os.path.join(directory, CONFIG_NAME))
+            and os.path.isdir(os.path.join(directory, PARAMS_DIR)))
+
+
+def save_orbax(directory: str, cfg: ModelConfig, params, dtype_name: str, source: str = None):
+    """Writes `params` (numpy or jax arrays, canonical layout) as an orbax checkpoint."""
+    import orbax.checkpoint as ocp
+
+    directory = os.path.abspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    target = os.path.join(directory, PARAMS_DIR)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(target, params, force=True)
+        ckpt.wait_until_finished()
+    meta = {"format": FORMAT, "version": VERSION, "dtype": dtype_name, "config": cfg.to_dict()}
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+    copy_tokenizer(source, directory)
+
+
+def load_orbax(directory: str, shardings=None, dtype=None):
+    """Restores (ModelConfig, params of jax arrays, stored dtype name).
+
+    Args:
+      shardings: optional pytree of `jax.sharding.Sharding`, one per canonical param
+        (e.g. from `ftjax.sharding`); default: everything on the first device.
+      dtype: optional dtype to restore as (cast while reading).
+    """
+    import orbax.checkpoint as ocp
+
+    from ftjax.model import param_shapes
+
+    directory = os.path.abspath(directory)
+    meta, cfg = read_meta(directory, FORMAT, VERSION)
+    stored = meta.get("dtype", "float32")
+    shapes = param_shapes(cfg)
+    if shardings is None:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: one, shapes)
+    abstract = jax.tree_util.tree_map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or stored, sharding=sh),
+        shapes, shardings)
+    target = os.path.join(directory, PARAMS_DIR)
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            params = ckpt.restore(target, abstract)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{target}: cannot restore the canonical params of the "
+                              f"config in {CONFIG_NAME} ({type(e).__name__}: {e})") from e
+    return cfg, params, stored
