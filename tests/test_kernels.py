@@ -1,0 +1,227 @@
+"""Pallas kernels, proven without a GPU two ways:
+
+1. numerics: the kernel runs in the Pallas interpreter (`interpret=True`) and is
+   compared with its plain-jnp reference (float32 math);
+2. CUDA lowering: `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` runs the
+   real Triton lowering (power-of-two blocks, supported ops, dot shapes) and the module
+   must contain the Triton custom call.
+
+Interpreter cost grows with grid steps x array size, so shapes are tiny.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import (
+    decode_attention,
+    decode_attention_reference,
+    int8_matmul,
+    int8_matmul_reference,
+    quantize_int8,
+)
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+# Tolerances (max abs error for attention, outputs O(1); max error relative to max |y|
+# for the matmul), about 2-6x the error measured on jax 0.10 and 0.12:
+# - float32: both sides accumulate in fp32; only summation order and the online
+#   softmax's rescaling differ: measured <= 3e-7 (attention), <= 4e-7 (matmul).
+# - bfloat16 / float16: the kernel feeds the softmax probabilities to the second dot in
+#   the input dtype (as FlashAttention does) and rounds the output once; bf16 has an
+#   8-bit mantissa (step 2^-7 = 7.8e-3 at |y| in [1, 2)), fp16 11 bits. Measured:
+#   attention bf16 7.8e-3, fp16 4.9e-4; matmul bf16 0 (same rounding), fp16 1.6e-5.
+ATTN_TOL = {jnp.float32: 2e-6, jnp.bfloat16: 1.6e-2, jnp.float16: 2e-3}
+MATMUL_RTOL = {jnp.float32: 2e-6, jnp.bfloat16: 8e-3, jnp.float16: 1e-4}
+
+
+def _rand(rng, shape, dtype=jnp.float32):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+
+def _quantize_cache(x, axis=-1):
+    """Per-(slot, head) symmetric int8: scale over the head-width axis."""
+    scale = jnp.maximum(jnp.abs(x).max(axis=axis), 1e-6) / 127.0
+    q = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale.astype(jnp.float32)
+
+
+def _attn_case(layout, n, kv, dtype, alibi=False, int8=False, b=3, s=40, h=8, seed=0):
+    rng = np.random.default_rng(seed)
+    q = _rand(rng, (b, n, h), dtype)
+    shape = (b, s, kv, h) if layout == "BSKH" else (b, kv, s, h)
+    k, v = _rand(rng, shape, dtype), _rand(rng, shape, dtype)
+    kw = {"layout": layout}
+    if int8:
+        (k, kw["k_scale"]), (v, kw["v_scale"]) = _quantize_cache(k), _quantize_cache(v)
+    if alibi:
+        kw["alibi_slopes"] = jnp.asarray(rng.uniform(0.05, 0.5, n), jnp.float32)
+    # Length 1, one ending inside a block, and the full S (40 = 2.5 blocks of 16).
+    lengths = jnp.asarray([1, 17, s][:b], jnp.int32)
+    return (q, k, v, lengths), kw
+
+
+@pytest.mark.parametrize("layout,n,kv,dtype,alibi,int8", [
+    ("BSKH", 4, 4, jnp.float32, False, False),    # MHA
+    ("BKSH", 4, 1, jnp.float32, False, False),    # MQA, the model's cache layout
+    ("BKSH", 8, 2, jnp.float32, True, False),     # GQA (G=4) + ALiBi
+    ("BSKH", 4, 2, jnp.bfloat16, False, False),
+    ("BKSH", 4, 2, jnp.float16, True, False),
+    ("BSKH", 4, 2, jnp.float32, False, True),     # int8 caches
+    ("BKSH", 8, 2, jnp.bfloat16, True, True),
+])
+def test_decode_attention_matches_reference(layout, n, kv, dtype, alibi, int8):
+    args, kw = _attn_case(layout, n, kv, dtype, alibi, int8)
+    out = decode_attention(*args, **kw, block_s=16, num_splits=2, interpret=True)
+    ref = decode_attention_reference(*args, **kw)
+    assert out.dtype == dtype and out.shape == args[0].shape
+    err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+    assert err <= ATTN_TOL[dtype], err
+
+
+def test_decode_attention_split_counts_agree():
+    """One split, several, and more splits than valid blocks give the same result."""
+    args, kw = _attn_case("BKSH", 4, 2, jnp.float32, alibi=True)
+    outs = [decode_attention(*args, **kw, block_s=16, num_splits=p, interpret=True)
+            for p in (1, 3)]
+    ref = decode_attention_reference(*args, **kw)
+    for out in outs:
+        assert float(jnp.abs(out - ref).max()) <= ATTN_TOL[jnp.float32]
+
+
+def test_decode_attention_masks_slots_past_length():
+    """Garbage (huge values) past a row's length must not change its output."""
+    args, kw = _attn_case("BKSH", 4, 2, jnp.float32)
+    q, k, v, lengths = args
+    slot = jnp.arange(k.shape[2])[None, None, :, None]
+    beyond = slot >= lengths[:, None, None, None]
+    out = decode_attention(q, k, v, lengths, **kw, block_s=16, interpret=True)
+    k2, v2 = jnp.where(beyond, 1e4, k), jnp.where(beyond, -1e4, v)
+    out2 = decode_attention(q, k2, v2, lengths, **kw, block_s=16, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
+
+
+def test_decode_attention_rejects_bad_input():
+    args, kw = _attn_case("BSKH", 4, 2, jnp.float32)
+    with pytest.raises(ValueError, match="layout"):
+        decode_attention(*args, layout="SBKH", interpret=True)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        decode_attention(args[0][:, :3], *args[1:], **kw, interpret=True)
+    with pytest.raises(ValueError, match="int8 caches need"):
+        k8, _ = _quantize_cache(args[1])
+        decode_attention(args[0], k8, k8, args[3], **kw, interpret=True)
+
+
+@pytest.mark.parametrize("m,k,n,group_size,dtype", [
+    (1, 96, 80, None, jnp.float32),      # decode tile, N not a multiple of 64
+    (3, 100, 70, None, jnp.bfloat16),    # K not a multiple of the K block
+    (5, 96, 64, 32, jnp.float16),        # per-group
+    (40, 72, 50, None, jnp.float32),     # large-M tiles, every dim ragged
+    (33, 64, 48, 16, jnp.bfloat16),      # large-M per-group
+])
+def test_int8_matmul_matches_reference(m, k, n, group_size, dtype):
+    rng = np.random.default_rng(1)
+    x = _rand(rng, (m, k), dtype)
+    w_q, scale = quantize_int8(rng.standard_normal((k, n)), group_size)
+    out = int8_matmul(x, w_q, scale, group_size=group_size, interpret=True)
+    ref = int8_matmul_reference(x, w_q, scale, group_size=group_size)
+    assert out.dtype == dtype and out.shape == (m, n)
+    # Relative to the output's scale (|y| ~ sqrt(K) * |w|).
+    err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+    assert err <= MATMUL_RTOL[dtype] * float(jnp.abs(ref.astype(jnp.float32)).max()), err
+
+
+def test_int8_matmul_dequantizes():
+    """Against an independent float computation: x @ (w_q * scale), both scale kinds."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 64))
+    w_q = rng.integers(-127, 128, (64, 32)).astype(np.int8)
+    per_channel = rng.uniform(0.01, 0.1, 32)
+    per_group = rng.uniform(0.01, 0.1, (4, 32))
+    for scale, gs, w in [(per_channel, None, w_q * per_channel),
+                         (per_group, 16, w_q * np.repeat(per_group, 16, axis=0))]:
+        out = int8_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(w_q),
+                          jnp.asarray(scale, jnp.float32), group_size=gs, interpret=True)
+        np.testing.assert_allclose(np.asarray(out), x @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_matmul_rejects_bad_input():
+    x = jnp.zeros((2, 64), jnp.float32)
+    w = jnp.zeros((64, 32), jnp.int8)
+    with pytest.raises(ValueError, match="group_size"):
+        int8_matmul(x, w, jnp.ones((3, 32)), group_size=24, interpret=True)
+    with pytest.raises(ValueError, match=r"per-channel scale must be \[N\]"):
+        int8_matmul(x, w, jnp.ones((2, 32)), interpret=True)
+    with pytest.raises(ValueError, match="must be int8"):
+        int8_matmul(x, w.astype(jnp.float32), jnp.ones(32), interpret=True)
+
+
+# -- CUDA lowering -------------------------------------------------------------
+
+def _lower_for_cuda(fn, *args):
+    """Lowers `fn` for CUDA on this CPU-only machine; returns the StableHLO text.
+
+    Triton lowering needs a target GPU: jax 0.12 reads it from the abstract mesh's
+    device (an H100 here: compute capability 9.0); jax 0.10 accepts it as well.
+    """
+    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
+                                      platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Triton backend, jax >= 0.11
+        with jax.sharding.use_abstract_mesh(mesh):
+            lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    return lowered.as_text()
+
+
+def _sds(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+# (head_dim, query heads, kv heads, dtype, int8 cache, layout): GPT-2/OPT (64), GPT-NeoX
+# 2.8B-style 80 (not a power of two: padded inside the block), Llama (128); MHA, GQA
+# groups 4 and 8, MQA.
+LOWER_ATTN = [
+    (64, 12, 12, jnp.float16, False, "BKSH"),
+    (80, 32, 32, jnp.bfloat16, False, "BKSH"),
+    (128, 32, 8, jnp.bfloat16, False, "BKSH"),
+    (128, 64, 8, jnp.float16, False, "BSKH"),
+    (64, 16, 1, jnp.bfloat16, True, "BKSH"),
+    (80, 8, 2, jnp.float32, False, "BSKH"),
+]
+
+
+@pytest.mark.parametrize("h,n,kv,dtype,int8,layout", LOWER_ATTN)
+def test_decode_attention_lowers_for_cuda(h, n, kv, dtype, int8, layout):
+    b, s = 2, 1000
+    cache = (b, s, kv, h) if layout == "BSKH" else (b, kv, s, h)
+    sc = cache[:3]
+    args = [_sds((b, n, h), dtype), _sds(cache, jnp.int8 if int8 else dtype),
+            _sds(cache, jnp.int8 if int8 else dtype), _sds((b,), jnp.int32),
+            _sds((n,), jnp.float32)]
+    if int8:
+        args += [_sds(sc, jnp.float32), _sds(sc, jnp.float32)]
+
+    def f(q, k, v, lengths, slopes, ks=None, vs=None):
+        return decode_attention(q, k, v, lengths, alibi_slopes=slopes, k_scale=ks,
+                                v_scale=vs, layout=layout)
+
+    text = _lower_for_cuda(f, *args)
+    assert TRITON_CALL in text
+
+
+@pytest.mark.parametrize("m,k,n,group_size,dtype", [
+    (1, 768, 2304, None, jnp.float16),       # GPT-2 QKV at batch 1
+    (16, 4096, 11008, 128, jnp.bfloat16),    # Llama-7B MLP, decode batch 16
+    (128, 5120, 1000, 64, jnp.bfloat16),     # prefill-sized M, ragged N
+    (5, 100, 70, None, jnp.float32),         # every dim ragged
+])
+def test_int8_matmul_lowers_for_cuda(m, k, n, group_size, dtype):
+    sshape = (n,) if group_size is None else (k // group_size, n)
+    text = _lower_for_cuda(lambda x, w, s: int8_matmul(x, w, s, group_size=group_size),
+                           _sds((m, k), dtype), _sds((k, n), jnp.int8),
+                           _sds(sshape, jnp.float32))
+    assert TRITON_CALL in text
