@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
+from pallas_kernels import decode_attention
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -167,6 +168,7 @@ def attend(q, k, v, q_pos, k_pos, slopes=None, heads_first=False):
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x, positions, layer, cache: Optional[KVCache]):
@@ -195,8 +197,14 @@ class Attention(nn.Module):
                 v=cache.v.at[layer, rows, :, slots].set(vv, mode="promise_in_bounds"))
             k_layer = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
             v_layer = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
-            out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len), slopes,
-                         heads_first=True)
+            if self.kernels == "pallas" and x.shape[1] == 1:
+                out = decode_attention(
+                    q[:, 0], k_layer, v_layer, jnp.minimum(positions[:, 0] + 1, cache.max_len),
+                    alibi_slopes=slopes, layout="BKSH",
+                    interpret=jax.default_backend() != "gpu")[:, None]
+            else:
+                out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len), slopes,
+                             heads_first=True)
         y = Linear("btnh,nhd->btd", (n, h, d), (d,) if bias else None, self.dtype, name="o")(out)
         return y, cache
 
@@ -224,12 +232,13 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     dtype: jnp.dtype
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, carry, layer):
         x, positions, cache = carry
         cfg = self.cfg
-        attn = Attention(cfg, self.dtype, name="attn")
+        attn = Attention(cfg, self.dtype, self.kernels, name="attn")
         mlp = Mlp(cfg, self.dtype, name="mlp")
         ln1 = Norm(cfg, self.dtype, name="ln1")
         ln2 = None if cfg.shared_norm else Norm(cfg, self.dtype, name="ln2")
@@ -260,6 +269,9 @@ class Transformer(nn.Module):
     # `unstack_layers`): XLA:CPU copies each layer's weights out of the stacked array
     # before every matmul inside a scan, which costs ~1.6x per decode step.
     scan_layers: bool = True
+    # "xla": attention as einsums. "pallas": decode steps (T == 1 over a cache) use
+    # pallas_kernels.decode_attention (interpreted off GPU, for tests).
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, tokens, positions, cache: Optional[KVCache] = None,
@@ -288,12 +300,12 @@ class Transformer(nn.Module):
             x = Norm(cfg, self.dtype, name="embed_norm")(x)
         if self.scan_layers:
             blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             length=cfg.n_layers)(cfg, self.dtype, name="layers")
+                             length=cfg.n_layers)(cfg, self.dtype, self.kernels, name="layers")
             (x, _, cache), _ = blocks((x, positions, cache), jnp.arange(cfg.n_layers))
         else:
             carry = (x, positions, cache)
             for i in range(cfg.n_layers):
-                carry, _ = Block(cfg, self.dtype, name=f"layers_{i}")(carry, i)
+                carry, _ = Block(cfg, self.dtype, self.kernels, name=f"layers_{i}")(carry, i)
             x, _, cache = carry
         if last_index is not None:
             x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)
