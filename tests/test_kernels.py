@@ -271,6 +271,11 @@ def test_model_decode_through_pallas_matches_xla(overrides):
     assert len({tuple(t) for t in a.tokens}) > 1
     np.testing.assert_allclose(np.concatenate(b.log_probs), np.concatenate(a.log_probs),
                                atol=1e-4)
+    # Same buckets again: nothing retraced (jax 0.12 would retrace once if tracing the
+    # first pallas_call changed the jit cache key; pallas_kernels guards against it).
+    counts = dict(pallas.engine.trace_counts)
+    assert pallas.generate(prompts, max_new_tokens=6, sampling=sp).tokens == b.tokens
+    assert dict(pallas.engine.trace_counts) == counts
 
 
 def test_kernels_value_is_checked():
