@@ -195,14 +195,15 @@ class Attention(nn.Module):
             cache = KVCache(
                 k=cache.k.at[layer, rows, :, slots].set(kk, mode="promise_in_bounds"),
                 v=cache.v.at[layer, rows, :, slots].set(vv, mode="promise_in_bounds"))
-            k_layer = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
-            v_layer = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
             if self.kernels == "pallas" and x.shape[1] == 1:
+                # The kernel reads this layer of the whole cache in place (no slice copy).
                 out = decode_attention(
-                    q[:, 0], k_layer, v_layer, jnp.minimum(positions[:, 0] + 1, cache.max_len),
-                    alibi_slopes=slopes, layout="BKSH",
+                    q[:, 0], cache.k, cache.v, jnp.minimum(positions[:, 0] + 1, cache.max_len),
+                    alibi_slopes=slopes, layer=layer, layout="BKSH",
                     interpret=jax.default_backend() != "gpu")[:, None]
             else:
+                k_layer = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
+                v_layer = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
                 out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len), slopes,
                              heads_first=True)
         y = Linear("btnh,nhd->btd", (n, h, d), (d,) if bias else None, self.dtype, name="o")(out)

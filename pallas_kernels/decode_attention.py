@@ -66,18 +66,23 @@ def _dot(a, b, trans_b=False):
     return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=False if exact else None)
 
 
-def _kernel(length_ref, q_ref, k_ref, v_ref, *rest, t: _Tiles, g: int, h: int,
+def _kernel(layer_ref, length_ref, q_ref, k_ref, v_ref, *rest, t: _Tiles, g: int, h: int,
             has_alibi: bool, has_scale: bool):
     """One (row, kv head, split): online softmax over this split's valid slots.
 
-    Refs: length `[]`, q `[g_pad, h_pad]`, k/v `[split_len, h_pad]`, then optional
-    slopes `[g_pad]`, optional k/v scales `[split_len]`; outputs o `[g_pad, h_pad]`
-    (unnormalized, float32), m `[g_pad]` (running max), l `[g_pad]` (running sum).
+    Refs: layer `[1]`, length `[]`, q `[g_pad, h_pad]`, k/v `[L, split_len, h_pad]`, then
+    optional slopes `[g_pad]`, optional k/v scales `[L, split_len]`; outputs o
+    `[g_pad, h_pad]` (unnormalized, float32), m `[g_pad]` (running max), l `[g_pad]`
+    (running sum).
     """
     rest = list(rest)
     slope_ref = rest.pop(0) if has_alibi else None
     ks_ref, vs_ref = (rest.pop(0), rest.pop(0)) if has_scale else (None, None)
     o_ref, m_ref, l_ref = rest
+    # The layer is picked inside the kernel: the model's whole [L, ...] cache comes in
+    # without a per-layer slice copy in HBM.
+    # (One indexer per load: Triton lowering does not compose `.at[layer].at[rows]`.)
+    layer = layer_ref[0]
     split = pl.program_id(2)
     length = length_ref[()]
     start = split * t.split_len
@@ -94,10 +99,10 @@ def _kernel(length_ref, q_ref, k_ref, v_ref, *rest, t: _Tiles, g: int, h: int,
         slope = plgpu.load(slope_ref, mask=g_mask, other=0.0)
 
     def load_kv(ref, scale_ref, rows, valid):
-        x = plgpu.load(ref.at[rows, :], mask=valid[:, None] & h_mask[None, :], other=0)
+        x = plgpu.load(ref.at[layer, rows, :], mask=valid[:, None] & h_mask[None, :], other=0)
         if scale_ref is not None:
             # int8 cache: dequantize per (slot, kv head) before the tensor-core dot.
-            sc = plgpu.load(scale_ref.at[rows], mask=valid, other=0.0)
+            sc = plgpu.load(scale_ref.at[layer, rows], mask=valid, other=0.0)
             x = x.astype(jnp.float32) * sc[:, None]
         return x.astype(dot_dtype)
 
@@ -142,18 +147,23 @@ def _merge(o, m, l, dtype):
 @functools.partial(jax.jit, static_argnames=("layout", "block_s", "num_splits", "num_warps",
                                              "num_stages", "interpret"))
 def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale=None,
-                     v_scale=None, layout: str = "BSKH", block_s: int = 64, num_splits=None,
-                     num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
+                     v_scale=None, layer=None, layout: str = "BSKH", block_s: int = 64,
+                     num_splits=None, num_warps: int = 4, num_stages: int = 2,
+                     interpret: bool = False):
     """Attention of one new token per sequence over its cached keys and values.
 
     Args:
       q: `[B, N, H]` float32 / bfloat16 / float16 queries (this step's token).
       k_cache, v_cache: `[B, S, K, H]` (layout "BSKH") or `[B, K, S, H]` (layout "BKSH",
         ftjax's own `KVCache` layer slice), q's dtype or int8 (then pass scales).
-      lengths: int32 `[B]`, valid slots per row (>= 1): slots >= lengths[b] are masked.
+      lengths: int32 `[B]`, valid slots per row (>= 1; values above S count as S):
+        slots >= lengths[b] are masked.
       alibi_slopes: optional float `[N]`: adds slope[n] * (slot - (lengths[b] - 1)).
       k_scale, v_scale: float32 per-(slot, kv head) scales for int8 caches, `[B, S, K]`
         ("BSKH") or `[B, K, S]` ("BKSH"); dequantized value = int8 * scale.
+      layer: optional int32 scalar (may be traced). Then caches and scales carry a
+        leading layers axis (`[L, B, K, S, H]`, `[L, B, K, S]` for "BKSH") and the kernel
+        reads layer `layer` in place: no slice of the cache is copied.
       layout: "BSKH" or "BKSH". block_s: slots per inner block (power of two >= 16).
       num_splits: programs along S (flash-decoding); None picks from S.
       num_warps, num_stages: Triton launch parameters.
@@ -164,11 +174,20 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     b, n, h = q.shape
+    if layer is None:
+        # One "layer": a leading unit axis costs nothing (a reshape, no copy).
+        k_cache, v_cache = k_cache[None], v_cache[None]
+        if k_scale is not None and v_scale is not None:
+            k_scale, v_scale = k_scale[None], v_scale[None]
+        layer = 0
+    if k_cache.ndim != 5:
+        raise ValueError(f"with layer=, caches must be [L, B, ...] (5-d), got {k_cache.shape}")
+    n_layers = k_cache.shape[0]
     if layout == "BSKH":
-        _, s, kv, hk = k_cache.shape
+        _, _, s, kv, hk = k_cache.shape
     else:
-        _, kv, s, hk = k_cache.shape
-    if k_cache.shape != v_cache.shape or k_cache.shape[0] != b or hk != h:
+        _, _, kv, s, hk = k_cache.shape
+    if k_cache.shape != v_cache.shape or k_cache.shape[1] != b or hk != h:
         raise ValueError(f"q {q.shape} and caches k {k_cache.shape}, v {v_cache.shape} "
                          f"do not match layout {layout}")
     if n % kv:
@@ -178,7 +197,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale
     quantized = k_cache.dtype == jnp.int8
     if quantized != (k_scale is not None) or (k_scale is None) != (v_scale is None):
         raise ValueError("int8 caches need k_scale and v_scale (and only int8 caches take them)")
-    scale_shape = (b, s, kv) if layout == "BSKH" else (b, kv, s)
+    scale_shape = (n_layers,) + ((b, s, kv) if layout == "BSKH" else (b, kv, s))
     if quantized and (k_scale.shape != scale_shape or v_scale.shape != scale_shape):
         raise ValueError(f"k_scale/v_scale must be {scale_shape} for layout {layout}, got "
                          f"{k_scale.shape} / {v_scale.shape}")
@@ -187,16 +206,22 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale
 
     def kv_spec():
         if layout == "BSKH":
-            return pl.BlockSpec((None, t.split_len, None, t.h_pad), lambda i, j, p: (i, p, j, 0))
-        return pl.BlockSpec((None, None, t.split_len, t.h_pad), lambda i, j, p: (i, j, p, 0))
+            return pl.BlockSpec((n_layers, None, t.split_len, None, t.h_pad),
+                                lambda i, j, p: (0, i, p, j, 0))
+        return pl.BlockSpec((n_layers, None, None, t.split_len, t.h_pad),
+                            lambda i, j, p: (0, i, j, p, 0))
 
     def scale_spec():
         if layout == "BSKH":
-            return pl.BlockSpec((None, t.split_len, None), lambda i, j, p: (i, p, j))
-        return pl.BlockSpec((None, None, t.split_len), lambda i, j, p: (i, j, p))
+            return pl.BlockSpec((n_layers, None, t.split_len, None), lambda i, j, p: (0, i, p, j))
+        return pl.BlockSpec((n_layers, None, None, t.split_len), lambda i, j, p: (0, i, j, p))
 
-    args = [lengths.astype(jnp.int32), q.reshape(b, kv, g, h), k_cache, v_cache]
-    in_specs = [pl.BlockSpec((None,), lambda i, j, p: (i,)),
+    # Clamped to S: the kernel never reads a slot past the cache, whatever it is given.
+    lengths = jnp.minimum(lengths.astype(jnp.int32), s)
+    args = [jnp.asarray(layer, jnp.int32).reshape(1), lengths,
+            q.reshape(b, kv, g, h), k_cache, v_cache]
+    in_specs = [pl.BlockSpec((1,), lambda i, j, p: (0,)),
+                pl.BlockSpec((None,), lambda i, j, p: (i,)),
                 pl.BlockSpec((None, None, t.g_pad, t.h_pad), lambda i, j, p: (i, j, 0, 0)),
                 kv_spec(), kv_spec()]
     if alibi_slopes is not None:
@@ -229,8 +254,12 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale
 
 
 def decode_attention_reference(q, k_cache, v_cache, lengths, *, alibi_slopes=None,
-                               k_scale=None, v_scale=None, layout: str = "BSKH"):
+                               k_scale=None, v_scale=None, layer=None, layout: str = "BSKH"):
     """Plain-jnp decode attention with `decode_attention`'s arguments (float32 math)."""
+    if layer is not None:
+        k_cache, v_cache = k_cache[layer], v_cache[layer]
+        if k_scale is not None:
+            k_scale, v_scale = k_scale[layer], v_scale[layer]
     if layout == "BKSH":
         k_cache, v_cache = jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2)
         if k_scale is not None:
@@ -242,6 +271,7 @@ def decode_attention_reference(q, k_cache, v_cache, lengths, *, alibi_slopes=Non
         v = v * v_scale[..., None]
     b, n, h = q.shape
     s, kv = k.shape[1], k.shape[2]
+    lengths = jnp.minimum(lengths, s)
     qg = q.astype(jnp.float32).reshape(b, kv, n // kv, h)
     scores = jnp.einsum("bkgh,bskh->bkgs", qg, k, precision="highest") / math.sqrt(h)
     slots = jnp.arange(s)

@@ -82,14 +82,33 @@ def test_decode_attention_matches_reference(layout, n, kv, dtype, alibi, int8):
     assert err <= ATTN_TOL[dtype], err
 
 
-def test_decode_attention_split_counts_agree():
-    """One split, several, and more splits than valid blocks give the same result."""
+def test_decode_attention_one_split_and_tiny_cache():
+    """A single split (no flash-decoding merge), and a cache shorter than one block
+    (S=5, lengths 1 and 17: a length past S counts as S; nothing past S is read)."""
     args, kw = _attn_case("BKSH", 4, 2, jnp.float32, alibi=True)
-    outs = [decode_attention(*args, **kw, block_s=16, num_splits=p, interpret=True)
-            for p in (1, 3)]
-    ref = decode_attention_reference(*args, **kw)
-    for out in outs:
-        assert float(jnp.abs(out - ref).max()) <= ATTN_TOL[jnp.float32]
+    out = decode_attention(*args, **kw, block_s=16, num_splits=1, interpret=True)
+    assert float(jnp.abs(out - decode_attention_reference(*args, **kw)).max()) <= 2e-6
+    args, kw = _attn_case("BSKH", 2, 1, jnp.float32, b=2, s=5)
+    out = decode_attention(*args, **kw, interpret=True)
+    assert float(jnp.abs(out - decode_attention_reference(*args, **kw)).max()) <= 2e-6
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_decode_attention_reads_one_layer_of_a_stacked_cache(int8):
+    """layer=: caches [L, B, K, S, H] (the model's KVCache), layer traced under jit."""
+    rng = np.random.default_rng(4)
+    b, n, kv, s, h, n_layers = 2, 4, 2, 40, 8, 3
+    q = _rand(rng, (b, n, h))
+    k, v = _rand(rng, (n_layers, b, kv, s, h)), _rand(rng, (n_layers, b, kv, s, h))
+    kw = {"layout": "BKSH"}
+    if int8:
+        (k, kw["k_scale"]), (v, kw["v_scale"]) = _quantize_cache(k), _quantize_cache(v)
+    lengths = jnp.asarray([5, 40], jnp.int32)
+    run = jax.jit(lambda layer: decode_attention(q, k, v, lengths, layer=layer, **kw,
+                                                 block_s=16, interpret=True))
+    for layer in (0, 2):
+        ref = decode_attention_reference(q, k, v, lengths, layer=layer, **kw)
+        assert float(jnp.abs(run(jnp.int32(layer)) - ref).max()) <= ATTN_TOL[jnp.float32]
 
 
 def test_decode_attention_masks_slots_past_length():
@@ -192,6 +211,8 @@ LOWER_ATTN = [
     (64, 16, 1, jnp.bfloat16, True, "BKSH"),
     (80, 8, 2, jnp.float32, False, "BSKH"),
 ]
+# The model's call: the whole [L, B, K, S, H] cache of 24 layers, a traced layer index.
+LOWER_ATTN_LAYER = [(128, 32, 8, jnp.bfloat16, False), (64, 16, 16, jnp.float16, True)]
 
 
 @pytest.mark.parametrize("h,n,kv,dtype,int8,layout", LOWER_ATTN)
@@ -210,6 +231,21 @@ def test_decode_attention_lowers_for_cuda(h, n, kv, dtype, int8, layout):
                                 v_scale=vs, layout=layout)
 
     text = _lower_for_cuda(f, *args)
+    assert TRITON_CALL in text
+
+
+@pytest.mark.parametrize("h,n,kv,dtype,int8", LOWER_ATTN_LAYER)
+def test_decode_attention_on_stacked_cache_lowers_for_cuda(h, n, kv, dtype, int8):
+    b, s, n_layers = 4, 2048, 24
+    cache = _sds((n_layers, b, kv, s, h), jnp.int8 if int8 else dtype)
+    scale = _sds((n_layers, b, kv, s), jnp.float32) if int8 else None
+
+    def f(q, k, v, lengths, layer, ks=None, vs=None):
+        return decode_attention(q, k, v, lengths, k_scale=ks, v_scale=vs, layer=layer,
+                                layout="BKSH")
+
+    args = [_sds((b, n, h), dtype), cache, cache, _sds((b,), jnp.int32), _sds((), jnp.int32)]
+    text = _lower_for_cuda(f, *args, *([scale, scale] if int8 else []))
     assert TRITON_CALL in text
 
 
