@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from pallas_kernels import decode_attention
+from pallas_kernels import decode_attention, prefill_attention
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -195,12 +195,17 @@ class Attention(nn.Module):
             cache = KVCache(
                 k=cache.k.at[layer, rows, :, slots].set(kk, mode="promise_in_bounds"),
                 v=cache.v.at[layer, rows, :, slots].set(vv, mode="promise_in_bounds"))
-            if self.kernels == "pallas" and x.shape[1] == 1:
-                # The kernel reads this layer of the whole cache in place (no slice copy).
-                out = decode_attention(
-                    q[:, 0], cache.k, cache.v, jnp.minimum(positions[:, 0] + 1, cache.max_len),
-                    alibi_slopes=slopes, layer=layer, layout="BKSH",
-                    interpret=jax.default_backend() != "gpu")[:, None]
+            if self.kernels == "pallas":
+                # The kernels read this layer of the whole cache in place (no slice copy).
+                interpret = jax.default_backend() != "gpu"
+                if x.shape[1] == 1:
+                    lengths = jnp.minimum(positions[:, 0] + 1, cache.max_len)
+                    out = decode_attention(q[:, 0], cache.k, cache.v, lengths,
+                                           alibi_slopes=slopes, layer=layer, layout="BKSH",
+                                           interpret=interpret)[:, None]
+                else:
+                    out = prefill_attention(q, cache.k, cache.v, positions, alibi_slopes=slopes,
+                                            layer=layer, layout="BKSH", interpret=interpret)
             else:
                 k_layer = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
                 v_layer = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
@@ -270,8 +275,9 @@ class Transformer(nn.Module):
     # `unstack_layers`): XLA:CPU copies each layer's weights out of the stacked array
     # before every matmul inside a scan, which costs ~1.6x per decode step.
     scan_layers: bool = True
-    # "xla": attention as einsums. "pallas": decode steps (T == 1 over a cache) use
-    # pallas_kernels.decode_attention (interpreted off GPU, for tests).
+    # "xla": attention as einsums. "pallas": attention over a cache runs in
+    # pallas_kernels (decode_attention for T == 1, prefill_attention for T > 1),
+    # interpreted off GPU (for tests).
     kernels: str = "xla"
 
     @nn.compact

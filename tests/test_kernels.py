@@ -21,6 +21,8 @@ from pallas_kernels import (
     decode_attention_reference,
     int8_matmul,
     int8_matmul_reference,
+    prefill_attention,
+    prefill_attention_reference,
     quantize_int8,
 )
 
@@ -93,16 +95,15 @@ def test_decode_attention_one_split_and_tiny_cache():
     assert float(jnp.abs(out - decode_attention_reference(*args, **kw)).max()) <= 2e-6
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_decode_attention_reads_one_layer_of_a_stacked_cache(int8):
-    """layer=: caches [L, B, K, S, H] (the model's KVCache), layer traced under jit."""
+def test_decode_attention_reads_one_layer_of_a_stacked_cache():
+    """layer=: caches [L, B, K, S, H] (the model's KVCache) and their int8 scales
+    [L, B, K, S], layer traced under jit. (The float cache is the model tests' path.)"""
     rng = np.random.default_rng(4)
     b, n, kv, s, h, n_layers = 2, 4, 2, 40, 8, 3
     q = _rand(rng, (b, n, h))
     k, v = _rand(rng, (n_layers, b, kv, s, h)), _rand(rng, (n_layers, b, kv, s, h))
     kw = {"layout": "BKSH"}
-    if int8:
-        (k, kw["k_scale"]), (v, kw["v_scale"]) = _quantize_cache(k), _quantize_cache(v)
+    (k, kw["k_scale"]), (v, kw["v_scale"]) = _quantize_cache(k), _quantize_cache(v)
     lengths = jnp.asarray([5, 40], jnp.int32)
     run = jax.jit(lambda layer: decode_attention(q, k, v, lengths, layer=layer, **kw,
                                                  block_s=16, interpret=True))
@@ -132,6 +133,30 @@ def test_decode_attention_rejects_bad_input():
     with pytest.raises(ValueError, match="int8 caches need"):
         k8, _ = _quantize_cache(args[1])
         decode_attention(args[0], k8, k8, args[3], **kw, interpret=True)
+
+
+@pytest.mark.parametrize("layout,dtype,stacked", [
+    ("BKSH", jnp.float32, True),      # the model's call: [L, B, K, S, H], layer traced
+    ("BSKH", jnp.bfloat16, False),
+])
+def test_prefill_attention_matches_reference(layout, dtype, stacked):
+    """Causal by position (rows start at 0 and 7), lengths, GQA (G=2), ALiBi; T=20 and
+    S=40 are not multiples of the 16-wide blocks."""
+    rng = np.random.default_rng(5)
+    b, t, n, kv, s, h, n_layers = 2, 20, 4, 2, 40, 8, 2
+    q = _rand(rng, (b, t, n, h), dtype)
+    shape = (b, s, kv, h) if layout == "BSKH" else (b, kv, s, h)
+    shape = (n_layers,) + shape if stacked else shape
+    k, v = _rand(rng, shape, dtype), _rand(rng, shape, dtype)
+    positions = jnp.arange(t)[None, :] + jnp.asarray([[0], [7]])
+    kw = {"alibi_slopes": jnp.asarray([0.5, 0.25, 0.125, 0.0625]), "layout": layout,
+          "layer": jnp.int32(1) if stacked else None}
+    lengths = jnp.asarray([12, 40], jnp.int32)
+    out = prefill_attention(q, k, v, positions, lengths, **kw, block_q=16, block_k=16,
+                            interpret=True)
+    ref = prefill_attention_reference(q, k, v, positions, lengths, **kw)
+    err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+    assert err <= ATTN_TOL[dtype], err
 
 
 @pytest.mark.parametrize("m,k,n,group_size,dtype", [
@@ -249,6 +274,20 @@ def test_decode_attention_on_stacked_cache_lowers_for_cuda(h, n, kv, dtype, int8
     assert TRITON_CALL in text
 
 
+@pytest.mark.parametrize("h,n,kv,dtype", [(64, 12, 12, jnp.float16), (80, 32, 32, jnp.bfloat16),
+                                          (128, 32, 8, jnp.bfloat16)])
+def test_prefill_attention_lowers_for_cuda(h, n, kv, dtype):
+    b, t, s, n_layers = 2, 300, 1000, 12
+    cache = _sds((n_layers, b, kv, s, h), dtype)
+
+    def f(q, k, v, positions, layer, slopes):
+        return prefill_attention(q, k, v, positions, alibi_slopes=slopes, layer=layer)
+
+    text = _lower_for_cuda(f, _sds((b, t, n, h), dtype), cache, cache, _sds((b, t), jnp.int32),
+                           _sds((), jnp.int32), _sds((n,), jnp.float32))
+    assert TRITON_CALL in text
+
+
 @pytest.mark.parametrize("m,k,n,group_size,dtype", [
     (1, 768, 2304, None, jnp.float16),       # GPT-2 QKV at batch 1
     (16, 4096, 11008, 128, jnp.bfloat16),    # Llama-7B MLP, decode batch 16
@@ -287,7 +326,8 @@ def _tiny(**overrides):
     {"n_kv_heads": 2, "positions": "alibi", "norm": "rmsnorm"},   # GQA (G=2) + ALiBi
 ], ids=["mha", "gqa-alibi"])
 def test_model_decode_through_pallas_matches_xla(overrides):
-    """generate() with decode attention in the Pallas kernel (interpreted) equals XLA's.
+    """generate() with attention in the Pallas kernels (interpreted: prefill_attention for
+    the prompt, decode_attention per step) equals XLA's.
 
     Tokens must be identical; log-probs agree to 1e-4 (float32; they differ only in
     the softmax's summation order).
