@@ -3,7 +3,8 @@
     python examples/bench_kernels.py [--dtype bfloat16] [--repeats 50]
 
 Decode attention (`pallas_kernels.decode_attention`, the model's BKSH cache layout) is
-timed against `ftjax.model.attend` on the same cache; the int8 weight-only matmul
+timed against `ftjax.model.attend` on the same cache, prefill attention likewise (in
+TFLOP/s: it is compute-bound); the int8 weight-only matmul
 against XLA's `x @ dequantize(w_q, scale)` and against a plain bf16/fp16 `x @ w`.
 Both are memory-bound at decode sizes, so the figure of merit is bytes moved / time
 against the device's peak HBM bandwidth (a table of common GPUs; "?" when unknown).
@@ -86,6 +87,32 @@ def bench_attention(dtype, repeats, peak, shapes=ATTN_SHAPES, interpret=False):
                nbytes, peak)
 
 
+PREFILL_SHAPES = [(1, 2048, 32, 32, 128), (4, 512, 32, 8, 128)]   # (B, T, N, K, H), S = T
+SMOKE_PREFILL = [(1, 20, 4, 2, 16)]
+
+
+def bench_prefill(dtype, repeats, peak, shapes=PREFILL_SHAPES, interpret=False):
+    """Prefill is compute-bound: reports TFLOP/s (causal: half of the 4*B*N*T*S*H flops)."""
+    from ftjax.model import attend
+    from pallas_kernels import prefill_attention
+
+    print("prefill attention (causal, prompt of T tokens written at slots 0..T-1):")
+    rng = np.random.default_rng(2)
+    for b, t, n, kv, h in shapes:
+        q = jnp.asarray(rng.standard_normal((b, t, n, h)), dtype)
+        k = jnp.asarray(rng.standard_normal((b, kv, t, h)), dtype)
+        v = jnp.asarray(rng.standard_normal((b, kv, t, h)), dtype)
+        pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+        flops = 2 * b * n * t * t * h          # causal half of QK^T and PV
+        pallas = functools.partial(prefill_attention, layout="BKSH", interpret=interpret)
+        xla = jax.jit(lambda q, k, v, pos: attend(q, k, v, pos, jnp.arange(k.shape[2]),
+                                                  heads_first=True))
+        print(f" B={b} T={t} N={n} K={kv} H={h}")
+        for name, fn in (("pallas prefill_attention", pallas), ("xla ftjax.model.attend", xla)):
+            sec = timeit(fn, q, k, v, pos, repeats=repeats)
+            print(f"  {name:<34} {sec * 1e6:9.1f} us  {flops / sec / 1e12:8.2f} TFLOP/s")
+
+
 def bench_matmul(dtype, repeats, peak, shapes=MATMUL_SHAPES, interpret=False):
     from pallas_kernels import dequantize_int8, int8_matmul, quantize_int8
 
@@ -122,6 +149,7 @@ def main(argv=None) -> int:
     if args.smoke:
         print("smoke run: interpreted kernels, times are meaningless")
         bench_attention(dtype, 2, None, SMOKE_ATTN, interpret=True)
+        bench_prefill(dtype, 2, None, SMOKE_PREFILL, interpret=True)
         bench_matmul(dtype, 2, None, SMOKE_MATMUL, interpret=True)
         return 0
     gpus = [d for d in jax.devices() if d.platform == "gpu"] if jax.default_backend() == "gpu" \
@@ -135,6 +163,7 @@ def main(argv=None) -> int:
     print(f"device: {kind}, peak bandwidth: {peak or '?'} GB/s, jax {jax.__version__}, "
           f"dtype {args.dtype}")
     bench_attention(dtype, args.repeats, peak)
+    bench_prefill(dtype, args.repeats, peak)
     bench_matmul(dtype, args.repeats, peak)
     return 0
 
