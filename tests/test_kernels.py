@@ -304,13 +304,13 @@ def test_int8_matmul_lowers_for_cuda(m, k, n, group_size, dtype):
 
 # -- the model through the kernels --------------------------------------------
 
-def _tiny(**overrides):
-    """A 1-layer tiny config and random params (shapes by eval_shape: nothing compiled)."""
+def _tiny(n_layers=1, **overrides):
+    """A tiny config and random params (shapes by eval_shape: nothing compiled)."""
     from tiny import tiny_config
 
     from ftjax.model import param_shapes
 
-    cfg = tiny_config(n_layers=1, **overrides)
+    cfg = tiny_config(n_layers=n_layers, **overrides)
     rng = np.random.default_rng(3)
 
     def draw(path, x):
@@ -321,13 +321,10 @@ def _tiny(**overrides):
     return cfg, jax.tree_util.tree_map_with_path(draw, param_shapes(cfg))
 
 
-@pytest.mark.parametrize("overrides", [
-    {},                                                           # MHA, learned positions
-    {"n_kv_heads": 2, "positions": "alibi", "norm": "rmsnorm"},   # GQA (G=2) + ALiBi
-], ids=["mha", "gqa-alibi"])
-def test_model_decode_through_pallas_matches_xla(overrides):
+def test_model_through_pallas_matches_xla():
     """generate() with attention in the Pallas kernels (interpreted: prefill_attention for
-    the prompt, decode_attention per step) equals XLA's.
+    the prompt, decode_attention per step) equals XLA's: MHA, learned positions, the
+    CPU model's per-layer loop. (GQA + ALiBi: the scanned-layers test below.)
 
     Tokens must be identical; log-probs agree to 1e-4 (float32; they differ only in
     the softmax's summation order).
@@ -335,7 +332,7 @@ def test_model_decode_through_pallas_matches_xla(overrides):
     import ftjax
     from ftjax.api import Model
 
-    cfg, params = _tiny(**overrides)
+    cfg, params = _tiny()
     xla, pallas = Model(cfg, params, kernels="xla"), Model(cfg, params, kernels="pallas")
     assert pallas.engine.model.kernels == "pallas" and xla.engine.model.kernels == "xla"
     # Ragged prompts (1 to 11 tokens): each row's kernel length differs every step.
@@ -352,6 +349,29 @@ def test_model_decode_through_pallas_matches_xla(overrides):
     counts = dict(pallas.engine.trace_counts)
     assert pallas.generate(prompts, max_new_tokens=6, sampling=sp).tokens == b.tokens
     assert dict(pallas.engine.trace_counts) == counts
+
+
+def test_scanned_layers_through_pallas_match_xla():
+    """The accelerator path: one scan over stacked layers, so the kernels get a traced
+    layer index into the [L, B, K, S, H] cache (2 layers: a wrong layer shows); GQA
+    (G=2) and ALiBi. Same tolerances as above."""
+    import ftjax
+    from ftjax.api import Model
+    from ftjax.engine import Engine
+    from ftjax.sampling import SamplingArrays
+
+    cfg, params = _tiny(n_layers=2, n_kv_heads=2, positions="alibi", norm="rmsnorm")
+    ids = np.asarray([[5, 1, 7, 9, 2, 4]], np.int32)
+    ref = Model(cfg, params, kernels="xla").generate(
+        [ids[0].tolist()], max_new_tokens=6, sampling=ftjax.SamplingParams(stop_token_ids=[]))
+    scan = Engine(cfg, jax.numpy.float32, scan_layers=True, kernels="pallas")
+    sp = SamplingArrays.build([ftjax.SamplingParams(stop_token_ids=[])], 1, cfg.vocab_size,
+                              (), [6])
+    state = scan.prefill(params, ids, np.array([6], np.int32), sp, max_len=16, width=8,
+                         greedy_only=True)
+    state = scan.decode(params, state, sp, greedy_only=True, chunk=6)
+    assert np.asarray(state.tokens)[0, :6].tolist() == ref.tokens[0]
+    np.testing.assert_allclose(np.asarray(state.log_probs)[0, :6], ref.log_probs[0], atol=1e-4)
 
 
 def test_kernels_value_is_checked():
