@@ -15,7 +15,7 @@ from ftjax.config import ModelConfig
 from ftjax import batching
 from ftjax.batching import Request, Sequences
 from ftjax.beam import BeamSearch
-from ftjax.engine import FINISH_STOP, Engine
+from ftjax.engine import FINISH_STOP, KERNELS, Engine
 from ftjax.errors import CheckpointError
 from ftjax.model import stack_layers, unstack_layers
 from ftjax.sampling import SamplingParams
@@ -93,33 +93,47 @@ def _load_tokenizer(path: str):
         raise CheckpointError(f"{path}: tokenizer files present but unreadable ({e})") from e
 
 
-def load(path: str, dtype: str = "float32") -> "Model":
+def _kernels(name: str) -> str:
+    """"auto" -> "pallas" on a GPU backend, "xla" elsewhere; checks the name."""
+    allowed = ("auto",) + KERNELS
+    if name not in allowed:
+        raise ValueError(f"kernels must be one of {allowed}, got {name!r}")
+    if name == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return name
+
+
+def load(path: str, dtype: str = "float32", kernels: str = "auto") -> "Model":
     """Loads a checkpoint directory.
 
     Args:
       path: a HuggingFace directory (config.json + model.safetensors or
         pytorch_model.bin, optionally sharded) or a directory written by `ftjax convert`.
       dtype: "float32", "bfloat16" or "float16": the dtype of weights and activations.
+      kernels: "auto" (Pallas on a GPU backend, XLA elsewhere), "pallas" (the Pallas
+        decode-attention kernel; interpreted off GPU: slow, for tests) or "xla".
     Raises:
       CheckpointError: the directory is unreadable or in an unsupported layout.
-      ValueError: an unknown dtype.
+      ValueError: an unknown dtype or kernels value.
     """
     from converters import load_checkpoint
 
     jdtype = _dtype(dtype)
+    _kernels(kernels)
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
     cfg, params_np = load_checkpoint(path)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jdtype), params_np)
-    return Model(cfg, params, dtype, tokenizer=_load_tokenizer(path), path=path)
+    return Model(cfg, params, dtype, tokenizer=_load_tokenizer(path), path=path,
+                 kernels=kernels)
 
 
 class Model:
     """A loaded model: teacher-forced `forward`, batched `generate`, token `stream`."""
 
     def __init__(self, config: ModelConfig, params, dtype: str = "float32", tokenizer=None,
-                 path: Optional[str] = None):
+                 path: Optional[str] = None, kernels: str = "auto"):
         self.config = config
         self.dtype = dtype
         self.tokenizer = tokenizer
@@ -127,7 +141,7 @@ class Model:
         # On CPU the layers run as a Python loop over per-layer weights (see
         # `Transformer.scan_layers`); elsewhere one scan over the stacked weights.
         scan = jax.default_backend() != "cpu"
-        self.engine = Engine(config, _dtype(dtype), scan_layers=scan)
+        self.engine = Engine(config, _dtype(dtype), scan_layers=scan, kernels=_kernels(kernels))
         self.beams = BeamSearch(self.engine)
         self._run_params = params if scan else unstack_layers(params, config.n_layers)
 

@@ -33,6 +33,7 @@ from ftjax.model import KVCache, Transformer
 from ftjax.sampling import SamplingArrays, sample
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
+KERNELS = ("xla", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +92,13 @@ def _log_probs_and_top(logits, tokens, top_n: int):
 class Engine:
     """Jitted prefill / decode functions for one model config and dtype."""
 
-    def __init__(self, cfg: ModelConfig, dtype, scan_layers: bool = True):
+    def __init__(self, cfg: ModelConfig, dtype, scan_layers: bool = True, kernels: str = "xla"):
+        """kernels: "xla" or "pallas" (see `Transformer.kernels`)."""
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         self.cfg = cfg
         self.dtype = dtype
-        self.model = Transformer(cfg, dtype, scan_layers=scan_layers)
+        self.model = Transformer(cfg, dtype, scan_layers=scan_layers, kernels=kernels)
         self.trace_counts = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "feat"),
                                donate_argnames=("cache",))

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
+from pallas_kernels import decode_attention, prefill_attention
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -167,6 +168,7 @@ def attend(q, k, v, q_pos, k_pos, slopes=None, heads_first=False):
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x, positions, layer, cache: Optional[KVCache]):
@@ -196,10 +198,22 @@ class Attention(nn.Module):
             # [B, T, K, H] written at [layer, b, :, slot]: index order puts (B, T) first.
             cache = KVCache(k=cache.k.at[layer, rows, :, slots].set(kk, mode=mode),
                             v=cache.v.at[layer, rows, :, slots].set(vv, mode=mode))
-            k_layer = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
-            v_layer = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
-            out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len), slopes,
-                         heads_first=True)
+            if self.kernels == "pallas":
+                # The kernels read this layer of the whole cache in place (no slice copy).
+                interpret = jax.default_backend() != "gpu"
+                if x.shape[1] == 1:
+                    lengths = jnp.minimum(positions[:, 0] + 1, cache.max_len)
+                    out = decode_attention(q[:, 0], cache.k, cache.v, lengths,
+                                           alibi_slopes=slopes, layer=layer, layout="BKSH",
+                                           interpret=interpret)[:, None]
+                else:
+                    out = prefill_attention(q, cache.k, cache.v, positions, alibi_slopes=slopes,
+                                            layer=layer, layout="BKSH", interpret=interpret)
+            else:
+                k_layer = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
+                v_layer = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
+                out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len), slopes,
+                             heads_first=True)
         y = Linear("btnh,nhd->btd", (n, h, d), (d,) if bias else None, self.dtype, name="o")(out)
         return y, cache
 
@@ -227,12 +241,13 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     dtype: jnp.dtype
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, carry, layer):
         x, positions, cache = carry
         cfg = self.cfg
-        attn = Attention(cfg, self.dtype, name="attn")
+        attn = Attention(cfg, self.dtype, self.kernels, name="attn")
         mlp = Mlp(cfg, self.dtype, name="mlp")
         ln1 = Norm(cfg, self.dtype, name="ln1")
         ln2 = None if cfg.shared_norm else Norm(cfg, self.dtype, name="ln2")
@@ -263,6 +278,10 @@ class Transformer(nn.Module):
     # `unstack_layers`): XLA:CPU copies each layer's weights out of the stacked array
     # before every matmul inside a scan, which costs ~1.6x per decode step.
     scan_layers: bool = True
+    # "xla": attention as einsums. "pallas": attention over a cache runs in
+    # pallas_kernels (decode_attention for T == 1, prefill_attention for T > 1),
+    # interpreted off GPU (for tests).
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, tokens, positions, cache: Optional[KVCache] = None,
@@ -295,12 +314,12 @@ class Transformer(nn.Module):
             x = Norm(cfg, self.dtype, name="embed_norm")(x)
         if self.scan_layers:
             blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             length=cfg.n_layers)(cfg, self.dtype, name="layers")
+                             length=cfg.n_layers)(cfg, self.dtype, self.kernels, name="layers")
             (x, _, cache), _ = blocks((x, positions, cache), jnp.arange(cfg.n_layers))
         else:
             carry = (x, positions, cache)
             for i in range(cfg.n_layers):
-                carry, _ = Block(cfg, self.dtype, name=f"layers_{i}")(carry, i)
+                carry, _ = Block(cfg, self.dtype, self.kernels, name=f"layers_{i}")(carry, i)
             x, _, cache = carry
         if last_index is not None:
             x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)
