@@ -66,8 +66,9 @@ _PICKLE = types.SimpleNamespace(
     load=lambda f, **kw: _TolerantUnpickler(f, **kw).load())
 
 
-def torch_load(path) -> dict:
-    """Loads a trusted training checkpoint (torch `.pt`/`.ckpt`, path or file object).
+def torch_load(path, where: Optional[str] = None) -> dict:
+    """Loads a trusted training checkpoint (torch `.pt`/`.ckpt`: a path, or a file object
+    named `where` in messages).
 
     Megatron pickles its argparse Namespace next to the weights, with Megatron's own
     classes inside, so `weights_only=True` cannot read it, and without Megatron
@@ -78,13 +79,12 @@ def torch_load(path) -> dict:
     try:
         import torch
     except ImportError as e:
-        raise CheckpointError(f"{path}: reading Megatron/NeMo checkpoints needs torch "
+        raise CheckpointError(f"{where or path}: reading Megatron/NeMo checkpoints needs torch "
                               "(pip install torch==2.13.0, the CPU build)") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
     except Exception as e:  # torch raises many types for corrupt or truncated files
-        name = getattr(path, "name", path)
-        raise CheckpointError(f"{name}: not a readable PyTorch checkpoint ({e})") from e
+        raise CheckpointError(f"{where or path}: not a readable PyTorch checkpoint ({e})") from e
 
 
 def to_numpy(state, path: str, prefix: str = "") -> Dict[str, np.ndarray]:

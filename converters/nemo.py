@@ -67,9 +67,7 @@ class _Source:
             raise CheckpointError(f"{self.where(name)}: not found")
         if self.tar is None:
             return open(self.members[name], "rb")
-        f = self.tar.extractfile(self.members[name])
-        f.name = self.where(name)
-        return f
+        return self.tar.extractfile(self.members[name])
 
 
 def _yaml(src: _Source) -> dict:
@@ -141,7 +139,7 @@ def _vocab(src: _Source, nemo: dict, padded: int, where: str):
 
 def _state(src: _Source, name: str) -> dict:
     with src.open(name) as f:
-        ckpt = megatron.torch_load(f)
+        ckpt = megatron.torch_load(f, src.where(name))
     if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
         ckpt = ckpt["state_dict"]
     flat = megatron.to_numpy(ckpt, src.where(name))
