@@ -6,13 +6,15 @@ o `[N, H, D]`), MLP `wi [D, F]`, `wo [F, D]`, block weights stacked on a leading
 layers axis. Fused layouts are de-interleaved here, once, at load.
 """
 
+from __future__ import annotations
+
 import os
 
 from converters.hf import ARCHITECTURES, load_hf
 from converters.native import is_native, load_native, save_native
 
 
-def load_checkpoint(path: str, megatron_args: dict = None):
+def load_checkpoint(path: str, megatron_args: dict | None = None):
     """(ModelConfig, params) from an ftjax-native, HuggingFace, Megatron-LM, NeMo or
     FasterTransformer c-model checkpoint (detected by its files).
 

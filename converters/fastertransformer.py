@@ -35,10 +35,10 @@ import shutil
 
 import numpy as np
 
-from ftjax.config import ModelConfig
-from ftjax.errors import CheckpointError
 from converters import hf_gpt2
 from converters.rules import apply_rules
+from ftjax.config import ModelConfig
+from ftjax.errors import CheckpointError
 
 CONFIG = "config.ini"
 _DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -196,7 +196,7 @@ def load_fastertransformer(directory: str):
 
 
 def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1,
-                           dtype: str = "float32", source: str = None) -> None:
+                           dtype: str = "float32", source: str | None = None) -> None:
     """Writes a c-model directory (config.ini + .bin per tensor, split over `tp` ranks).
 
     Args:

@@ -25,14 +25,13 @@ import os
 import pickle
 import re
 import types
-from typing import Dict, Optional
 
 import ml_dtypes
 import numpy as np
 
+from converters import megatron_layout
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters import megatron_layout
 
 LATEST = "latest_checkpointed_iteration.txt"
 WEIGHTS = "model_optim_rng.pt"
@@ -66,7 +65,7 @@ _PICKLE = types.SimpleNamespace(
     load=lambda f, **kw: _TolerantUnpickler(f, **kw).load())
 
 
-def torch_load(path, where: Optional[str] = None) -> dict:
+def torch_load(path, where: str | None = None) -> dict:
     """Loads a trusted training checkpoint (torch `.pt`/`.ckpt`: a path, or a file object
     named `where` in messages).
 
@@ -87,7 +86,7 @@ def torch_load(path, where: Optional[str] = None) -> dict:
         raise CheckpointError(f"{where or path}: not a readable PyTorch checkpoint ({e})") from e
 
 
-def to_numpy(state, path: str, prefix: str = "") -> Dict[str, np.ndarray]:
+def to_numpy(state, path: str, prefix: str = "") -> dict[str, np.ndarray]:
     """Flattens nested dicts of torch tensors to {"a.b.c": numpy array}."""
     import torch
 
@@ -135,7 +134,7 @@ def _checkpoint_dir(directory: str) -> str:
     return path
 
 
-def rank_grid(directory: str, pattern=_RANK_DIR, where: Optional[str] = None):
+def rank_grid(directory: str, pattern=_RANK_DIR, where: str | None = None):
     """{(tp, pp): subdirectory} of the rank directories, checked to be a full grid."""
     grid = {}
     for name in os.listdir(directory):
@@ -172,7 +171,7 @@ def _refuse(args: dict, key: str, allowed, where: str):
     return value
 
 
-def config_from_args(args: dict, vocab: int, where: str, eos: Optional[int] = None
+def config_from_args(args: dict, vocab: int, where: str, eos: int | None = None
                      ) -> ModelConfig:
     """ModelConfig of Megatron `args` (a dict of its argparse fields), with `vocab` rows."""
     missing = [k for k in REQUIRED if args.get(k) is None]
@@ -273,7 +272,7 @@ def _args_of(ckpt: dict, overrides: dict, where: str) -> dict:
     return out
 
 
-def load_megatron(directory: str, megatron_args: Optional[dict] = None):
+def load_megatron(directory: str, megatron_args: dict | None = None):
     """Reads a Megatron-LM GPT checkpoint. Returns (ModelConfig, params of numpy arrays).
 
     Args:

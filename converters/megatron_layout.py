@@ -19,14 +19,13 @@ so that concatenating ranks along groups gives the whole model's tensor.
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ftjax.config import ModelConfig
-from ftjax.errors import CheckpointError
 from converters.rules import Rule, apply_rules
 from converters.transforms import linear_out_heads, transpose
+from ftjax.config import ModelConfig
+from ftjax.errors import CheckpointError
 
 _STACK = r"(?:language_model\.)?(?:transformer|encoder|decoder)\."
 _LAYER = re.compile(_STACK + r"layers\.(\d+)\.(.+)")
@@ -55,7 +54,7 @@ _SPLIT = {"embed.weight": 0, "head.weight": 0, "head_copy.weight": 0, "qkv.weigh
           "qkv.bias": 0, "proj.weight": 1, "fc1.weight": 0, "fc1.bias": 0, "fc2.weight": 1}
 
 
-def role_of(key: str) -> Optional[Tuple[str, Optional[int]]]:
+def role_of(key: str) -> tuple[str, int | None] | None:
     """(role, layer index or None) of a flattened Megatron key; None if unknown."""
     m = _LAYER.fullmatch(key)
     if m:
@@ -74,7 +73,7 @@ def role_of(key: str) -> Optional[Tuple[str, Optional[int]]]:
     return None
 
 
-def rank_shapes(cfg: ModelConfig, tp: int, padded_vocab: int) -> Dict[str, tuple]:
+def rank_shapes(cfg: ModelConfig, tp: int, padded_vocab: int) -> dict[str, tuple]:
     """Shape of each role's tensor on one TP rank."""
     d, h = cfg.d_model, cfg.head_dim
     qkv_rows = (cfg.n_heads + 2 * cfg.n_kv_heads) * h // tp
@@ -121,7 +120,7 @@ def _norm(one_p: bool):
     return (lambda x, cfg: x + np.asarray(1, x.dtype)) if one_p else (lambda x, cfg: x)
 
 
-def rules(cfg: ModelConfig, layernorm_1p: bool = False) -> List[Rule]:
+def rules(cfg: ModelConfig, layernorm_1p: bool = False) -> list[Rule]:
     """The table from merged role names to canonical params."""
     n1 = _norm(layernorm_1p)
     table = [Rule("embed", "embed.weight"), Rule("final_norm/scale", "final_norm.weight", n1)]
@@ -156,8 +155,8 @@ def rules(cfg: ModelConfig, layernorm_1p: bool = False) -> List[Rule]:
     return table
 
 
-def merge(stages: List[List[Tuple[str, Dict[str, np.ndarray]]]], cfg: ModelConfig, tp: int,
-          version: float, padded_vocab: int, where: str) -> Dict[str, np.ndarray]:
+def merge(stages: list[list[tuple[str, dict[str, np.ndarray]]]], cfg: ModelConfig, tp: int,
+          version: float, padded_vocab: int, where: str) -> dict[str, np.ndarray]:
     """Merges `stages[pp][tp] = (file, flat state dict)` into one dict of role names.
 
     Layer indices restart at 0 on each pipeline stage (Megatron-LM, NeMo); a stage that
@@ -171,10 +170,10 @@ def merge(stages: List[List[Tuple[str, Dict[str, np.ndarray]]]], cfg: ModelConfi
                               "attention but the args ask for num_query_groups "
                               f"{cfg.n_kv_heads} != heads {cfg.n_heads}")
     shapes = rank_shapes(cfg, tp, padded_vocab)
-    merged: Dict[str, np.ndarray] = {}
+    merged: dict[str, np.ndarray] = {}
     offset = 0
     for p, ranks in enumerate(stages):
-        per_rank: List[Dict[Tuple[str, Optional[int]], Tuple[str, np.ndarray]]] = []
+        per_rank: list[dict[tuple[str, int | None], tuple[str, np.ndarray]]] = []
         for path, state in ranks:
             roles = {}
             unknown = []
@@ -229,7 +228,7 @@ def merge(stages: List[List[Tuple[str, Dict[str, np.ndarray]]]], cfg: ModelConfi
     return merged
 
 
-def _merge_role(name, tensors, keys, cfg, tp, version) -> Dict[str, np.ndarray]:
+def _merge_role(name, tensors, keys, cfg, tp, version) -> dict[str, np.ndarray]:
     axis = _SPLIT.get(name)
     if axis is None:  # replicated: every rank must hold the same values
         for (path, key), t in zip(keys[1:], tensors[1:]):
@@ -248,7 +247,7 @@ def _merge_role(name, tensors, keys, cfg, tp, version) -> Dict[str, np.ndarray]:
     return {name: np.concatenate([np.asarray(t) for t in tensors], axis=axis)}
 
 
-def to_params(merged: Dict[str, np.ndarray], cfg: ModelConfig, vocab: int, where: str,
+def to_params(merged: dict[str, np.ndarray], cfg: ModelConfig, vocab: int, where: str,
               layernorm_1p: bool = False) -> dict:
     """Canonical params from the merged dict, dropping padded vocabulary rows past `vocab`."""
     from ftjax.model import param_shapes

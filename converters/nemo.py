@@ -19,8 +19,8 @@ import re
 import tarfile
 import tempfile
 
-from ftjax.errors import CheckpointError
 from converters import megatron, megatron_layout
+from ftjax.errors import CheckpointError
 
 CONFIG = "model_config.yaml"
 WEIGHTS = "model_weights.ckpt"
@@ -47,8 +47,8 @@ class _Source:
         self.tar = None
         if os.path.isfile(path):
             try:
-                self.tar = tarfile.open(path, "r:*")
-                self.members = {m.name[2:] if m.name.startswith("./") else m.name: m
+                self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 (open for the reads)
+                self.members = {m.name.removeprefix("./"): m
                                 for m in self.tar.getmembers() if m.isfile()}
             except (tarfile.TarError, OSError) as e:
                 raise CheckpointError(f"{path}: not a readable .nemo (tar) archive ({e})") from e

@@ -45,11 +45,11 @@ MEGATRON_FLAGS = ("num_layers", "hidden_size", "num_attention_heads",
 
 
 def _convert(args) -> int:
-    from converters import load_checkpoint, save_native, tokenizer_dir
-    from converters.fastertransformer import save_fastertransformer
     import jax
     import numpy as np
 
+    from converters import load_checkpoint, save_native, tokenizer_dir
+    from converters.fastertransformer import save_fastertransformer
     from ftjax.api import DTYPES
 
     if args.dtype not in DTYPES:

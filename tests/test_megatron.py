@@ -12,10 +12,10 @@ import types
 
 import numpy as np
 import pytest
-
-import ftjax
 from hf_models import hf_logits, make_gpt2
 from megatron_ckpt import gpt2_weights, llama_weights, write_gpt2_vocab, write_megatron
+
+import ftjax
 
 pytestmark = pytest.mark.torch
 TOL = 1e-4
@@ -24,9 +24,9 @@ IDS = np.array([[5, 17, 99, 3, 150, 42, 7, 210, 0, 61], [1, 2, 3, 4, 5, 6, 7, 8,
 
 
 def gpt2_args(c):
-    return dict(num_layers=c.n_layer, hidden_size=c.n_embd, num_attention_heads=c.n_head,
-                max_position_embeddings=c.n_positions, ffn_hidden_size=4 * c.n_embd,
-                padded_vocab_size=PADDED, layernorm_epsilon=c.layer_norm_epsilon)
+    return {"num_layers": c.n_layer, "hidden_size": c.n_embd, "num_attention_heads": c.n_head,
+            "max_position_embeddings": c.n_positions, "ffn_hidden_size": 4 * c.n_embd,
+            "padded_vocab_size": PADDED, "layernorm_epsilon": c.layer_norm_epsilon}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,6 @@ def test_erf_gelu_when_fusion_is_off(tmp_path):
 
 def test_llama_like_gqa_swiglu_rope_untied(tmp_path):
     import transformers
-
     from hf_models import make_hf
 
     cfg = transformers.LlamaConfig(
@@ -81,11 +80,11 @@ def test_llama_like_gqa_swiglu_rope_untied(tmp_path):
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
         rms_norm_eps=1e-5, initializer_range=0.3, tie_word_embeddings=False)
     hf = make_hf(cfg, tmp_path / "hf")
-    args = dict(num_layers=4, hidden_size=32, num_attention_heads=4, group_query_attention=True,
-                num_query_groups=2, ffn_hidden_size=48, max_position_embeddings=32, swiglu=True,
-                normalization="RMSNorm", norm_epsilon=1e-5, position_embedding_type="rope",
-                add_bias_linear=False, untie_embeddings_and_output_weights=True,
-                padded_vocab_size=PADDED)
+    args = {"num_layers": 4, "hidden_size": 32, "num_attention_heads": 4,
+            "group_query_attention": True, "num_query_groups": 2, "ffn_hidden_size": 48,
+            "max_position_embeddings": 32, "swiglu": True, "normalization": "RMSNorm",
+            "norm_epsilon": 1e-5, "position_embedding_type": "rope", "add_bias_linear": False,
+            "untie_embeddings_and_output_weights": True, "padded_vocab_size": PADDED}
     root = write_megatron(tmp_path / "m", llama_weights(hf), 4, tp=2, pp=2, args=args,
                           padded=PADDED)
     # No vocab.json (a SentencePiece model): the vocab size comes from megatron_args.
@@ -159,8 +158,10 @@ def test_bad_files_name_file_and_tensor(tmp_path, gpt2):
     with pytest.raises(ftjax.CheckpointError, match="mp_rank_01.*layers.0.input_norm.weight"):
         ftjax.load(str(root))
     # A truncated file.
-    data = open(rank1, "rb").read()
-    open(rank1, "wb").write(data[:len(data) // 2])
+    with open(rank1, "rb") as f:
+        data = f.read()
+    with open(rank1, "wb") as f:
+        f.write(data[:len(data) // 2])
     with pytest.raises(ftjax.CheckpointError, match="mp_rank_01.*model_optim_rng.pt"):
         ftjax.load(str(root))
     # A missing rank.

@@ -13,12 +13,12 @@ import tarfile
 
 import numpy as np
 import pytest
+from hf_models import hf_logits, make_gpt2
+from megatron_ckpt import gpt2_weights, layer_split, rank_state, write_gpt2_vocab
 
 import ftjax
 from converters.fastertransformer import save_fastertransformer
 from converters.rules import flatten_tree
-from hf_models import hf_logits, make_gpt2
-from megatron_ckpt import gpt2_weights, layer_split, rank_state, write_gpt2_vocab
 
 pytestmark = pytest.mark.torch
 TOL = 1e-4
@@ -67,8 +67,8 @@ def nemo_files(hfdir, w, c, tp, pp, mcore, layernorm_1p, rank_dirs="tp_rank"):
     files = {"model_config.yaml": nemo_yaml(
         c, tp, pp, mcore_gpt=mcore,
         normalization="layernorm1p" if layernorm_1p else "layernorm").encode()}
-    files["a1b2_vocab.json"] = open(os.path.join(hfdir, "vocab.json"), "rb").read()
-    files["c3d4_merges.txt"] = open(os.path.join(hfdir, "merges.txt"), "rb").read()
+    files["a1b2_vocab.json"] = (hfdir / "vocab.json").read_bytes()
+    files["c3d4_merges.txt"] = (hfdir / "merges.txt").read_bytes()
     for p, layers in enumerate(layer_split(c.n_layer, pp)):
         for t in range(tp):
             flat = rank_state(w, t, tp, layers, 3.0, "new", first=p == 0, last=p == pp - 1,
@@ -191,7 +191,7 @@ def test_ft_files_match_fastertransformers_converter_layout(tmp_path, gpt2):
 
 
 def test_ft_fp16_and_bad_files(tmp_path, gpt2):
-    hfdir, hf, _ = gpt2
+    hfdir, _, _ = gpt2
     src = ftjax.load(str(hfdir))
     save_fastertransformer(str(tmp_path), src.config, src.params, tp=2, dtype="float16")
     assert "weight_data_type = fp16" in (tmp_path / "config.ini").read_text()
@@ -221,7 +221,7 @@ def test_ft_fp16_and_bad_files(tmp_path, gpt2):
 def test_ft_writer_refuses_what_ft_gpt_cannot_express(tmp_path, gpt2):
     import dataclasses
 
-    hfdir, hf, _ = gpt2
+    hfdir, _, _ = gpt2
     src = ftjax.load(str(hfdir))
     with pytest.raises(ValueError, match="positions"):
         save_fastertransformer(str(tmp_path), dataclasses.replace(src.config, positions="rotary"),
