@@ -102,10 +102,16 @@ def test_no_args_old_release_needs_flags(tmp_path, gpt2):
     write_gpt2_vocab(root, V)
     with pytest.raises(ftjax.CheckpointError, match="--num-layers N --hidden-size N"):
         ftjax.load(str(root))
-    sizes = {k: v for k, v in gpt2_args(hf.config).items() if k != "padded_vocab_size"}
-    check(root, hf, megatron_args=sizes)
+    from ftjax.cli import main
+
+    flags = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+             "--max-position-embeddings", "32"]
+    dst = tmp_path / "native"
+    assert main(["convert", str(root), str(dst), *flags]) == 0
+    model = check(dst, hf)  # the ftjax checkpoint, with the tokenizer copied along
+    assert model.config.vocab_size == V and model.tokenizer is not None
     with pytest.raises(ValueError, match="not a Megatron"):
-        ftjax.load(str(tmp_path / "release" / "mp_rank_00"), megatron_args=sizes)
+        ftjax.load(str(tmp_path / "release" / "mp_rank_00"), megatron_args={"num_layers": 4})
 
 
 def test_args_with_megatron_classes_unpickle_without_megatron(tmp_path, gpt2):

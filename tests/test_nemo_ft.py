@@ -14,13 +14,13 @@ import tarfile
 import numpy as np
 import pytest
 from hf_models import hf_logits, make_gpt2
+from tiny import tiny_config
 from megatron_ckpt import gpt2_weights, layer_split, rank_state, write_gpt2_vocab
 
 import ftjax
 from converters.fastertransformer import save_fastertransformer
 from converters.rules import flatten_tree
 
-pytestmark = pytest.mark.torch
 TOL = 1e-4
 V, PADDED = 211, 256
 IDS = np.array([[5, 17, 99, 3, 150, 42, 7, 210, 0, 61], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
@@ -104,6 +104,7 @@ def write_nemo_dir(path, files):
     return path
 
 
+@pytest.mark.torch
 def test_nemo_legacy_archive_layernorm1p(tmp_path, gpt2):
     hfdir, hf, w = gpt2
     files = nemo_files(hfdir, w, hf.config, 1, 1, mcore=False, layernorm_1p=True)
@@ -111,6 +112,7 @@ def test_nemo_legacy_archive_layernorm1p(tmp_path, gpt2):
     assert model.config.vocab_size == V and model.tokenizer.eos_token_id == V - 1
 
 
+@pytest.mark.torch
 def test_nemo_legacy_tp2_archive(tmp_path, gpt2):
     hfdir, hf, w = gpt2
     files = nemo_files(hfdir, w, hf.config, 2, 1, mcore=False, layernorm_1p=False,
@@ -118,12 +120,14 @@ def test_nemo_legacy_tp2_archive(tmp_path, gpt2):
     check(write_nemo_tar(tmp_path / "m.nemo", files), hf)
 
 
+@pytest.mark.torch
 def test_nemo_mcore_tp2_pp2_directory(tmp_path, gpt2):
     hfdir, hf, w = gpt2
     files = nemo_files(hfdir, w, hf.config, 2, 2, mcore=True, layernorm_1p=False)
     check(write_nemo_dir(tmp_path / "m", files), hf)
 
 
+@pytest.mark.torch
 def test_nemo_bad_inputs(tmp_path, gpt2):
     hfdir, hf, w = gpt2
     files = nemo_files(hfdir, w, hf.config, 2, 1, mcore=True, layernorm_1p=False)
@@ -147,6 +151,7 @@ def test_nemo_bad_inputs(tmp_path, gpt2):
 
 # -- FasterTransformer -------------------------------------------------------------
 
+@pytest.mark.torch
 @pytest.mark.parametrize("tp", [1, 2])
 def test_ft_round_trip_hf_to_ft_to_ftjax(tmp_path, gpt2, tp):
     hfdir, hf, _ = gpt2
@@ -159,6 +164,7 @@ def test_ft_round_trip_hf_to_ft_to_ftjax(tmp_path, gpt2, tp):
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
 
 
+@pytest.mark.torch
 def test_ft_files_match_fastertransformers_converter_layout(tmp_path, gpt2):
     hfdir, hf, _ = gpt2
     from ftjax.cli import main
@@ -190,6 +196,7 @@ def test_ft_files_match_fastertransformers_converter_layout(tmp_path, gpt2):
         assert line in ini, line
 
 
+@pytest.mark.torch
 def test_ft_fp16_and_bad_files(tmp_path, gpt2):
     hfdir, _, _ = gpt2
     src = ftjax.load(str(hfdir))
@@ -218,6 +225,7 @@ def test_ft_fp16_and_bad_files(tmp_path, gpt2):
         ftjax.load(str(tmp_path))
 
 
+@pytest.mark.torch
 def test_ft_writer_refuses_what_ft_gpt_cannot_express(tmp_path, gpt2):
     import dataclasses
 
@@ -228,3 +236,21 @@ def test_ft_writer_refuses_what_ft_gpt_cannot_express(tmp_path, gpt2):
                                src.params)
     with pytest.raises(ValueError, match="tp must"):
         save_fastertransformer(str(tmp_path), src.config, src.params, tp=3)
+
+
+def test_ft_round_trip_without_torch(tmp_path):
+    """ftjax -> FT (TP=2, fp32) -> ftjax is bit-exact (runs on 3.12, where torch is absent)."""
+    import jax
+
+    from ftjax.model import param_shapes
+
+    cfg = tiny_config(d_ff=48, bos_token_id=1, eos_token_id=2)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(
+        lambda x: rng.standard_normal(x.shape).astype(np.float32), param_shapes(cfg))
+    save_fastertransformer(str(tmp_path), cfg, params, tp=2)
+    model = ftjax.load(str(tmp_path))
+    assert model.config == cfg
+    got = flatten_tree(model.params)
+    for name, want in flatten_tree(params).items():
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want), name)
