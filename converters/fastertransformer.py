@@ -47,6 +47,11 @@ _ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu"}  # FT activation_type -> ftj
 _DEFAULTS = {"layernorm_type": "pre_layernorm", "has_positional_encoding": "true",
              "has_pre_decoder_layernorm": "false", "has_post_decoder_layernorm": "true",
              "use_attention_linear_bias": "false", "has_adapters": "false", "int8_mode": "0"}
+# Keys that name the model's shape, ids or storage (read above), or only runtime settings.
+_KNOWN = {"model_name", "head_num", "size_per_head", "inter_size", "max_pos_seq_len",
+          "num_layer", "vocab_size", "start_id", "end_id", "weight_data_type",
+          "tensor_para_size", "pipeline_para_size", "layernorm_eps", "activation_type",
+          "sparse", "prompt_learning_type", "prompt_learning_start_id", "num_tasks"}
 # FT layer tensor -> (HF GPT-2 name, split axis over TP ranks or None, per-rank shape).
 _LAYER = {
     "input_layernorm.weight": ("ln_1.weight", None, lambda d, f, tp: (d,)),
@@ -101,6 +106,10 @@ def _read_config(directory: str):
         except ValueError as e:
             raise CheckpointError(f"{path}: [gpt] {key} = {sec[key]!r} is not an int") from e
 
+    unknown = sorted(set(sec) - _KNOWN - set(_DEFAULTS))
+    if unknown:
+        raise CheckpointError(f"{path}: [gpt] keys this converter does not know (they may "
+                              f"change the model's math; refusing to guess): {unknown}")
     for key, want in _DEFAULTS.items():
         if sec.get(key, want).strip().lower() != want:
             raise CheckpointError(f"{path}: [gpt] {key} = {sec[key]!r} is not supported "

@@ -48,7 +48,7 @@ _GLOBAL_ROLES = [
     (re.compile(r"word_embeddings_for_head\.weight"), "head_copy.weight"),
 ]
 # Buffers and TransformerEngine bookkeeping that carry no weights.
-IGNORE = re.compile(r".*(\._extra_state|rotary_pos_emb\.inv_freq|\.core_attention\..*)")
+IGNORE = re.compile(r".*(\._extra_state|rotary_pos_emb\.inv_freq)")
 # How a role is split over TP ranks: axis of the concatenation, None = replicated.
 _SPLIT = {"embed.weight": 0, "head.weight": 0, "head_copy.weight": 0, "qkv.weight": 0,
           "qkv.bias": 0, "proj.weight": 1, "fc1.weight": 0, "fc1.bias": 0, "fc2.weight": 1}

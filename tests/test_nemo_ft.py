@@ -223,6 +223,9 @@ def test_ft_fp16_and_bad_files(tmp_path, gpt2):
     (tmp_path / "config.ini").write_text(ini + "use_attention_linear_bias = true\n")
     with pytest.raises(ftjax.CheckpointError, match="use_attention_linear_bias"):
         ftjax.load(str(tmp_path))
+    (tmp_path / "config.ini").write_text(ini + "rotary_embedding = 8\n")
+    with pytest.raises(ftjax.CheckpointError, match="rotary_embedding"):
+        ftjax.load(str(tmp_path))
 
 
 @pytest.mark.torch
