@@ -14,8 +14,8 @@ import tarfile
 import numpy as np
 import pytest
 from hf_models import hf_logits, make_gpt2
-from tiny import tiny_config
 from megatron_ckpt import gpt2_weights, layer_split, rank_state, write_gpt2_vocab
+from tiny import tiny_config
 
 import ftjax
 from converters.fastertransformer import save_fastertransformer
