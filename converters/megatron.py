@@ -183,9 +183,13 @@ def config_from_args(args: dict, vocab: int, where: str, eos: int | None = None
     d = _int(args, "hidden_size", where)
     n = _int(args, "num_attention_heads", where)
     h = _int(args, "kv_channels", where, d // n)
-    groups = n
-    if args.get("group_query_attention") or args.get("num_query_groups") not in (None, n):
-        groups = _int(args, "num_query_groups", where)
+    # Megatron-LM's args carry num_query_groups (default 1) even without
+    # --group-query-attention; megatron-core and NeMo leave it None for MHA.
+    if "group_query_attention" in args:
+        gqa = bool(args["group_query_attention"])
+    else:
+        gqa = args.get("num_query_groups") is not None
+    groups = _int(args, "num_query_groups", where) if gqa else n
     swiglu = bool(args.get("swiglu"))
     if swiglu and args.get("ffn_hidden_size") is None:
         raise CheckpointError(f"{where}: args.swiglu is set but ffn_hidden_size is absent")
@@ -193,6 +197,7 @@ def config_from_args(args: dict, vocab: int, where: str, eos: int | None = None
                 "apply_rope_fusion_interleaved", "moe_router_topk_scaling_factor"):
         _refuse(args, key, (None, False), where)
     _refuse(args, "num_experts", (None, 0, 1), where)
+    _refuse(args, "rotary_seq_len_interpolation_factor", (None, 1), where)
     _refuse(args, "transformer_block_type", (None, "pre_ln"), where)
     norm = _refuse(args, "normalization", (None, "LayerNorm", "RMSNorm", "layernorm",
                                            "layernorm1p", "rmsnorm"), where) or "LayerNorm"

@@ -26,7 +26,9 @@ IDS = np.array([[5, 17, 99, 3, 150, 42, 7, 210, 0, 61], [1, 2, 3, 4, 5, 6, 7, 8,
 def gpt2_args(c):
     return {"num_layers": c.n_layer, "hidden_size": c.n_embd, "num_attention_heads": c.n_head,
             "max_position_embeddings": c.n_positions, "ffn_hidden_size": 4 * c.n_embd,
-            "padded_vocab_size": PADDED, "layernorm_epsilon": c.layer_norm_epsilon}
+            "padded_vocab_size": PADDED, "layernorm_epsilon": c.layer_norm_epsilon,
+            # as Megatron-LM saves them without --group-query-attention
+            "group_query_attention": False, "num_query_groups": 1}
 
 
 @pytest.fixture(scope="module")
