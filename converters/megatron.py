@@ -193,8 +193,7 @@ def config_from_args(args: dict, vocab: int, where: str, eos: int | None = None
     swiglu = bool(args.get("swiglu"))
     if swiglu and args.get("ffn_hidden_size") is None:
         raise CheckpointError(f"{where}: args.swiglu is set but ffn_hidden_size is absent")
-    for key in ("squared_relu", "rotary_interleaved", "qk_layernorm", "use_rope_scaling",
-                "apply_rope_fusion_interleaved", "moe_router_topk_scaling_factor"):
+    for key in ("squared_relu", "rotary_interleaved", "qk_layernorm", "use_rope_scaling"):
         _refuse(args, key, (None, False), where)
     _refuse(args, "num_experts", (None, 0, 1), where)
     _refuse(args, "rotary_seq_len_interpolation_factor", (None, 1), where)
