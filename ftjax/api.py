@@ -94,7 +94,7 @@ def load(path: str, dtype: str = "float32", megatron_args: Optional[dict] = None
         (the tokenizer's) when there is no vocab.json next to the checkpoint.
     Raises:
       CheckpointError: the checkpoint is unreadable or in an unsupported layout.
-      ValueError: an unknown dtype.
+      ValueError: an unknown dtype, or megatron_args for a checkpoint that is not Megatron-LM.
     """
     from converters import load_checkpoint, tokenizer_dir
 
