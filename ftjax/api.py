@@ -85,9 +85,16 @@ def _load_tokenizer(path: str):
     names = ("tokenizer.json", "vocab.json", "tokenizer.model")
     if not any(os.path.exists(os.path.join(path, n)) for n in names):
         return None
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, GPT2TokenizerFast
 
     try:
+        bare = not any(os.path.exists(os.path.join(path, n))
+                       for n in ("tokenizer_config.json", "config.json", "tokenizer.json"))
+        if bare and os.path.exists(os.path.join(path, "merges.txt")):
+            # A bare GPT-2 BPE pair (Megatron's --vocab-file/--merge-file): nothing tells
+            # AutoTokenizer the class.
+            return GPT2TokenizerFast(os.path.join(path, "vocab.json"),
+                                     os.path.join(path, "merges.txt"))
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises many types for broken tokenizer files
         raise CheckpointError(f"{path}: tokenizer files present but unreadable ({e})") from e
@@ -103,29 +110,38 @@ def _kernels(name: str) -> str:
     return name
 
 
-def load(path: str, dtype: str = "float32", kernels: str = "auto") -> "Model":
-    """Loads a checkpoint directory.
+def load(path: str, dtype: str = "float32", kernels: str = "auto",
+         megatron_args: Optional[dict] = None) -> "Model":
+    """Loads a checkpoint.
 
     Args:
       path: a HuggingFace directory (config.json + model.safetensors or
-        pytorch_model.bin, optionally sharded) or a directory written by `ftjax convert`.
+        pytorch_model.bin, optionally sharded), a directory written by `ftjax convert`,
+        a Megatron-LM checkpoint directory, a NeMo `.nemo` archive (or its extracted
+        directory) or a FasterTransformer c-model directory (config.ini + .bin files).
       dtype: "float32", "bfloat16" or "float16": the dtype of weights and activations.
       kernels: "auto" (Pallas on a GPU backend, XLA elsewhere), "pallas" (the Pallas
         decode-attention kernel; interpreted off GPU: slow, for tests) or "xla".
+      megatron_args: for Megatron-LM checkpoints saved without args, the Megatron
+        argument values they need (e.g. {"num_layers": 24, "hidden_size": 1024,
+        "num_attention_heads": 16, "max_position_embeddings": 1024}), and "vocab_size"
+        (the tokenizer's) when there is no vocab.json next to the checkpoint.
     Raises:
-      CheckpointError: the directory is unreadable or in an unsupported layout.
-      ValueError: an unknown dtype or kernels value.
+      CheckpointError: the checkpoint is unreadable or in an unsupported layout.
+      ValueError: an unknown dtype or kernels value, or megatron_args for a checkpoint
+        that is not Megatron-LM.
     """
-    from converters import load_checkpoint
+    from converters import load_checkpoint, tokenizer_dir
 
     jdtype = _dtype(dtype)
     _kernels(kernels)
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not os.path.isdir(path) and not (path.endswith(".nemo") and os.path.isfile(path)):
         raise CheckpointError(f"{path}: not a directory")
-    cfg, params_np = load_checkpoint(path)
+    cfg, params_np = load_checkpoint(path, megatron_args=megatron_args)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jdtype), params_np)
-    return Model(cfg, params, dtype, tokenizer=_load_tokenizer(path), path=path,
+    tok = tokenizer_dir(path)
+    return Model(cfg, params, dtype, tokenizer=tok and _load_tokenizer(tok), path=path,
                  kernels=kernels)
 
 

@@ -42,11 +42,17 @@ def _generate(args) -> int:
     return 0
 
 
+# Megatron-LM values that a checkpoint without saved args needs (`megatron_args`).
+MEGATRON_FLAGS = ("num_layers", "hidden_size", "num_attention_heads",
+                  "max_position_embeddings", "ffn_hidden_size", "vocab_size")
+
+
 def _convert(args) -> int:
-    from converters import load_checkpoint, save_native, save_orbax
     import jax
     import numpy as np
 
+    from converters import load_checkpoint, save_native, save_orbax, tokenizer_dir
+    from converters.fastertransformer import save_fastertransformer
     from ftjax.api import DTYPES
 
     if args.dtype not in DTYPES:
@@ -56,11 +62,20 @@ def _convert(args) -> int:
         print(f"ftjax convert: {args.dst} exists and is not empty (use --force to overwrite)",
               file=sys.stderr)
         return 2
-    cfg, params = load_checkpoint(args.src)
+    if args.tp != 1 and args.to != "ft":
+        print("ftjax convert: --tp applies to --to ft only", file=sys.stderr)
+        return 2
+    megatron = {k: getattr(args, k) for k in MEGATRON_FLAGS if getattr(args, k) is not None}
+    cfg, params = load_checkpoint(args.src, megatron_args=megatron or None)
     target = np.dtype(DTYPES[args.dtype])
     params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(target), params)
-    save = save_orbax if args.to == "orbax" else save_native
-    save(args.dst, cfg, params, args.dtype, source=args.src)
+    source = tokenizer_dir(args.src)
+    if args.to == "ft":
+        save_fastertransformer(args.dst, cfg, params, tp=args.tp, dtype=args.dtype,
+                               source=source)
+    else:
+        save = save_orbax if args.to == "orbax" else save_native
+        save(args.dst, cfg, params, args.dtype, source=source)
     n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     print(f"wrote {args.dst} ({args.to}): {cfg.n_params / 1e6:.1f}M params, {args.dtype}, "
           f"{n_bytes / 2**20:.1f} MiB")
@@ -101,13 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("convert", help="write an ftjax checkpoint that loads fast")
-    c.add_argument("src", help="HuggingFace (or ftjax) checkpoint directory")
+    c.add_argument("src", help="HuggingFace, Megatron-LM, NeMo (.nemo), FasterTransformer or "
+                   "ftjax checkpoint")
     c.add_argument("dst", help="output directory")
     c.add_argument("--dtype", default="float32")
-    c.add_argument("--to", choices=["orbax", "native"], default="orbax",
+    c.add_argument("--to", choices=["orbax", "native", "ft"], default="orbax",
                    help="orbax: tensorstore checkpoint restored shard by shard onto a mesh "
-                        "(default); native: one memory-mapped safetensors file")
+                        "(default); native: one memory-mapped safetensors file; ft: a "
+                        "FasterTransformer c-model directory")
     c.add_argument("--force", action="store_true", help="overwrite a non-empty dst")
+    c.add_argument("--tp", type=int, default=1, help="with --to ft: tensor parallel ranks")
+    for flag in MEGATRON_FLAGS:  # only for Megatron-LM checkpoints saved without args
+        c.add_argument("--" + flag.replace("_", "-"), type=int, dest=flag,
+                       help="for a Megatron-LM checkpoint saved without args")
     c.set_defaults(func=_convert)
 
     b = sub.add_parser("bench", help="latency / throughput table, FasterTransformer style")

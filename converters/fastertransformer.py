@@ -1,0 +1,277 @@
+"""FasterTransformer GPT c-model directories: read and write.
+
+The layout FasterTransformer's `examples/pytorch/gpt/utils/huggingface_gpt_convert.py`
+writes and its ParallelGpt loads: `config.ini` with a `[gpt]` section (head_num,
+size_per_head, inter_size, max_pos_seq_len, num_layer, vocab_size, start_id, end_id,
+weight_data_type fp32|fp16, tensor_para_size) and one headerless little-endian
+`.bin` per tensor, GPT-2 Conv1D layout `[in, out]`. Tensors split over TP ranks
+carry the rank `R` in their name:
+
+  model.wte.bin [V, D]   model.wpe.bin [P, D]   model.final_layernorm.{weight,bias}.bin [D]
+  model.lm_head.weight.bin [V, D] (only when untied)
+  model.layers.N.input_layernorm.{weight,bias}.bin            [D]
+  model.layers.N.attention.query_key_value.weight.R.bin       [D, 3, D/tp]
+  model.layers.N.attention.query_key_value.bias.R.bin         [3, D/tp]
+  model.layers.N.attention.dense.weight.R.bin                 [D/tp, D]
+  model.layers.N.attention.dense.bias.bin                     [D]
+  model.layers.N.post_attention_layernorm.{weight,bias}.bin   [D]
+  model.layers.N.mlp.dense_h_to_4h.{weight,bias}.R.bin        [D, F/tp], [F/tp]
+  model.layers.N.mlp.dense_4h_to_h.weight.R.bin               [F/tp, D]
+  model.layers.N.mlp.dense_4h_to_h.bias.bin                   [D]
+
+Reading merges the ranks into HuggingFace GPT-2 tensors and reuses GPT-2's key table
+(`converters.hf_gpt2`); writing runs GPT-2's exporter (`converters.hf_export`) and
+splits. FT's "Gelu" is the tanh approximation (ftjax "gelu_new"). The converter
+script writes no layernorm epsilon; without `layernorm_eps` in config.ini, GPT-2's
+1e-5 is used (the epsilon the weights were trained with).
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shutil
+
+import numpy as np
+
+from converters import hf_gpt2
+from converters.rules import apply_rules
+from ftjax.config import ModelConfig
+from ftjax.errors import CheckpointError
+
+CONFIG = "config.ini"
+_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+_ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu"}  # FT activation_type -> ftjax
+# config.ini variant keys that change the math: the values FT's plain GPT has.
+_DEFAULTS = {"layernorm_type": "pre_layernorm", "has_positional_encoding": "true",
+             "has_pre_decoder_layernorm": "false", "has_post_decoder_layernorm": "true",
+             "use_attention_linear_bias": "false", "has_adapters": "false", "int8_mode": "0"}
+# Keys that name the model's shape, ids or storage (read above), or only runtime settings.
+_KNOWN = {"model_name", "head_num", "size_per_head", "inter_size", "max_pos_seq_len",
+          "num_layer", "vocab_size", "start_id", "end_id", "weight_data_type",
+          "tensor_para_size", "pipeline_para_size", "layernorm_eps", "activation_type",
+          "sparse", "prompt_learning_type", "prompt_learning_start_id", "num_tasks"}
+# FT layer tensor -> (HF GPT-2 name, split axis over TP ranks or None, per-rank shape).
+_LAYER = {
+    "input_layernorm.weight": ("ln_1.weight", None, lambda d, f, tp: (d,)),
+    "input_layernorm.bias": ("ln_1.bias", None, lambda d, f, tp: (d,)),
+    "attention.query_key_value.weight": ("attn.c_attn.weight", -1,
+                                         lambda d, f, tp: (d, 3, d // tp)),
+    "attention.query_key_value.bias": ("attn.c_attn.bias", -1, lambda d, f, tp: (3, d // tp)),
+    "attention.dense.weight": ("attn.c_proj.weight", 0, lambda d, f, tp: (d // tp, d)),
+    "attention.dense.bias": ("attn.c_proj.bias", None, lambda d, f, tp: (d,)),
+    "post_attention_layernorm.weight": ("ln_2.weight", None, lambda d, f, tp: (d,)),
+    "post_attention_layernorm.bias": ("ln_2.bias", None, lambda d, f, tp: (d,)),
+    "mlp.dense_h_to_4h.weight": ("mlp.c_fc.weight", -1, lambda d, f, tp: (d, f // tp)),
+    "mlp.dense_h_to_4h.bias": ("mlp.c_fc.bias", -1, lambda d, f, tp: (f // tp,)),
+    "mlp.dense_4h_to_h.weight": ("mlp.c_proj.weight", 0, lambda d, f, tp: (f // tp, d)),
+    "mlp.dense_4h_to_h.bias": ("mlp.c_proj.bias", None, lambda d, f, tp: (d,)),
+}
+_GLOBAL = {"wte": "wte.weight", "wpe": "wpe.weight",
+           "final_layernorm.weight": "ln_f.weight", "final_layernorm.bias": "ln_f.bias",
+           "lm_head.weight": "lm_head.weight"}
+
+
+def is_fastertransformer(directory: str) -> bool:
+    path = os.path.join(directory, CONFIG)
+    if not os.path.isfile(path):
+        return False
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+    except configparser.Error:
+        return True  # let the loader report the broken file
+    return parser.has_section("gpt")
+
+
+def _read_config(directory: str):
+    path = os.path.join(directory, CONFIG)
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path)
+    except configparser.Error as e:
+        raise CheckpointError(f"{path}: not a readable config.ini ({e})") from e
+    if not parser.has_section("gpt"):
+        raise CheckpointError(f"{path}: no [gpt] section")
+    sec = dict(parser["gpt"])
+
+    def integer(key, default=None):
+        if key not in sec:
+            if default is not None:
+                return default
+            raise CheckpointError(f"{path}: [gpt] lacks required key {key!r}")
+        try:
+            return int(sec[key])
+        except ValueError as e:
+            raise CheckpointError(f"{path}: [gpt] {key} = {sec[key]!r} is not an int") from e
+
+    unknown = sorted(set(sec) - _KNOWN - set(_DEFAULTS))
+    if unknown:
+        raise CheckpointError(f"{path}: [gpt] keys this converter does not know (they may "
+                              f"change the model's math; refusing to guess): {unknown}")
+    for key, want in _DEFAULTS.items():
+        if sec.get(key, want).strip().lower() != want:
+            raise CheckpointError(f"{path}: [gpt] {key} = {sec[key]!r} is not supported "
+                                  f"(supported: {want!r}); refusing to load with different "
+                                  "numerics")
+    act = sec.get("activation_type", "gelu").strip().lower()
+    if act not in _ACTIVATIONS:
+        raise CheckpointError(f"{path}: [gpt] activation_type = {act!r} is not supported "
+                              f"(supported: {sorted(_ACTIVATIONS)})")
+    dtype = sec.get("weight_data_type", "fp32").strip().lower()
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"{path}: [gpt] weight_data_type = {dtype!r} is not supported "
+                              f"(supported: {sorted(_DTYPES)})")
+    n, h = integer("head_num"), integer("size_per_head")
+    hf = {"n_head": n, "n_embd": n * h, "n_inner": integer("inter_size"),
+          "n_positions": integer("max_pos_seq_len"), "n_layer": integer("num_layer"),
+          "vocab_size": integer("vocab_size"), "activation_function": _ACTIVATIONS[act],
+          "layer_norm_epsilon": float(sec.get("layernorm_eps", 1e-5))}
+    for src, dst in (("start_id", "bos_token_id"), ("end_id", "eos_token_id")):
+        if src in sec:
+            hf[dst] = integer(src)
+    return path, hf, _DTYPES[dtype], integer("tensor_para_size", 0)
+
+
+def _detect_tp(directory: str, where: str) -> int:
+    ranks = set()
+    pat = re.compile(r"model\.layers\.0\.attention\.query_key_value\.weight\.(\d+)\.bin")
+    for name in os.listdir(directory):
+        m = pat.fullmatch(name)
+        if m:
+            ranks.add(int(m.group(1)))
+    if not ranks:
+        raise CheckpointError(f"{where}: no model.layers.0.attention.query_key_value.weight.R.bin "
+                              "file found")
+    return max(ranks) + 1
+
+
+def _read_bin(path: str, dtype, shape) -> np.ndarray:
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: not found")
+    want = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    size = os.path.getsize(path)
+    if size != want:
+        raise CheckpointError(f"{path}: {size} bytes, expected {want} for tensor of shape "
+                              f"{shape} in {np.dtype(dtype).name} (truncated or another model?)")
+    return np.fromfile(path, dtype=dtype).reshape(shape)
+
+
+def load_fastertransformer(directory: str):
+    """Reads a c-model directory. Returns (ModelConfig, params of numpy arrays)."""
+    from ftjax.model import param_shapes
+
+    where, hf, dtype, tp = _read_config(directory)
+    tp = tp or _detect_tp(directory, where)
+    d, f, v = hf["n_embd"], hf["n_inner"], hf["vocab_size"]
+    head = os.path.join(directory, "model.lm_head.weight.bin")
+    hf["tie_word_embeddings"] = not os.path.exists(head)
+    cfg = hf_gpt2.config_from_hf(hf, where)
+    if d % tp or f % tp:
+        raise CheckpointError(f"{where}: tensor_para_size {tp} does not divide hidden size {d} "
+                              f"and inter_size {f}")
+    used = set()
+
+    def read(name, shape):
+        path = os.path.join(directory, f"model.{name}.bin")
+        used.add(os.path.basename(path))
+        return _read_bin(path, dtype, shape)
+
+    tensors = {}
+    for name, shape in (("wte", (v, d)), ("wpe", (cfg.max_positions, d)),
+                        ("final_layernorm.weight", (d,)), ("final_layernorm.bias", (d,))):
+        tensors[_GLOBAL[name]] = read(name, shape)
+    if not cfg.tied_embeddings:
+        tensors["lm_head.weight"] = read("lm_head.weight", (v, d))
+    for i in range(cfg.n_layers):
+        for name, (hf_name, axis, shape) in _LAYER.items():
+            key = f"layers.{i}.{name}"
+            if axis is None:
+                value = read(key, shape(d, f, 1))
+            else:
+                parts = [read(f"{key}.{r}", shape(d, f, tp)) for r in range(tp)]
+                value = np.concatenate(parts, axis=axis)
+            if name.startswith("attention.query_key_value"):
+                value = value.reshape(*value.shape[:-2], 3 * d)  # [.., 3, D] -> GPT-2 c_attn
+            tensors[f"h.{i}.{hf_name}"] = value
+    extra = sorted(n for n in os.listdir(directory)
+                   if n.startswith("model.") and n.endswith(".bin") and n not in used)
+    if extra:
+        raise CheckpointError(f"{where}: tensor files this converter does not understand "
+                              f"(refusing to drop them): {extra[:8]}")
+    params = apply_rules(tensors, hf_gpt2.rules(cfg, ""), cfg, param_shapes(cfg), where=directory)
+    return cfg, params
+
+
+def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1,
+                           dtype: str = "float32", source: str | None = None) -> None:
+    """Writes a c-model directory (config.ini + .bin per tensor, split over `tp` ranks).
+
+    Args:
+      cfg, params: the model (canonical params, numpy or jax leaves).
+      tp: tensor parallel size FasterTransformer will run with; must divide the
+        hidden size, heads and inter_size.
+      dtype: "float32" (fp32) or "float16" (fp16).
+      source: a directory whose tokenizer files are copied along, if any.
+    Raises:
+      ValueError: `cfg` has a feature FT's GPT c-model lacks (message names the field),
+        or a bad tp / dtype.
+    """
+    from converters.hf_export import hf_gpt2_config, hf_gpt2_tensors
+    from converters.native import TOKENIZER_FILES
+
+    names = {"float32": "fp32", "float16": "fp16"}
+    if dtype not in names:
+        raise ValueError(f"dtype must be 'float32' or 'float16' for FasterTransformer, "
+                         f"got {dtype!r}")
+    if not isinstance(tp, int) or tp < 1 or cfg.n_heads % tp or cfg.d_ff % tp:
+        raise ValueError(f"tp must be a positive int dividing n_heads ({cfg.n_heads}) and "
+                         f"d_ff ({cfg.d_ff}), got {tp!r}")
+    act = {v: k.capitalize() for k, v in _ACTIVATIONS.items()}.get(cfg.activation)
+    if act is None:
+        raise ValueError(f"ModelConfig.activation = {cfg.activation!r} cannot be expressed in "
+                         f"a FasterTransformer GPT c-model (supported: {sorted(_ACTIVATIONS.values())})")
+    if len(cfg.eos_token_ids) > 1:
+        raise ValueError(f"ModelConfig.eos_token_id = {cfg.eos_token_id!r}: a FasterTransformer "
+                         "c-model has one end_id")
+    hf = hf_gpt2_config(cfg, dtype)
+    np_dtype = np.dtype(dtype)
+    tensors = hf_gpt2_tensors(cfg, params, np_dtype)
+    d = cfg.d_model
+    os.makedirs(directory, exist_ok=True)
+
+    def write(name, value):
+        np.ascontiguousarray(value, np_dtype).tofile(os.path.join(directory, f"model.{name}.bin"))
+
+    for ft_name, hf_name in _GLOBAL.items():
+        if "transformer." + hf_name in tensors:
+            write(ft_name, tensors["transformer." + hf_name])
+    for i in range(cfg.n_layers):
+        for name, (hf_name, axis, _) in _LAYER.items():
+            value = tensors[f"transformer.h.{i}.{hf_name}"]
+            if name.startswith("attention.query_key_value"):
+                value = value.reshape(*value.shape[:-1], 3, d)
+            if axis is None:
+                write(f"layers.{i}.{name}", value)
+            else:
+                for r, part in enumerate(np.split(value, tp, axis=axis)):
+                    write(f"layers.{i}.{name}.{r}", part)
+    parser = configparser.ConfigParser()
+    parser["gpt"] = {
+        "model_name": "gpt", "head_num": str(cfg.n_heads), "size_per_head": str(cfg.head_dim),
+        "inter_size": str(cfg.d_ff), "max_pos_seq_len": str(cfg.max_positions),
+        "num_layer": str(cfg.n_layers), "vocab_size": str(cfg.vocab_size),
+        "weight_data_type": names[dtype], "tensor_para_size": str(tp),
+        "layernorm_eps": repr(float(cfg.norm_eps)), "activation_type": act,
+    }
+    for key, value in (("start_id", hf["bos_token_id"]), ("end_id", hf["eos_token_id"])):
+        if isinstance(value, int):
+            parser["gpt"][key] = str(value)
+    with open(os.path.join(directory, CONFIG), "w") as fh:
+        parser.write(fh)
+    if source and os.path.isdir(source):
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(source, name)):
+                shutil.copy(os.path.join(source, name), os.path.join(directory, name))
+
