@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import buckets
+from ftjax import buckets, sharding
 from ftjax.config import ModelConfig
 from ftjax.engine import FINISH_STOP, DecodeState, Engine
 from ftjax.errors import CheckpointError
@@ -72,16 +72,20 @@ def _load_tokenizer(path: str):
         raise CheckpointError(f"{path}: tokenizer files present but unreadable ({e})") from e
 
 
-def load(path: str, dtype: str = "float32") -> "Model":
+def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = None
+         ) -> "Model":
     """Loads a checkpoint directory.
 
     Args:
       path: a HuggingFace directory (config.json + model.safetensors or
         pytorch_model.bin, optionally sharded) or a directory written by `ftjax convert`.
       dtype: "float32", "bfloat16" or "float16": the dtype of weights and activations.
+      mesh: an optional `ftjax.make_mesh(...)` mesh: params are placed shard by shard
+        (each device reads only its slice of the host arrays) and the KV cache and
+        batch are sharded; `generate` / `forward` are used as without one.
     Raises:
       CheckpointError: the directory is unreadable or in an unsupported layout.
-      ValueError: an unknown dtype.
+      ValueError: an unknown dtype, or a mesh the model's shapes do not fit.
     """
     from converters import load_checkpoint
 
@@ -90,15 +94,19 @@ def load(path: str, dtype: str = "float32") -> "Model":
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
     cfg, params_np = load_checkpoint(path)
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jdtype), params_np)
-    return Model(cfg, params, dtype, tokenizer=_load_tokenizer(path), path=path)
+    if mesh is None:
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jdtype), params_np)
+    else:
+        params = params_np  # Model places them shard by shard, straight from the host arrays
+    return Model(cfg, params, dtype, tokenizer=_load_tokenizer(path), path=path, mesh=mesh)
 
 
 class Model:
     """A loaded model: teacher-forced `forward`, batched `generate`, token `stream`."""
 
     def __init__(self, config: ModelConfig, params, dtype: str = "float32", tokenizer=None,
-                 path: Optional[str] = None):
+                 path: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None):
+        """`params`: canonical (stacked) params, numpy or jax arrays. `mesh`: see `load`."""
         self.config = config
         self.dtype = dtype
         self.tokenizer = tokenizer
@@ -106,16 +114,25 @@ class Model:
         # On CPU the layers run as a Python loop over per-layer weights (see
         # `Transformer.scan_layers`); elsewhere one scan over the stacked weights.
         scan = jax.default_backend() != "cpu"
-        self.engine = Engine(config, _dtype(dtype), scan_layers=scan)
+        self.layout = None
+        if mesh is not None:
+            if mesh.shape.get("pipe", 1) > 1:
+                raise ValueError("pipeline parallelism (pipe > 1) is not implemented for running "
+                                 "models; the pipe axis is used by `ftjax plan` only")
+            self.layout = sharding.Layout(mesh, config)
+        self.engine = Engine(config, _dtype(dtype), scan_layers=scan, layout=self.layout)
         self._run_params = params if scan else unstack_layers(params, config.n_layers)
+        if self.layout is not None:
+            self._run_params = self.layout.place_params(self._run_params, _dtype(dtype))
 
     @property
     def params(self):
         """The canonical params pytree (layers stacked). On CPU the model holds per-layer
         weights, so this builds a stacked copy on each access: read it once, not per call."""
-        if self.engine.model.scan_layers:
-            return self._run_params
-        return stack_layers(self._run_params, self.config.n_layers)
+        params = self._run_params
+        if not self.engine.model.scan_layers:
+            params = stack_layers(params, self.config.n_layers)
+        return params if self.layout is None else self.layout.unpad_params(params)
 
     def __repr__(self):
         c = self.config
@@ -162,7 +179,9 @@ class Model:
                              f"shape {ids.shape} dtype {ids.dtype}")
         for i, row in enumerate(ids):
             self._check_ids(row, f"input_ids[{i}]", self.config.max_positions)
-        return self.engine.forward(self._run_params, jnp.asarray(ids, jnp.int32))
+        ids = np.asarray(ids, np.int32)
+        ids = jnp.asarray(ids) if self.layout is None else self.layout.shard_batch(ids)
+        return self.engine.forward(self._run_params, ids)
 
     # -- generation -----------------------------------------------------------
 
@@ -183,6 +202,8 @@ class Model:
                              f"(one per prompt), got {len(sampling)} items")
         plan = buckets.plan(n, max(len(p) for p in ids), int(max_new_tokens),
                             self.config.max_positions, DECODE_CHUNK)
+        if self.layout is not None:  # every data shard gets whole rows
+            plan = dataclasses.replace(plan, batch=self.layout.batch_size(plan.batch))
         tokens = np.zeros((plan.batch, plan.prompt_len), np.int32)
         lengths = np.ones((plan.batch,), np.int32)
         for i, p in enumerate(ids):
@@ -191,7 +212,10 @@ class Model:
         sp = SamplingArrays.build(sampling, plan.batch, self.config.vocab_size,
                                   self.config.eos_token_ids, [max_new_tokens] * n)
         greedy_only = all(s.greedy for s in sampling)
-        state = self.engine.prefill(self._run_params, jnp.asarray(tokens), jnp.asarray(lengths), sp,
+        tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+        if self.layout is not None:
+            tokens, lengths, sp = self.layout.shard_batch((tokens, lengths, sp))
+        state = self.engine.prefill(self._run_params, tokens, lengths, sp,
                                     max_len=plan.cache_len, width=plan.width,
                                     greedy_only=greedy_only)
         return state, sp, n, greedy_only
@@ -213,7 +237,7 @@ class Model:
         return self._collect(state, n)
 
     def _collect(self, state: DecodeState, n: int) -> GenerateOutput:
-        tokens, log_probs, n_gen, finish = jax.device_get(
+        tokens, log_probs, n_gen, finish = sharding.fetch(
             (state.tokens, state.log_probs, state.n_gen, state.finish))
         out_tokens = [tokens[i, :n_gen[i]].tolist() for i in range(n)]
         reasons = ["stop" if finish[i] == FINISH_STOP else "length" for i in range(n)]
@@ -236,7 +260,7 @@ class Model:
         seen = [0] * n
         shown = [""] * n
         while True:
-            tokens, n_gen, finish = jax.device_get((state.tokens, state.n_gen, state.finish))
+            tokens, n_gen, finish = sharding.fetch((state.tokens, state.n_gen, state.finish))
             for i in range(n):
                 for j in range(seen[i], int(n_gen[i])):
                     last = j + 1 == n_gen[i] and finish[i] != 0

@@ -44,10 +44,14 @@ class DecodeState:
 class Engine:
     """Jitted prefill / decode functions for one model config and dtype."""
 
-    def __init__(self, cfg: ModelConfig, dtype, scan_layers: bool = True):
+    def __init__(self, cfg: ModelConfig, dtype, scan_layers: bool = True, layout=None):
+        """`layout`: an optional `ftjax.sharding.Layout`; params and inputs then arrive
+        sharded, and the KV cache is pinned to its sharding where it is made."""
         self.cfg = cfg
         self.dtype = dtype
-        self.model = Transformer(cfg, dtype, scan_layers=scan_layers)
+        self.layout = layout
+        self.model = Transformer(cfg, dtype, scan_layers=scan_layers,
+                                 padded_vocab=layout.padded_vocab if layout else None)
         self.trace_counts = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "greedy_only"))
         self.decode = jax.jit(self._decode, static_argnames=("greedy_only", "chunk"),
@@ -61,6 +65,9 @@ class Engine:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         logits, _ = self.model.apply({"params": params}, tokens, positions)
         return logits
+
+    def _constrain(self, cache: KVCache) -> KVCache:
+        return cache if self.layout is None else self.layout.constrain_cache(cache)
 
     def _finish(self, tokens, pos, n_gen, finish, sp: SamplingArrays):
         """Marks rows that just produced a stop token or reached their length limit."""
@@ -81,7 +88,7 @@ class Engine:
         """
         self.trace_counts["prefill"] += 1
         b, t = tokens.shape
-        cache = KVCache.zeros(self.cfg, b, max_len, self.dtype)
+        cache = self._constrain(KVCache.zeros(self.cfg, b, max_len, self.dtype))
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         logits, cache = self.model.apply({"params": params}, tokens, positions, cache,
                                          last_index=lengths - 1)
@@ -100,6 +107,7 @@ class Engine:
         running = state.finish == FINISH_NONE
         logits, cache = self.model.apply({"params": params}, state.last[:, None],
                                          state.pos[:, None], state.cache)
+        cache = self._constrain(cache)
         tok, logp = sample(logits[:, 0], sp, state.step, greedy_only)
         tok = jnp.where(running, tok, 0)
         idx = jnp.minimum(state.step, state.tokens.shape[1] - 1)
