@@ -108,8 +108,9 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
         raise ValueError(
             f"ftjax.distributed.initialize: incomplete multi-process description from {source} "
             f"(coordinator_address={args['coordinator_address']!r}, num_processes="
-            f"{args['num_processes']!r}, process_id={args['process_id']!r}); pass them, or set "
-            "FTJAX_COORDINATOR / FTJAX_NUM_PROCESSES / FTJAX_PROCESS_ID, or run under srun / mpirun")
+            f"{args['num_processes']!r}, process_id={args['process_id']!r}); pass them, or "
+            "set FTJAX_COORDINATOR / FTJAX_NUM_PROCESSES / FTJAX_PROCESS_ID, or run under "
+            "srun / mpirun")
     if not 0 <= args["process_id"] < args["num_processes"]:
         raise ValueError(f"ftjax.distributed.initialize: process_id {args['process_id']} is not "
                          f"in [0, num_processes={args['num_processes']})")

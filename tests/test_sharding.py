@@ -20,6 +20,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from tiny import tiny_config, tiny_params
 
 import ftjax
 from ftjax import distributed
@@ -28,7 +29,6 @@ from ftjax.config import preset
 from ftjax.model import param_shapes
 from ftjax.plan import plan_memory
 from ftjax.sharding import Layout, make_mesh
-from tiny import tiny_config, tiny_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_STOP = ftjax.SamplingParams(stop_token_ids=[])
@@ -98,7 +98,7 @@ def test_megatron_specs_and_kv_replication():
         assert layout.padded_vocab % tp == 0 and 97 <= layout.padded_vocab < 97 + tp
         assert layout.cache_sharding(2, 16).spec == P("pipe", "data", kv, None, None)
     with pytest.raises(ValueError, match="pipeline parallelism"):
-        Model(cfg, _host(tiny_params(cfg)), mesh=make_mesh(tensor=2, pipe=2))
+        Model(cfg, None, mesh=make_mesh(tensor=2, pipe=2))  # refused before params are read
     # per-layer layout: the same rules without the layers axis
     per_layer = Layout(make_mesh(tensor=2), cfg).param_shardings(
         {"layers_0": jax.tree_util.tree_map(lambda x: np.zeros(x.shape[1:]), shapes["layers"])})
@@ -236,8 +236,9 @@ HF_MESHES = {
 @pytest.mark.torch
 @pytest.mark.parametrize("arch", sorted(HF_MESHES))
 def test_hf_architectures_on_meshes(arch, tmp_path):
-    from converters import load_checkpoint
     from hf_models import hf_logits, make_hf
+
+    from converters import load_checkpoint
 
     hf = make_hf(_hf_configs()[arch], tmp_path)
     ref = ftjax.load(str(tmp_path))
