@@ -334,3 +334,13 @@ def test_two_processes_tp8_equal_one_process(tmp_path):
     result = json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1])
     assert result["processes"] == 2 and result["devices"] == 8
     assert result["tokens"] == want
+
+
+def test_distributed_initialize_needs_a_description(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(("FTJAX_", "SLURM_", "OMPI_")):
+            monkeypatch.delenv(k)
+    with pytest.raises(ValueError, match="incomplete multi-process description from nothing"):
+        distributed.initialize()
+    with pytest.raises(ValueError, match=r"process_id 2 is not in \[0, num_processes=2\)"):
+        distributed.initialize("127.0.0.1:1", num_processes=2, process_id=2)
