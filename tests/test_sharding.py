@@ -20,7 +20,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from tiny import tiny_config, tiny_params
+from tiny import tiny_config
 
 import ftjax
 from ftjax import distributed
@@ -40,8 +40,15 @@ needs_8 = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) d
 pytestmark = needs_8
 
 
-def _host(params):
-    return jax.tree_util.tree_map(np.asarray, params)
+def _params(cfg, seed=0):
+    """tiny.tiny_params's draw from abstract shapes: no init compile (seconds saved per call)."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, x):
+        noise = rng.standard_normal(x.shape) * 0.3
+        return (noise * 0.2 + 1.0 if path[-1].key == "scale" else noise).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(cfg))
 
 
 def _check_same(ref, model, ids, prompts, n_new=8):
@@ -123,7 +130,7 @@ class _Recorder:
 
 def test_placement_reads_only_shards(tmp_path):
     cfg = tiny_config(n_heads=8, n_kv_heads=8, head_dim=4, vocab_size=97)
-    params = _host(tiny_params(cfg))
+    params = _params(cfg)
     layout = Layout(make_mesh(tensor=4, data=2), cfg)
     log = []
     flat = {"embed": params["embed"], "layers": params["layers"]}
@@ -176,7 +183,7 @@ TINY_MESHES = {"gqa2_glu_rotary": [(4, 2)], "mqa_alibi_headbias": [(8, 1)]}
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_tiny_meshes_equal_one_device(name):
     cfg = tiny_config(vocab_size=97, **TINY[name])
-    params = _host(tiny_params(cfg))
+    params = _params(cfg)
     ref = Model(cfg, params)
     ids = np.random.default_rng(0).integers(0, 97, (3, 11))
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
@@ -187,6 +194,21 @@ def test_tiny_meshes_equal_one_device(name):
         events = list(model.stream(prompts, 6, NO_STOP))
         streamed = [[e.token for e in events if e.index == i] for i in range(3)]
         assert streamed == ref.generate(prompts, 6, NO_STOP).tokens
+
+
+def test_stacked_layout_on_a_mesh():
+    """Accelerators run one nn.scan over the stacked params: the same rules with the
+    layers axis (here on CPU through the engine directly)."""
+    from ftjax.engine import Engine
+
+    cfg = tiny_config(n_heads=8, n_kv_heads=2, head_dim=4, vocab_size=97)
+    params = _params(cfg)
+    layout = Layout(make_mesh(tensor=4, data=2), cfg)
+    engine = Engine(cfg, np.float32, scan_layers=True, layout=layout)
+    ids = np.random.default_rng(0).integers(0, 97, (2, 9)).astype(np.int32)
+    got = engine.forward(layout.place_params(params, np.float32), layout.shard_batch(ids))
+    want = Model(cfg, params).forward(ids)
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= ATOL
 
 
 # -- HuggingFace architectures ------------------------------------------------------
@@ -319,7 +341,7 @@ def test_two_processes_tp8_equal_one_process(tmp_path):
     from converters import save_native
 
     cfg = tiny_config(n_heads=8, n_kv_heads=2, head_dim=4, vocab_size=97)
-    params = _host(tiny_params(cfg, seed=3))
+    params = _params(cfg, seed=3)
     save_native(str(tmp_path / "ckpt"), cfg, params, "float32")
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
     want = Model(cfg, params).generate(prompts, 8, NO_STOP).tokens
