@@ -172,7 +172,10 @@ class Model:
     # -- teacher forcing ------------------------------------------------------
 
     def forward(self, input_ids) -> jax.Array:
-        """Logits of every position: int `[B, T]` -> float32 `[B, T, V]`."""
+        """Logits of every position: int `[B, T]` -> float32 `[B, T, V]`.
+
+        With a mesh the result is a sharded jax.Array; in a multi-process run read it
+        with `ftjax.sharding.fetch` (it gathers the shards other processes hold)."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"input_ids must be an int array [batch, length], got "
