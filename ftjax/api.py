@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import buckets
+from ftjax import buckets, sharding
 from ftjax.config import ModelConfig
 from ftjax import batching
 from ftjax.batching import Request, Sequences
@@ -110,8 +110,8 @@ def _kernels(name: str) -> str:
     return name
 
 
-def load(path: str, dtype: str = "float32", kernels: str = "auto",
-         megatron_args: Optional[dict] = None) -> "Model":
+def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = None,
+         kernels: str = "auto", megatron_args: Optional[dict] = None) -> "Model":
     """Loads a checkpoint.
 
     Args:
@@ -120,6 +120,9 @@ def load(path: str, dtype: str = "float32", kernels: str = "auto",
         a Megatron-LM checkpoint directory, a NeMo `.nemo` archive (or its extracted
         directory) or a FasterTransformer c-model directory (config.ini + .bin files).
       dtype: "float32", "bfloat16" or "float16": the dtype of weights and activations.
+      mesh: an optional `ftjax.make_mesh(...)` mesh: params are placed shard by shard
+        (each device reads only its slice of the host arrays) and the KV cache and
+        batch are sharded; `generate` / `forward` are used as without one.
       kernels: "auto" (Pallas on a GPU backend, XLA elsewhere), "pallas" (the Pallas
         decode-attention kernel; interpreted off GPU: slow, for tests) or "xla".
       megatron_args: for Megatron-LM checkpoints saved without args, the Megatron
@@ -128,8 +131,8 @@ def load(path: str, dtype: str = "float32", kernels: str = "auto",
         (the tokenizer's) when there is no vocab.json next to the checkpoint.
     Raises:
       CheckpointError: the checkpoint is unreadable or in an unsupported layout.
-      ValueError: an unknown dtype or kernels value, or megatron_args for a checkpoint
-        that is not Megatron-LM.
+      ValueError: an unknown dtype or kernels value, a mesh the model's shapes do not
+        fit, or megatron_args for a checkpoint that is not Megatron-LM.
     """
     from converters import load_checkpoint, tokenizer_dir
 
@@ -139,17 +142,23 @@ def load(path: str, dtype: str = "float32", kernels: str = "auto",
     if not os.path.isdir(path) and not (path.endswith(".nemo") and os.path.isfile(path)):
         raise CheckpointError(f"{path}: not a directory")
     cfg, params_np = load_checkpoint(path, megatron_args=megatron_args)
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jdtype), params_np)
+    if mesh is None:
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jdtype), params_np)
+    else:
+        params = params_np  # Model places them shard by shard, straight from the host arrays
     tok = tokenizer_dir(path)
     return Model(cfg, params, dtype, tokenizer=tok and _load_tokenizer(tok), path=path,
-                 kernels=kernels)
+                 mesh=mesh, kernels=kernels)
 
 
 class Model:
     """A loaded model: teacher-forced `forward`, batched `generate`, token `stream`."""
 
     def __init__(self, config: ModelConfig, params, dtype: str = "float32", tokenizer=None,
-                 path: Optional[str] = None, kernels: str = "auto"):
+                 path: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None,
+                 kernels: str = "auto"):
+        """`params`: canonical (stacked) params, numpy or jax arrays. `mesh`, `kernels`:
+        see `load`."""
         self.config = config
         self.dtype = dtype
         self.tokenizer = tokenizer
@@ -157,17 +166,27 @@ class Model:
         # On CPU the layers run as a Python loop over per-layer weights (see
         # `Transformer.scan_layers`); elsewhere one scan over the stacked weights.
         scan = jax.default_backend() != "cpu"
-        self.engine = Engine(config, _dtype(dtype), scan_layers=scan, kernels=_kernels(kernels))
+        self.layout = None
+        if mesh is not None:
+            if mesh.shape.get("pipe", 1) > 1:
+                raise ValueError("pipeline parallelism (pipe > 1) is not implemented for running "
+                                 "models; the pipe axis is used by `ftjax plan` only")
+            self.layout = sharding.Layout(mesh, config)
+        self.engine = Engine(config, _dtype(dtype), scan_layers=scan, kernels=_kernels(kernels),
+                             layout=self.layout)
         self.beams = BeamSearch(self.engine)
         self._run_params = params if scan else unstack_layers(params, config.n_layers)
+        if self.layout is not None:
+            self._run_params = self.layout.place_params(self._run_params, _dtype(dtype))
 
     @property
     def params(self):
         """The canonical params pytree (layers stacked). On CPU the model holds per-layer
         weights, so this builds a stacked copy on each access: read it once, not per call."""
-        if self.engine.model.scan_layers:
-            return self._run_params
-        return stack_layers(self._run_params, self.config.n_layers)
+        params = self._run_params
+        if not self.engine.model.scan_layers:
+            params = stack_layers(params, self.config.n_layers)
+        return params if self.layout is None else self.layout.unpad_params(params)
 
     def __repr__(self):
         c = self.config
@@ -207,14 +226,19 @@ class Model:
     # -- teacher forcing ------------------------------------------------------
 
     def forward(self, input_ids) -> jax.Array:
-        """Logits of every position: int `[B, T]` -> float32 `[B, T, V]`."""
+        """Logits of every position: int `[B, T]` -> float32 `[B, T, V]`.
+
+        With a mesh the result is a sharded jax.Array; in a multi-process run read it
+        with `ftjax.sharding.fetch` (it gathers the shards other processes hold)."""
         ids = np.asarray(input_ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"input_ids must be an int array [batch, length], got "
                              f"shape {ids.shape} dtype {ids.dtype}")
         for i, row in enumerate(ids):
             self._check_ids(row, f"input_ids[{i}]", self.config.max_positions)
-        return self.engine.forward(self._run_params, jnp.asarray(ids, jnp.int32))
+        ids = np.asarray(ids, np.int32)
+        ids = jnp.asarray(ids) if self.layout is None else self.layout.shard_batch(ids)
+        return self.engine.forward(self._run_params, ids)
 
     # -- generation -----------------------------------------------------------
 
@@ -307,7 +331,7 @@ class Model:
     def _run_sampling(self, reqs: List[Request], session=None, cache=None):
         """Prefill + decode of sampled / greedy requests. Returns (Sequences per request, state)."""
         batch = batching.build(reqs, [r.sp.n for r in reqs], self.config, DECODE_CHUNK,
-                               session=session)
+                               session=session, layout=self.layout)
         state, prompt_lp = self.engine.prefill(
             self._run_params, **batch.prefill_args, sp=batch.sp, cache=cache,
             max_len=batch.max_len, width=batch.width, feat=batch.feat)
@@ -332,14 +356,17 @@ class Model:
                 raise ValueError("num_beams > 1 does not support stop_strings, stop_sequences, "
                                  "logprobs or prompt_logprobs")
         nb, rpad = sp0.num_beams, buckets.next_pow2(len(reqs))
-        batch = batching.build(reqs, [nb] * len(reqs), self.config, 1, batch_size=rpad * nb)
+        if self.layout is not None:
+            rpad = self.layout.batch_size(rpad)
+        batch = batching.build(reqs, [nb] * len(reqs), self.config, 1, batch_size=rpad * nb,
+                               layout=self.layout)
         live = jnp.arange(rpad) < len(reqs)
         st = self.beams.run(self._run_params, **batch.prefill_args, sp=batch.sp, live=live,
                             num_beams=nb, max_new=reqs[0].max_new,
                             early_stopping=sp0.early_stopping,
                             length_penalty=float(sp0.length_penalty), max_len=batch.max_len,
                             width=batch.width, feat=batch.feat)
-        fin, fin_lp, fin_len, fin_stop, scores = jax.device_get(
+        fin, fin_lp, fin_len, fin_stop, scores = sharding.fetch(
             (st.fin, st.fin_lp, st.fin_len, st.fin_stop, st.fin_scores))
         out = []
         for i, r in enumerate(reqs):
@@ -385,7 +412,8 @@ class Model:
         if any(r.sp.num_beams > 1 for r in reqs):
             raise ValueError("stream does not support num_beams > 1: beams are only final "
                              "when the search ends; use generate")
-        batch = batching.build(reqs, [r.sp.n for r in reqs], self.config, STREAM_CHUNK)
+        batch = batching.build(reqs, [r.sp.n for r in reqs], self.config, STREAM_CHUNK,
+                               layout=self.layout)
         state, _ = self.engine.prefill(self._run_params, **batch.prefill_args, sp=batch.sp,
                                        max_len=batch.max_len, width=batch.width, feat=batch.feat)
         stops = batching.StopStrings(batch, reqs, self.tokenizer)
@@ -394,7 +422,7 @@ class Model:
         shown = [""] * len(rows)
         while True:
             state = stops.check(state)
-            tokens, n_gen, finish = jax.device_get((state.tokens, state.n_gen, state.finish))
+            tokens, n_gen, finish = sharding.fetch((state.tokens, state.n_gen, state.finish))
             for b, (i, j) in enumerate(rows):
                 end = stops.cut.get(b, int(n_gen[b]))
                 for k in range(seen[b], end):

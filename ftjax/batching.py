@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax import buckets
+from ftjax.sharding import fetch
 from ftjax.config import ModelConfig
 from ftjax.engine import FINISH_NONE, FINISH_STOP, Features
 from ftjax.sampling import SamplingArrays, SamplingParams
@@ -59,7 +60,8 @@ def features(sps: Sequence[SamplingParams], vocab: int) -> Features:
 
 
 def build(requests: Sequence[Request], copies: Sequence[int], cfg: ModelConfig, chunk: int,
-          session: Optional[dict] = None, batch_size: Optional[int] = None) -> Batch:
+          session: Optional[dict] = None, batch_size: Optional[int] = None,
+          layout=None) -> Batch:
     """Pads a group of requests into one batch.
 
     Args:
@@ -67,6 +69,9 @@ def build(requests: Sequence[Request], copies: Sequence[int], cfg: ModelConfig, 
       session: for a session's turn: {"start": int, "max_len": int, "history": [ids]}
         (one request, continuing a cache that holds `start` positions).
       batch_size: the padded row count (default: the next power of two).
+      layout: an `ftjax.sharding.Layout`: rows are padded to a multiple of the data
+        size and the arrays placed batch-sharded (the distinct-prompt arrays stay
+        replicated when their count does not divide).
     """
     rows = [(i, j) for i, c in enumerate(copies) for j in range(c)]
     keys: Dict[tuple, int] = {}
@@ -83,6 +88,8 @@ def build(requests: Sequence[Request], copies: Sequence[int], cfg: ModelConfig, 
         plan = dataclasses.replace(plan, batch=1, cache_len=session["max_len"])
     if batch_size is not None:
         plan = dataclasses.replace(plan, batch=batch_size)
+    if layout is not None and session is None:  # every data shard gets whole rows
+        plan = dataclasses.replace(plan, batch=layout.batch_size(plan.batch))
     n_unique = buckets.next_pow2(len(keys))
     t = plan.prompt_len
     tokens = np.zeros((n_unique, t), np.int32)
@@ -114,6 +121,8 @@ def build(requests: Sequence[Request], copies: Sequence[int], cfg: ModelConfig, 
                 lengths=jnp.asarray(lengths), rows=jnp.asarray(row_unique),
                 hist=jnp.asarray(hist),
                 soft=(jnp.asarray(embeds), jnp.asarray(mask)) if soft_any else None)
+    if layout is not None:
+        args, sp = layout.shard_batch((args, sp))
     return Batch(rows=rows, unique_of_request=unique_of_request, prefill_args=args, sp=sp,
                  feat=features([r.sp for r in requests], cfg.vocab_size),
                  max_len=plan.cache_len, width=plan.width)
@@ -142,7 +151,7 @@ def _alternatives(chosen: int, chosen_lp: float, ids, lps, n: int) -> Dict[int, 
 def collect(batch: Batch, requests: Sequence[Request], state, prompt_lp,
             cut: Optional[Dict[int, int]] = None) -> List[Sequences]:
     """Device state -> per-request `Sequences` (`cut`: row -> tokens kept, for stop strings)."""
-    tokens, log_probs, top_ids, top_lps, n_gen, finish = jax.device_get(
+    tokens, log_probs, top_ids, top_lps, n_gen, finish = fetch(
         (state.tokens, state.log_probs, state.top_ids, state.top_lps, state.n_gen, state.finish))
     cut = cut or {}
     out = [Sequences([], [], [], []) for _ in requests]
@@ -159,7 +168,7 @@ def collect(batch: Batch, requests: Sequence[Request], state, prompt_lp,
                 _alternatives(tokens[b, j], log_probs[b, j], top_ids[b, j], top_lps[b, j], n_top)
                 for j in range(k)]]
     if prompt_lp is not None:
-        lps, ids, alts = jax.device_get((prompt_lp.log_probs, prompt_lp.top_ids, prompt_lp.top_lps))
+        lps, ids, alts = fetch((prompt_lp.log_probs, prompt_lp.top_ids, prompt_lp.top_lps))
         for i, r in enumerate(requests):
             n = r.sp.prompt_logprobs
             if n is None:
@@ -194,7 +203,7 @@ class StopStrings:
         """Marks rows whose output now contains a stop string; returns the updated state."""
         if not self.watch:
             return state
-        tokens, n_gen, finish = jax.device_get((state.tokens, state.n_gen, state.finish))
+        tokens, n_gen, finish = fetch((state.tokens, state.n_gen, state.finish))
         finish = np.array(finish)
         for b, strings in self.watch.items():
             if b in self.cut:
@@ -220,4 +229,4 @@ class StopStrings:
         return lo
 
     def running(self, state) -> bool:
-        return bool(np.any(jax.device_get(state.finish) == FINISH_NONE))
+        return bool(np.any(fetch(state.finish) == FINISH_NONE))

@@ -63,14 +63,18 @@ def _time(fn, repeats: int) -> float:
 def _load(args):
     import ftjax
     from ftjax.api import Model
+    from ftjax.cli import mesh_from_args
     from ftjax.config import preset
     from ftjax.model import init_params
 
+    mesh = mesh_from_args(args)
     if args.model:
-        return ftjax.load(args.model, dtype=args.dtype)
+        return ftjax.load(args.model, dtype=args.dtype, mesh=mesh)
     cfg = preset(args.preset or "gpt2-124m")
     params = init_params(cfg, seed=0, dtype=ftjax.api.DTYPES[args.dtype])
-    return Model(cfg, params, args.dtype, path=f"preset:{args.preset or 'gpt2-124m'}")
+    if mesh is not None:  # placed shard by shard from host copies
+        params = jax.tree_util.tree_map(np.asarray, params)
+    return Model(cfg, params, args.dtype, path=f"preset:{args.preset or 'gpt2-124m'}", mesh=mesh)
 
 
 def _hf_model(model, dtype: str):
@@ -107,7 +111,8 @@ def run_bench(args) -> int:
     sp = ftjax.SamplingParams(temperature=0.0, stop_token_ids=[])  # exactly output_len tokens
     bandwidth = measure_bandwidth()
     print(f"model: {model.path}  ({cfg.n_params / 1e6:.1f}M params, {args.dtype}); "
-          f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}")
+          f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
+          f"tp={args.tp} dp={args.dp}")
     print(f"measured memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     hf = _hf_model(model, args.dtype) if args.compare == "hf" else None
     header = (f"{'batch':>5} {'in':>5} {'out':>5} {'latency ms':>11} {'1st tok ms':>11} "

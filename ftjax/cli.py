@@ -1,4 +1,4 @@
-"""The `ftjax` command: generate, convert, bench."""
+"""The `ftjax` command: generate, convert, bench, plan."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ def _generate(args) -> int:
             print("ftjax generate: give a PROMPT (or pipe one on stdin)", file=sys.stderr)
             return 2
         prompts = [sys.stdin.read()]
-    model = ftjax.load(args.model or ftjax.demo_model_path(), dtype=args.dtype)
+    model = ftjax.load(args.model or ftjax.demo_model_path(), dtype=args.dtype,
+                       mesh=mesh_from_args(args))
     sampling = ftjax.SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
@@ -82,6 +83,46 @@ def _convert(args) -> int:
     return 0
 
 
+def use_devices(n: int) -> None:
+    """Makes n virtual CPU devices available (for --tp/--dp on a CPU-only machine).
+
+    Only possible before jax's backends start; a no-op when XLA_FLAGS already asks
+    for host devices or when there are enough devices anyway."""
+    import jax
+
+    if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # backends already running: make_mesh reports a shortage
+        pass
+
+
+def mesh_from_args(args):
+    """The mesh --tp / --dp ask for, or None for one device."""
+    if args.tp == 1 and args.dp == 1:
+        return None
+    import ftjax
+
+    return ftjax.make_mesh(tensor=args.tp, data=args.dp)
+
+
+def _plan(args) -> int:
+    from ftjax.api import DTYPES
+    from ftjax.config import preset
+    from ftjax.plan import format_plan, plan_memory
+
+    if args.dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+    cfg = preset(args.preset)
+    max_len = min(args.max_len or cfg.max_positions, cfg.max_positions)
+    p = plan_memory(cfg, tensor=args.tp, pipe=args.pp, data=args.dp, batch=args.batch,
+                    max_len=max_len, dtype=DTYPES[args.dtype], compile=not args.no_compile)
+    print(format_plan(args.preset, cfg, p, args.tp, args.pp, args.dp, args.batch, max_len,
+                      args.dtype))
+    return 0
+
+
 def _bench(args) -> int:
     from ftjax.bench import run_bench
 
@@ -93,6 +134,11 @@ def _ints(text: str) -> List[int]:
         return [int(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}")
+
+
+def _mesh_args(p) -> None:
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (devices per model)")
+    p.add_argument("--dp", type=int, default=1, help="data-parallel size (batch shards)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop when the output contains TEXT (repeatable)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--dtype", default="float32")
+    _mesh_args(g)
     g.set_defaults(func=_generate)
 
     c = sub.add_parser("convert", help="write an ftjax checkpoint that loads fast")
@@ -141,12 +188,26 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--compare", choices=["hf"], help="also time HuggingFace generate()")
+    _mesh_args(b)
     b.set_defaults(func=_bench)
+
+    pl = sub.add_parser("plan", help="per-device memory of a sharded model (nothing allocated)")
+    pl.add_argument("--preset", required=True, help="a named model shape, e.g. gpt3-175b")
+    pl.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    pl.add_argument("--pp", type=int, default=1, help="pipeline size (shards the layers axis)")
+    pl.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--max-len", type=int, default=None, help="KV cache length per sequence")
+    pl.add_argument("--dtype", default="float16")
+    pl.add_argument("--no-compile", action="store_true",
+                    help="skip XLA's compiled memory analysis (shape arithmetic only)")
+    pl.set_defaults(func=_plan)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    use_devices(getattr(args, "tp", 1) * getattr(args, "dp", 1) * getattr(args, "pp", 1))
     from ftjax.errors import CheckpointError
 
     try:

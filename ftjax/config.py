@@ -178,6 +178,8 @@ PRESETS = {
     "gpt2-350m": lambda: gpt2_preset(1024, 24, 16),
     "gpt2-774m": lambda: gpt2_preset(1280, 36, 20),
     "gpt2-1.5b": lambda: gpt2_preset(1600, 48, 25),
+    # GPT-3 175B (Brown et al. 2020, table 2.1): for `ftjax plan`.
+    "gpt3-175b": lambda: gpt2_preset(12288, 96, 96, max_positions=2048),
 }
 
 

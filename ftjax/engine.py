@@ -92,13 +92,18 @@ def _log_probs_and_top(logits, tokens, top_n: int):
 class Engine:
     """Jitted prefill / decode functions for one model config and dtype."""
 
-    def __init__(self, cfg: ModelConfig, dtype, scan_layers: bool = True, kernels: str = "xla"):
-        """kernels: "xla" or "pallas" (see `Transformer.kernels`)."""
+    def __init__(self, cfg: ModelConfig, dtype, scan_layers: bool = True, kernels: str = "xla",
+                 layout=None):
+        """kernels: "xla" or "pallas" (see `Transformer.kernels`). layout: an optional
+        `ftjax.sharding.Layout`; params and inputs then arrive sharded, and the KV cache
+        is pinned to its sharding where it is made."""
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         self.cfg = cfg
         self.dtype = dtype
-        self.model = Transformer(cfg, dtype, scan_layers=scan_layers, kernels=kernels)
+        self.layout = layout
+        self.model = Transformer(cfg, dtype, scan_layers=scan_layers, kernels=kernels,
+                                 padded_vocab=layout.padded_vocab if layout else None)
         self.trace_counts = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "feat"),
                                donate_argnames=("cache",))
@@ -113,6 +118,9 @@ class Engine:
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         logits, _ = self.model.apply({"params": params}, tokens, positions)
         return logits
+
+    def _constrain(self, cache: KVCache) -> KVCache:
+        return cache if self.layout is None else self.layout.constrain_cache(cache)
 
     def _finish(self, state: DecodeState, tok, sp: SamplingArrays):
         """FINISH_* of rows that just produced `tok` at `state.pos` (already advanced)."""
@@ -159,7 +167,8 @@ class Engine:
         Returns (last-token logits `[B, V]`, cache with B rows, PromptLogprobs or None).
         """
         if cache is None:
-            cache = KVCache.zeros(self.cfg, tokens.shape[0], max_len, self.dtype)
+            cache = self._constrain(KVCache.zeros(self.cfg, tokens.shape[0], max_len,
+                                                  self.dtype))
         positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
         prompt_lp = None
         if prompt_top_n >= 0:
@@ -172,7 +181,7 @@ class Engine:
             logits, cache = self.model.apply({"params": params}, tokens, positions, cache,
                                              last_index=lengths - 1, soft=soft)
         cache = jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=1), cache)
-        return logits[rows, 0], cache, prompt_lp
+        return logits[rows, 0], self._constrain(cache), prompt_lp
 
     def _prefill(self, params, tokens, start, lengths, rows, hist, sp: SamplingArrays,
                  cache: Optional[KVCache] = None, soft=None, *, max_len: int, width: int,
@@ -212,7 +221,7 @@ class Engine:
     def _step(self, params, state: DecodeState, sp: SamplingArrays, feat: Features):
         logits, cache = self.model.apply({"params": params}, state.last[:, None],
                                          state.pos[:, None], state.cache)
-        return self._advance(state.replace(cache=cache), logits[:, 0], sp, feat)
+        return self._advance(state.replace(cache=self._constrain(cache)), logits[:, 0], sp, feat)
 
     def _scan(self, params, state, sp, feat, chunk):
         def body(s, _):

@@ -282,6 +282,9 @@ class Transformer(nn.Module):
     # pallas_kernels (decode_attention for T == 1, prefill_attention for T > 1),
     # interpreted off GPU (for tests).
     kernels: str = "xla"
+    # Rows of embed / lm_head when padded past vocab_size (vocab-parallel sharding
+    # pads to a multiple of the tensor size); the padded logits are sliced off.
+    padded_vocab: Optional[int] = None
 
     @nn.compact
     def __call__(self, tokens, positions, cache: Optional[KVCache] = None,
@@ -300,7 +303,8 @@ class Transformer(nn.Module):
         """
         cfg = self.cfg
         d, e = cfg.d_model, cfg.embed_dim
-        embed = self.param("embed", _init, (cfg.vocab_size, e), self.dtype)
+        vocab = self.padded_vocab or cfg.vocab_size
+        embed = self.param("embed", _init, (vocab, e), self.dtype)
         x = jnp.take(embed, tokens, axis=0)
         if soft is not None:
             x = jnp.where(soft[1][..., None], soft[0].astype(x.dtype), x)
@@ -329,11 +333,13 @@ class Transformer(nn.Module):
             x = Linear("btd,de->bte", (d, e), None, self.dtype, name="project_out")(x)
         head = embed
         if not cfg.tied_embeddings:
-            head = self.param("lm_head", _init, (cfg.vocab_size, e), self.dtype)
+            head = self.param("lm_head", _init, (vocab, e), self.dtype)
         logits = jnp.einsum("bte,ve->btv", x, head, preferred_element_type=jnp.float32)
         if cfg.lm_head_bias:
             logits = logits + self.param("lm_head_bias", nn.initializers.zeros,
-                                         (cfg.vocab_size,), self.dtype).astype(jnp.float32)
+                                         (vocab,), self.dtype).astype(jnp.float32)
+        if vocab != cfg.vocab_size:
+            logits = logits[..., :cfg.vocab_size]
         return logits, cache
 
 

@@ -11,6 +11,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
+# 8 virtual CPU devices for the sharding tests (test_sharding.py). XLA reads this when
+# jax starts its CPU backend, so it must be set before any test touches a device.
+# Unsharded code still runs on device 0 alone.
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
 
 def pytest_collection_modifyitems(config, items):
     if HAVE_TORCH:

@@ -1,0 +1,303 @@
+"""Tensor and data parallelism on `jax.sharding` meshes.
+
+The model names no mesh axes. Every array it reads or writes has *logical* axes
+(vocab, embed, heads, kv_heads, ffn, layers, batch, cache_seq, ...); ONE rules
+table (`RULES`) maps them to the mesh axes ("data", "pipe", "tensor"), and
+`PARAM_AXES` gives the logical axes of each canonical param. XLA's partitioner
+then inserts the collectives: with q/k/v/wi/wg split on heads/ffn (column
+parallel) and o/wo split on their input axis (row parallel) that is Megatron's
+two all-reduces per layer; embedding and LM head are split on the vocabulary.
+
+Rules that need a decision:
+  - the vocabulary is padded with zero rows to a multiple of the tensor size;
+    the model slices the padded logits off before anyone can sample them;
+  - heads and ffn must divide by the tensor size (else a ValueError listing
+    the sizes that work);
+  - any other dimension that does not divide its mesh axis is replicated: MQA /
+    GQA with fewer kv heads than tensor ranks keep every kv head (weights and
+    KV cache) on every rank that needs it;
+  - the batch is padded up to a multiple of the data size by the caller
+    (`Layout.batch_size`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ftjax.config import ModelConfig
+
+MESH_AXES = ("data", "pipe", "tensor")
+
+# Logical axis -> mesh axis (None: replicated). The one table.
+RULES: Mapping[str, Optional[str]] = {
+    "batch": "data",
+    "layers": "pipe",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "ffn": "tensor",
+    "embed": None,
+    "head_dim": None,
+    "positions": None,
+    "cache_seq": None,
+    "seq": None,
+}
+
+# Logical axes of each canonical param (block params without their leading "layers").
+PARAM_AXES: Mapping[str, Tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("vocab", "embed"),
+    "lm_head_bias": ("vocab",),
+    "pos_embed": ("positions", "embed"),
+    "project_in/kernel": ("embed", "embed"),
+    "project_out/kernel": ("embed", "embed"),
+    "norm/scale": ("embed",),
+    "norm/bias": ("embed",),
+    "attn/q/kernel": ("embed", "heads", "head_dim"),
+    "attn/q/bias": ("heads", "head_dim"),
+    "attn/k/kernel": ("embed", "kv_heads", "head_dim"),
+    "attn/k/bias": ("kv_heads", "head_dim"),
+    "attn/v/kernel": ("embed", "kv_heads", "head_dim"),
+    "attn/v/bias": ("kv_heads", "head_dim"),
+    "attn/o/kernel": ("heads", "head_dim", "embed"),
+    "attn/o/bias": ("embed",),
+    "mlp/wi/kernel": ("embed", "ffn"),
+    "mlp/wi/bias": ("ffn",),
+    "mlp/wg/kernel": ("embed", "ffn"),
+    "mlp/wg/bias": ("ffn",),
+    "mlp/wo/kernel": ("ffn", "embed"),
+    "mlp/wo/bias": ("embed",),
+}
+
+# KVCache k/v `[L, B, K, S, H]`.
+CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
+VOCAB_PARAMS = ("embed", "lm_head", "lm_head_bias")
+
+
+def make_mesh(tensor: int = 1, data: int = 1, pipe: int = 1, devices=None) -> Mesh:
+    """A mesh with axes ("data", "pipe", "tensor"), tensor the fastest-varying.
+
+    Neighbouring devices (those of one host first) form a tensor group, so the
+    per-layer all-reduces stay inside a host when tensor <= devices per host.
+    Axes are `AxisType.Auto` on every jax version (new jax defaults to Explicit).
+
+    Args:
+      tensor, data, pipe: axis sizes; their product devices are used.
+      devices: the devices to use (default: the first `data * pipe * tensor` of
+        `jax.devices()`, which spans every process in a multi-host run).
+    Raises:
+      ValueError: a size < 1, or more devices asked for than exist.
+    """
+    sizes = {"data": data, "pipe": pipe, "tensor": tensor}
+    for name, n in sizes.items():
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"make_mesh: {name} must be an int >= 1, got {n!r}")
+    devices = list(jax.devices() if devices is None else devices)
+    need = data * pipe * tensor
+    if need > len(devices):
+        raise ValueError(f"make_mesh: data*pipe*tensor = {data}*{pipe}*{tensor} = {need} devices, "
+                         f"but only {len(devices)} are available")
+    grid = np.asarray(devices[:need], dtype=object).reshape(data, pipe, tensor)
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def allowed_tensor_sizes(cfg: ModelConfig, limit: int = 1024) -> list:
+    """Tensor-parallel sizes this config supports (heads and ffn both divide)."""
+    return [t for t in range(1, min(cfg.n_heads, limit) + 1)
+            if cfg.n_heads % t == 0 and cfg.d_ff % t == 0]
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "/"))
+        else:
+            out[key] = v
+    return out
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def param_axes(path: str) -> Tuple[str, ...]:
+    """Logical axes of a param by its "/" path, in either layer layout.
+
+    "layers/attn/q/kernel" (stacked) -> ("layers", "embed", "heads", "head_dim");
+    "layers_3/attn/q/kernel" (per layer) -> ("embed", "heads", "head_dim").
+    """
+    head, _, rest = path.partition("/")
+    lead: Tuple[str, ...] = ()
+    if head == "layers":
+        lead = ("layers",)
+    elif not head.startswith("layers_"):
+        rest = path
+    module, _, leaf = rest.rpartition("/")
+    # Every norm (ln1, ln2, embed_norm, final_norm) shares one entry.
+    key = f"norm/{leaf}" if module.startswith("ln") or module.endswith("norm") else rest
+    if key not in PARAM_AXES:
+        raise ValueError(f"no sharding rule for param {path!r}")
+    return lead + PARAM_AXES[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh plus `RULES`, applied to one model config.
+
+    Attributes:
+      mesh: the device mesh.
+      cfg: the model config (checked against the mesh on creation).
+    """
+
+    mesh: Mesh
+    cfg: ModelConfig
+
+    def __post_init__(self):
+        if tuple(self.mesh.axis_names) != MESH_AXES:
+            raise ValueError(f"mesh axes must be {MESH_AXES} (use ftjax.make_mesh), got "
+                             f"{tuple(self.mesh.axis_names)}")
+        tp = self.tensor
+        bad = [f"{name} ({n})" for name, n in (("n_heads", self.cfg.n_heads),
+                                                ("d_ff", self.cfg.d_ff)) if n % tp]
+        if bad:
+            raise ValueError(f"tensor parallel size {tp} does not divide {' and '.join(bad)}; "
+                             f"allowed tensor sizes: {allowed_tensor_sizes(self.cfg)}")
+
+    @property
+    def tensor(self) -> int:
+        return self.mesh.shape["tensor"]
+
+    @property
+    def data(self) -> int:
+        return self.mesh.shape["data"]
+
+    @property
+    def padded_vocab(self) -> int:
+        """The vocabulary rounded up to a multiple of the tensor size."""
+        return -(-self.cfg.vocab_size // self.tensor) * self.tensor
+
+    def batch_size(self, batch: int) -> int:
+        """`batch` rounded up to a multiple of the data size."""
+        return -(-batch // self.data) * self.data
+
+    # -- logical axes -> shardings --------------------------------------------
+
+    def spec(self, axes: Sequence[Optional[str]], shape: Sequence[int]) -> PartitionSpec:
+        """PartitionSpec of an array with these logical axes; a dimension that
+        does not divide its mesh axis is replicated."""
+        out = []
+        for name, n in zip(axes, shape):
+            mesh_axis = RULES.get(name) if name else None
+            if mesh_axis is not None and n % self.mesh.shape[mesh_axis]:
+                mesh_axis = None
+            out.append(mesh_axis)
+        return PartitionSpec(*out)
+
+    def sharding(self, axes, shape) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(axes, shape))
+
+    def param_shapes(self, params) -> dict:
+        """Global shapes of `params` (any layer layout) once the vocabulary is padded."""
+        shapes = {}
+        for path, x in _flatten(params).items():
+            shape = tuple(x.shape)
+            if path in VOCAB_PARAMS:
+                shape = (self.padded_vocab,) + shape[1:]
+            shapes[path] = shape
+        return _unflatten(shapes)
+
+    def param_shardings(self, params) -> dict:
+        """NamedSharding of every param (stacked or per-layer layout), padded shapes."""
+        flat = _flatten(self.param_shapes(params))
+        return _unflatten({p: self.sharding(param_axes(p), s) for p, s in flat.items()})
+
+    def cache_sharding(self, batch: int, max_len: int) -> NamedSharding:
+        c = self.cfg
+        return self.sharding(CACHE_AXES, (c.n_layers, batch, c.n_kv_heads, max_len, c.head_dim))
+
+    def batch_sharding(self, shape) -> NamedSharding:
+        """Leading axis on "data", the rest replicated."""
+        return self.sharding(("batch",) + (None,) * (len(shape) - 1), shape)
+
+    # -- placing and fetching -------------------------------------------------
+
+    def place_params(self, params, dtype) -> dict:
+        """Host params (numpy / memory-mapped, any layer layout) -> sharded jax arrays.
+
+        Each device's shard is read from the host array by its index slice and
+        cast on its own (`jax.make_array_from_callback`): no device, and no
+        host buffer, ever holds a whole split param. Vocabulary params are padded
+        with zero rows to `padded_vocab`.
+        """
+        flat = _flatten(params)
+        shapes = _flatten(self.param_shapes(params))
+        shardings = _flatten(self.param_shardings(params))
+        return _unflatten({p: _place(flat[p], shapes[p], shardings[p], dtype) for p in flat})
+
+    def unpad_params(self, params) -> dict:
+        """Slices the vocabulary padding off (the canonical shapes again)."""
+        v = self.cfg.vocab_size
+        return {k: (x[:v] if k in VOCAB_PARAMS else x) for k, x in params.items()}
+
+    def shard_batch(self, tree):
+        """Host or device arrays with a leading batch axis -> global arrays on "data"."""
+        def put(x):
+            x = np.asarray(x)
+            return _place(x, x.shape, self.batch_sharding(x.shape), x.dtype)
+        return jax.tree_util.tree_map(put, tree)
+
+    def constrain_cache(self, cache):
+        """The KV cache pinned to its sharding (batch on data, kv heads on tensor
+        when they divide); used where the engine creates or returns a cache."""
+        b, s = cache.k.shape[1], cache.k.shape[3]
+        sh = self.cache_sharding(b, s)
+        return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, sh), cache)
+
+
+def _place(host, shape, sharding, dtype) -> jax.Array:
+    """One global array built shard by shard from `host` (zero rows past its end)."""
+    host_shape = tuple(host.shape)
+
+    def shard(index):
+        index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+        want = [len(range(*s.indices(n))) for s, n in zip(index, shape)]
+        clipped = tuple(slice(*s.indices(h)[:2]) for s, h in zip(index, host_shape))
+        block = np.asarray(host[clipped], dtype=dtype)
+        if list(block.shape) != want:  # a vocabulary shard reaching into the padding
+            block = np.pad(block, [(0, w - b) for w, b in zip(want, block.shape)])
+        return block
+
+    return jax.make_array_from_callback(tuple(shape), sharding, shard)
+
+
+def fetch(tree):
+    """Device arrays -> numpy on every process (gathers shards held by other hosts)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def nbytes_per_device(shapes, shardings, dtype) -> int:
+    """Bytes one device holds of arrays with these global shapes and shardings."""
+    itemsize = np.dtype(dtype).itemsize
+    leaves = zip(jax.tree_util.tree_leaves(shapes, is_leaf=lambda x: isinstance(x, tuple)),
+                 jax.tree_util.tree_leaves(shardings))
+    return sum(math.prod(sh.shard_shape(s)) * itemsize for s, sh in leaves)
