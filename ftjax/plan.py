@@ -70,7 +70,7 @@ def plan_memory(cfg: ModelConfig, tensor: int = 1, pipe: int = 1, data: int = 1,
       ValueError: fewer devices than data * pipe * tensor, or shapes that do not divide.
     """
     from ftjax.api import DECODE_CHUNK
-    from ftjax.engine import Engine
+    from ftjax.engine import Engine, Features
     from ftjax.model import param_shapes
     from ftjax.sampling import SamplingArrays, SamplingParams
 
@@ -103,18 +103,19 @@ def plan_memory(cfg: ModelConfig, tensor: int = 1, pipe: int = 1, data: int = 1,
                               [max_len - t] * b)
     batch_sds = lambda x: _sds(x.shape, x.dtype, layout.batch_sharding(x.shape))  # noqa: E731
     sp = jax.tree_util.tree_map(batch_sds, sp)
-    tokens = batch_sds(jax.ShapeDtypeStruct((b, t), jnp.int32))
-    lengths = batch_sds(jax.ShapeDtypeStruct((b,), jnp.int32))
-    prefill = engine.prefill.lower(params, tokens, lengths, sp, max_len=max_len, width=width,
-                                   greedy_only=True).compile()
+    i32 = lambda *shape: batch_sds(jax.ShapeDtypeStruct(shape, jnp.int32))  # noqa: E731
+    # Every row its own prompt (no shared prefill): the largest prefill of this batch.
+    args = dict(tokens=i32(b, t), start=i32(b), lengths=i32(b), rows=i32(b),
+                hist=i32(b, t + width))
+    feat = Features()
+    prefill = engine.prefill.lower(params, **args, sp=sp, max_len=max_len, width=width,
+                                   feat=feat).compile()
     result.prefill = _analysis(prefill)
-    state = jax.tree_util.tree_map(lambda x, sh: _sds(x.shape, x.dtype, sh),
-                                   jax.eval_shape(lambda: engine.prefill(
-                                       params, tokens, lengths, sp, max_len=max_len,
-                                       width=width, greedy_only=True)),
-                                   prefill.output_shardings)
-    decode = engine.decode.lower(params, state, sp, greedy_only=True,
-                                 chunk=DECODE_CHUNK).compile()
+    state_shape, _ = jax.eval_shape(lambda: engine.prefill(
+        params, **args, sp=sp, max_len=max_len, width=width, feat=feat))
+    state = jax.tree_util.tree_map(lambda x, sh: _sds(x.shape, x.dtype, sh), state_shape,
+                                   prefill.output_shardings[0])
+    decode = engine.decode.lower(params, state, sp, feat=feat, chunk=DECODE_CHUNK).compile()
     result.decode = _analysis(decode)
     return result
 
