@@ -72,41 +72,106 @@ def _load_tokenizer(path: str):
         raise CheckpointError(f"{path}: tokenizer files present but unreadable ({e})") from e
 
 
-def load(path: str, dtype: str = "float32") -> "Model":
-    """Loads a checkpoint directory.
+def load(path: str, dtype: str = "float32", quant: Optional[str] = None,
+         calibration: Optional[Prompts] = None, smoothquant_alpha: float = 0.5,
+         w8a8_activations: str = "per_token", kv_cache_dtype: Optional[str] = None
+         ) -> "Model":
+    """Loads a checkpoint directory, optionally quantizing it.
 
     Args:
       path: a HuggingFace directory (config.json + model.safetensors or
-        pytorch_model.bin, optionally sharded) or a directory written by `ftjax convert`.
-      dtype: "float32", "bfloat16" or "float16": the dtype of weights and activations.
+        pytorch_model.bin, optionally sharded) or a directory written by `ftjax convert`
+        (which may hold int8 weights already: they load as they are).
+      dtype: "float32", "bfloat16" or "float16": the dtype of float weights and activations.
+      quant: None, "int8" (weight-only, per output channel), "int8-g128" (weight-only,
+        per group of 128 input rows) or "w8a8" (SmoothQuant). Block matmul kernels are
+        quantized; embedding tables become int8 per row; norms and biases stay float.
+      calibration: for "w8a8": texts (needs a tokenizer) or token-id lists.
+      smoothquant_alpha: SmoothQuant's migration strength a in [0, 1].
+      w8a8_activations: "per_token" (dynamic scales) or "per_tensor" (static, calibrated).
+      kv_cache_dtype: None (the model dtype) or "int8" (per token and kv head scales).
     Raises:
       CheckpointError: the directory is unreadable or in an unsupported layout.
-      ValueError: an unknown dtype.
+      ValueError: an unknown dtype, quant mode or kv_cache_dtype, or w8a8 without calibration.
     """
     from converters import load_checkpoint
+    from ftjax import quant as q
 
     jdtype = _dtype(dtype)
+    q.check_mode(quant)
+    _check_kv_dtype(kv_cache_dtype)
+    if quant == "w8a8" and not calibration:
+        raise ValueError("quant='w8a8' needs calibration: texts or token-id lists")
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
     cfg, params_np = load_checkpoint(path)
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jdtype), params_np)
-    return Model(cfg, params, dtype, tokenizer=_load_tokenizer(path), path=path)
+    params = jax.tree_util.tree_map(
+        lambda x: jax.tree_util.tree_map(jnp.asarray, x) if q.is_quantized(x)
+        else jnp.asarray(x, dtype=jdtype), params_np, is_leaf=q.is_leaf)
+    tokenizer = _load_tokenizer(path)
+    if quant is not None:
+        stored = q.mode_of(params)
+        if stored is not None:
+            raise ValueError(f"{path} already holds {stored} weights; load it with quant=None")
+        if quant == "w8a8":
+            from ftjax.smoothquant import quantize_w8a8
+
+            seqs = _calibration_ids(calibration, tokenizer, cfg)
+            params = quantize_w8a8(cfg, params, seqs, smoothquant_alpha, w8a8_activations,
+                                   jdtype)
+        else:
+            params = q.quantize_params(params, 128 if quant == "int8-g128" else 0)
+    return Model(cfg, params, dtype, tokenizer=tokenizer, path=path,
+                 kv_cache_dtype=kv_cache_dtype)
+
+
+KV_CACHE_DTYPES = (None, "int8")
+
+
+def _check_kv_dtype(kv_cache_dtype):
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, "
+                         f"got {kv_cache_dtype!r}")
+
+
+def _calibration_ids(calibration, tokenizer, cfg: ModelConfig) -> List[List[int]]:
+    if isinstance(calibration, (str, bytes)):
+        calibration = [calibration]
+    out = []
+    for i, item in enumerate(calibration):
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ValueError(f"calibration[{i}] is text but the model has no tokenizer; "
+                                 "pass token ids")
+            item = tokenizer.encode(item)
+        ids = [int(t) for t in item]
+        if any(not 0 <= t < cfg.vocab_size for t in ids):
+            raise ValueError(f"calibration[{i}] has token ids outside [0, {cfg.vocab_size})")
+        # Long texts become consecutive windows of the model's max_positions.
+        out += [ids[j:j + cfg.max_positions] for j in range(0, len(ids), cfg.max_positions)]
+    return [s for s in out if s]
 
 
 class Model:
     """A loaded model: teacher-forced `forward`, batched `generate`, token `stream`."""
 
     def __init__(self, config: ModelConfig, params, dtype: str = "float32", tokenizer=None,
-                 path: Optional[str] = None):
+                 path: Optional[str] = None, kv_cache_dtype: Optional[str] = None):
+        from ftjax.quant import mode_of, param_bytes
+
+        _check_kv_dtype(kv_cache_dtype)
         self.config = config
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.path = path
+        self.kv_cache_dtype = kv_cache_dtype
+        self.quant = mode_of(params)
+        self.param_bytes = param_bytes(params)
         # On CPU the layers run as a Python loop over per-layer weights (see
         # `Transformer.scan_layers`); elsewhere one scan over the stacked weights.
         scan = jax.default_backend() != "cpu"
-        self.engine = Engine(config, _dtype(dtype), scan_layers=scan)
+        self.engine = Engine(config, _dtype(dtype), scan_layers=scan, kv_dtype=kv_cache_dtype)
         self._run_params = params if scan else unstack_layers(params, config.n_layers)
 
     @property
@@ -119,8 +184,10 @@ class Model:
 
     def __repr__(self):
         c = self.config
+        extra = "".join(f", {k}={v}" for k, v in (("quant", self.quant),
+                                                   ("kv_cache_dtype", self.kv_cache_dtype)) if v)
         return (f"ftjax.Model({self.path or 'in-memory'}, {c.n_params / 1e6:.1f}M params, "
-                f"{c.n_layers} layers, d_model={c.d_model}, dtype={self.dtype})")
+                f"{c.n_layers} layers, d_model={c.d_model}, dtype={self.dtype}{extra})")
 
     # -- input checking -------------------------------------------------------
 

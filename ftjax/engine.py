@@ -44,9 +44,10 @@ class DecodeState:
 class Engine:
     """Jitted prefill / decode functions for one model config and dtype."""
 
-    def __init__(self, cfg: ModelConfig, dtype, scan_layers: bool = True):
+    def __init__(self, cfg: ModelConfig, dtype, scan_layers: bool = True, kv_dtype=None):
         self.cfg = cfg
         self.dtype = dtype
+        self.kv_dtype = kv_dtype  # None (the model dtype) or "int8"
         self.model = Transformer(cfg, dtype, scan_layers=scan_layers)
         self.trace_counts = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "greedy_only"))
@@ -81,7 +82,7 @@ class Engine:
         """
         self.trace_counts["prefill"] += 1
         b, t = tokens.shape
-        cache = KVCache.zeros(self.cfg, b, max_len, self.dtype)
+        cache = KVCache.zeros(self.cfg, b, max_len, self.dtype, self.kv_dtype)
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         logits, cache = self.model.apply({"params": params}, tokens, positions, cache,
                                          last_index=lengths - 1)
