@@ -20,10 +20,10 @@ import shutil
 import jax
 import numpy as np
 
-from ftjax.config import ModelConfig
-from ftjax.errors import CheckpointError
 from converters.rules import Rule, _set_path, apply_rules, flatten_tree
 from converters.tensors import read_safetensors, write_safetensors
+from ftjax.config import ModelConfig
+from ftjax.errors import CheckpointError
 
 CONFIG_NAME = "ftjax_config.json"
 PARAMS_NAME = "params.safetensors"

@@ -1,4 +1,4 @@
-"""The `ftjax` command: generate, convert, bench."""
+"""The `ftjax` command: generate, convert, bench, eval."""
 
 from __future__ import annotations
 
@@ -69,6 +69,12 @@ def _bench(args) -> int:
     return run_bench(args)
 
 
+def _eval(args) -> int:
+    from ftjax.evaluate import run_eval
+
+    return run_eval(args)
+
+
 def _ints(text: str) -> List[int]:
     try:
         return [int(x) for x in text.split(",") if x]
@@ -109,6 +115,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--compare", choices=["hf"], help="also time HuggingFace generate()")
     b.set_defaults(func=_bench)
+
+    e = sub.add_parser("eval", help="perplexity / next-token accuracy (and LAMBADA) of a model")
+    e.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
+    e.add_argument("--text", nargs="+", required=True, help="text files to score")
+    e.add_argument("--quant", choices=["int8", "int8-g128", "w8a8"], help="quantize at load")
+    e.add_argument("--calibration", nargs="+", help="w8a8: calibration text files")
+    e.add_argument("--smoothquant-alpha", type=float, default=0.5)
+    e.add_argument("--kv-cache-dtype", choices=["int8"])
+    e.add_argument("--compare", choices=["hf"], help="also score with HuggingFace transformers")
+    e.add_argument("--lambada", help="LAMBADA-format jsonl ({\"text\": ...} per line)")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--window", type=int, help="tokens per window (default: max_positions)")
+    e.add_argument("--stride", type=int, help="window stride (default: window // 2)")
+    e.add_argument("--max-tokens", type=int, help="score only the first N tokens of each text")
+    e.set_defaults(func=_eval)
     return p
 
 

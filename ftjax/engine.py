@@ -60,7 +60,13 @@ class Engine:
     def _forward(self, params, tokens):
         self.trace_counts["forward"] += 1
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, _ = self.model.apply({"params": params}, tokens, positions)
+        cache = None
+        if self.kv_dtype is not None:
+            # Attend through a cache of the chosen dtype, so teacher-forced logits
+            # (e.g. `ftjax eval` perplexity) see the same rounding generation sees.
+            cache = KVCache.zeros(self.cfg, tokens.shape[0], tokens.shape[1], self.dtype,
+                                  self.kv_dtype)
+        logits, _ = self.model.apply({"params": params}, tokens, positions, cache)
         return logits
 
     def _finish(self, tokens, pos, n_gen, finish, sp: SamplingArrays):
