@@ -53,13 +53,25 @@ def _convert(args) -> int:
         print(f"ftjax convert: {args.dst} exists and is not empty (use --force to overwrite)",
               file=sys.stderr)
         return 2
-    cfg, params = load_checkpoint(args.src)
-    target = np.dtype(DTYPES[args.dtype])
-    params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(target), params)
+    if args.quant:
+        import ftjax
+
+        calibration = None
+        if args.calibration:
+            calibration = []
+            for path in args.calibration:
+                with open(path, encoding="utf-8") as f:
+                    calibration.append(f.read())
+        model = ftjax.load(args.src, dtype=args.dtype, quant=args.quant, calibration=calibration)
+        cfg, params = model.config, jax.device_get(model.params)
+    else:
+        cfg, params = load_checkpoint(args.src)
+        target = np.dtype(DTYPES[args.dtype])
+        params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(target), params)
     save_native(args.dst, cfg, params, args.dtype, source=args.src)
     n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-    print(f"wrote {args.dst}: {cfg.n_params / 1e6:.1f}M params, {args.dtype}, "
-          f"{n_bytes / 2**20:.1f} MiB")
+    print(f"wrote {args.dst}: {cfg.n_params / 1e6:.1f}M params, {args.dtype}"
+          f"{', ' + args.quant if args.quant else ''}, {n_bytes / 2**20:.1f} MiB")
     return 0
 
 
@@ -102,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="output directory")
     c.add_argument("--dtype", default="float32")
     c.add_argument("--force", action="store_true", help="overwrite a non-empty dst")
+    c.add_argument("--quant", choices=["int8", "int8-g128", "w8a8"],
+                   help="store quantized weights (see ftjax.load's quant)")
+    c.add_argument("--calibration", nargs="+", help="w8a8: calibration text files")
     c.set_defaults(func=_convert)
 
     b = sub.add_parser("bench", help="latency / throughput table, FasterTransformer style")

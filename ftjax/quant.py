@@ -18,6 +18,7 @@ Weights stacked on a leading layers axis carry that axis on `q` and `scale` too.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.struct
@@ -37,11 +38,14 @@ class Int8Weight:
       q: int8, the float weight's shape.
       scale: float32, see the module docstring for its shape.
       group_size: 0 for per-channel scales (static), else input rows per scale.
+      out_ndim: with groups, how many trailing axes are output axes (static: unlike
+        the ranks, it survives stacking on a layers axis).
     """
 
     q: jax.Array
     scale: jax.Array
     group_size: int = flax.struct.field(pytree_node=False, default=0)
+    out_ndim: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def shape(self):
@@ -120,12 +124,14 @@ def quantize(w, n_contract: int = 1, group_size: int = 0) -> Int8Weight:
         wg = w.reshape(k // group_size, group_size, *out_dims)
         scale = jnp.max(jnp.abs(wg), axis=1, keepdims=True) / QMAX
         scale = jnp.where(scale == 0, 1.0, scale)
-        return Int8Weight(round_int8(wg, scale).reshape(w.shape), scale, group_size)
+        return Int8Weight(round_int8(wg, scale).reshape(w.shape), scale, group_size,
+                          len(out_dims))
     scale = jnp.max(jnp.abs(w), axis=tuple(range(n_contract)), keepdims=True) / QMAX
     scale = jnp.where(scale == 0, 1.0, scale)  # an all-zero channel stays zero
     return Int8Weight(round_int8(w, scale), scale)
 
 
+@jax.jit
 def quantize_rows(table) -> Int8Weight:
     """Per-row int8 of an embedding table `[V, E]` (scale `[V, 1]`)."""
     t = jnp.asarray(table, jnp.float32)
@@ -149,9 +155,8 @@ def quantize_vectors(x):
 def dequantize(w) -> jax.Array:
     """float32 weight of an `Int8Weight` / `W8A8Weight` (the smoothing stays folded in)."""
     if isinstance(w, Int8Weight) and w.group_size:
-        # Unstacked only (inside the model, after the layer scan slices the stack).
-        out = w.q.shape[w.q.ndim - (w.scale.ndim - 2):]
-        qg = w.q.reshape(w.scale.shape[0], w.group_size, *out)
+        lead = w.scale.ndim - 2 - w.out_ndim  # a stacked layers axis, if any
+        qg = w.q.reshape(*w.scale.shape[:lead + 1], w.group_size, *w.scale.shape[lead + 2:])
         return (qg.astype(jnp.float32) * w.scale).reshape(w.q.shape)
     return w.q.astype(jnp.float32) * w.scale
 
@@ -279,14 +284,18 @@ def quantize_tables(params: dict) -> dict:
     return out
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_stacked(w, n_contract: int, group_size: int) -> Int8Weight:
+    return jax.vmap(lambda x: quantize(x, n_contract, group_size))(w)  # over the layers axis
+
+
 def quantize_params(params: dict, group_size: int = 0) -> dict:
     """Weight-only int8 of canonical (stacked) params: block kernels per output channel
     (or per group of input rows), embedding tables per row."""
     def one(name, w):
         if is_quantized(w):
             return w
-        n = CONTRACT_DIMS.get(name, 1)
-        return jax.vmap(lambda x: quantize(x, n, group_size))(w)  # over the layers axis
+        return _quantize_stacked(w, CONTRACT_DIMS.get(name, 1), group_size)
 
     out = quantize_tables(params)
     out["layers"] = map_kernels(params["layers"], one)
@@ -346,4 +355,5 @@ def from_tensors(tensors: dict, path: str, shape: tuple, group_size: int, where:
                          f"{tuple(shape)} with a {path}/scale")
     if f"{path}/smooth" in tensors:
         return W8A8Weight(q, scale, tensors[f"{path}/smooth"], tensors.get(f"{path}/act_scale"))
-    return Int8Weight(q, scale, group_size)
+    # Stored block kernels are stacked: scale is [L, G, 1, *out].
+    return Int8Weight(q, scale, group_size, scale.ndim - 3 if group_size else 0)

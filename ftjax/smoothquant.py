@@ -17,6 +17,7 @@ Embedding tables are int8 weight-only, per row (no activation is quantized there
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -79,6 +80,7 @@ def calibrate(cfg: ModelConfig, params, sequences: Sequence[Sequence[int]], dtyp
                                   is_leaf=lambda d: isinstance(d, dict) and "absmax" in d)
 
 
+@functools.partial(jax.jit, static_argnums=(2, 4))
 def smooth_quantize(w, x_absmax, n_contract: int, alpha: float, per_tensor: bool):
     """One float kernel `[*contraction, *out]` -> `quant.W8A8Weight`."""
     w = jnp.asarray(w, jnp.float32)
