@@ -144,7 +144,9 @@ def _calibration_ids(calibration, tokenizer, cfg: ModelConfig) -> List[List[int]
             if tokenizer is None:
                 raise ValueError(f"calibration[{i}] is text but the model has no tokenizer; "
                                  "pass token ids")
-            item = tokenizer.encode(item)
+            from ftjax.evaluate import encode_long
+
+            item = encode_long(tokenizer, item)
         ids = [int(t) for t in item]
         if any(not 0 <= t < cfg.vocab_size for t in ids):
             raise ValueError(f"calibration[{i}] has token ids outside [0, {cfg.vocab_size})")

@@ -126,6 +126,17 @@ def lambada(forward: Callable, encode: Callable, path: str, bucket: int = 64) ->
     return hits / max(n, 1), n
 
 
+def encode_long(tokenizer, text: str) -> List[int]:
+    """Token ids of a text longer than the tokenizer's model_max_length, without HF's
+    warning: the windows, not the tokenizer, bound what the model sees."""
+    saved = tokenizer.model_max_length
+    tokenizer.model_max_length = max(saved, len(text) + 1)
+    try:
+        return tokenizer.encode(text)
+    finally:
+        tokenizer.model_max_length = saved
+
+
 def hf_scorer(model) -> Callable:
     """A forward function running HF transformers on `model`'s checkpoint (float32).
 
@@ -181,7 +192,7 @@ def run_eval(args) -> int:
         raise ValueError(f"{model.path} has no tokenizer; ftjax eval reads text files")
     texts = []
     for p in args.text:
-        ids = model.tokenizer.encode(read(p))
+        ids = encode_long(model.tokenizer, read(p))
         texts.append(ids[:args.max_tokens] if args.max_tokens else ids)
     width = args.window or model.config.max_positions
     if width > model.config.max_positions:

@@ -103,6 +103,7 @@ def round_int8(x, scale):
     return jnp.clip(jnp.round(x / scale), -QMAX, QMAX).astype(jnp.int8)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def quantize(w, n_contract: int = 1, group_size: int = 0) -> Int8Weight:
     """Symmetric int8 quantization of one (unstacked) kernel.
 
@@ -112,7 +113,7 @@ def quantize(w, n_contract: int = 1, group_size: int = 0) -> Int8Weight:
       group_size: 0: one scale per output channel; else one per `group_size`
         input rows (K = prod(contraction dims) must divide by it).
     """
-    w = jnp.asarray(w, jnp.float32)
+    w = w.astype(jnp.float32)
     k_dims, out_dims = w.shape[:n_contract], w.shape[n_contract:]
     if group_size:
         k = 1
@@ -134,7 +135,7 @@ def quantize(w, n_contract: int = 1, group_size: int = 0) -> Int8Weight:
 @jax.jit
 def quantize_rows(table) -> Int8Weight:
     """Per-row int8 of an embedding table `[V, E]` (scale `[V, 1]`)."""
-    t = jnp.asarray(table, jnp.float32)
+    t = table.astype(jnp.float32)
     scale = jnp.max(jnp.abs(t), axis=-1, keepdims=True) / QMAX
     scale = jnp.where(scale == 0, 1.0, scale)
     return Int8Weight(round_int8(t, scale), scale)
