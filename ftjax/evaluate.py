@@ -117,7 +117,8 @@ def lambada(forward: Callable, encode: Callable, path: str, bucket: int = 64) ->
             if full[:len(ctx)] != ctx:  # the word merged with the context's last token
                 ctx = full[:len(ctx) - 1]
             length = -(-len(full) // bucket) * bucket
-            batch = np.zeros((1, length), np.int32)
+            # BATCH rows like score_ids: with window == bucket, one compiled shape for both.
+            batch = np.zeros((BATCH, length), np.int32)
             batch[0, :len(full)] = full
             logits = np.asarray(forward(batch))[0]
             pred = logits[len(ctx) - 1:len(full) - 1].argmax(-1)

@@ -135,6 +135,12 @@ def tiny_float():
     return cfg, jax.tree_util.tree_map(jnp.asarray, tiny_params(cfg, 0))
 
 
+@pytest.fixture(scope="module")
+def float_logits(tiny_float):
+    cfg, params = tiny_float
+    return np.asarray(Model(cfg, params).forward(IDS))
+
+
 IDS = np.random.default_rng(0).integers(0, 97, (2, 24))
 
 
@@ -147,37 +153,35 @@ def test_grouped_tiny_model_equals_float_model_on_dequantized_weights(tiny_float
     np.testing.assert_allclose(m.forward(IDS), ref.forward(IDS), atol=1e-4, rtol=1e-4)
 
 
-def test_int8_kv_cache_is_int8_with_per_token_scales_and_close_to_float(tiny_float):
+def test_int8_kv_cache_is_int8_with_per_token_scales_and_close_to_float(tiny_float,
+                                                                        float_logits):
     cfg, params = tiny_float
     cache = ftjax.model.KVCache.zeros(cfg, 3, 16, jnp.float32, "int8")
     assert cache.k.dtype == jnp.int8 and cache.k_scale.shape == (2, 3, 4, 16)
-    f, q = Model(cfg, params), Model(cfg, params, kv_cache_dtype="int8")
-    lf, lq = np.asarray(f.forward(IDS)), np.asarray(q.forward(IDS))
+    q = Model(cfg, params, kv_cache_dtype="int8")
+    lf, lq = float_logits, np.asarray(q.forward(IDS))  # forward runs through the int8 cache
     # Per-token-per-head int8 of k and v: logit error measured ~1% of the logit scale.
     assert 0 < np.abs(lf - lq).max() <= 0.05 * np.abs(lf).max()
     assert (lf.argmax(-1) == lq.argmax(-1)).mean() >= 0.9  # measured 0.98
-    prompts = [IDS[0, :5].tolist(), IDS[1, :9].tolist()]
-    a = f.generate(prompts, max_new_tokens=16).tokens
-    b = q.generate(prompts, max_new_tokens=16).tokens
-    agree = np.mean([x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)])
-    assert agree >= 0.75, (a, b)  # tiny random model, 32 tokens: measured 1.0
-    # Generation reads the int8 cache: its first token is the argmax forward gives.
-    assert [t[0] for t in b] == [int(lq[0, 4].argmax()), int(lq[1, 8].argmax())]
+    # Decoding reads the int8 cache too: greedy tokens are the teacher-forced argmaxes
+    # of the int8-cache model on the generated text itself.
+    out = q.generate([IDS[0, :5].tolist()], max_new_tokens=8).tokens[0]
+    full = np.asarray([IDS[0, :5].tolist() + out])
+    assert out == np.asarray(q.forward(full))[0, 4:-1].argmax(-1).tolist()
 
 
-def test_w8a8_tiny_model_close_to_float_and_calibration_checks(tiny_float):
+def test_w8a8_tiny_model_close_to_float_and_calibration_checks(tiny_float, float_logits):
     from ftjax.smoothquant import quantize_w8a8
 
     cfg, params = tiny_float
     calib = np.random.default_rng(2).integers(0, 97, (4, 48)).tolist()
-    ref = np.asarray(Model(cfg, params).forward(IDS))
-    for acts in ("per_token", "per_tensor"):
-        m = Model(cfg, quantize_w8a8(cfg, params, calib, 0.5, acts))
-        assert m.quant == "w8a8"
-        got = np.asarray(m.forward(IDS))
-        # Measured ~3% (per-token) / ~4% (per-tensor) of the logit scale on this model.
-        assert np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()
-        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+    ref = float_logits
+    m = Model(cfg, quantize_w8a8(cfg, params, calib, 0.5, "per_token"))
+    assert m.quant == "w8a8"
+    got = np.asarray(m.forward(IDS))
+    # Measured ~3% of the logit scale on this model (per-tensor: ~4%, see the linear test).
+    assert np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
     with pytest.raises(ValueError, match="calibration is empty"):
         quantize_w8a8(cfg, params, [])
     with pytest.raises(ValueError, match="smoothquant_alpha must be in"):
@@ -216,13 +220,14 @@ def test_demo_int8_bytes_bar_and_checkpoint_round_trip(tmp_path):
     assert stored["layers/mlp/wi/kernel/q"].dtype == np.int8
     assert stored["embed/scale"].shape == (m.config.vocab_size, 1)
     assert back.quant == "int8" and back.param_bytes == m.param_bytes
-    ids = [[5, 17, 300, 2, 9, 44]]
-    np.testing.assert_array_equal(back.forward(ids), m.forward(ids))
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)),
+                                  jax.device_get(back.params), jax.device_get(m.params))
+    assert all(jax.tree_util.tree_leaves(same))  # (logits: the tiny round-trip test below)
     with pytest.raises(ValueError, match="already holds int8 weights"):
         ftjax.load(str(tmp_path), quant="int8")
 
 
-def test_grouped_and_w8a8_checkpoints_round_trip(tmp_path, tiny_float):
+def test_grouped_and_w8a8_checkpoints_round_trip(tmp_path, tiny_float, float_logits):
     from ftjax.smoothquant import quantize_w8a8
 
     cfg, params = tiny_float
@@ -236,6 +241,11 @@ def test_grouped_and_w8a8_checkpoints_round_trip(tmp_path, tiny_float):
         same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)),
                                       jax.device_get(back.params), jax.device_get(m.params))
         assert all(jax.tree_util.tree_leaves(same))
+    # The params are identical (above); the reloaded w8a8 model also runs. Static
+    # per-tensor scales from only 64 random calibration tokens clip the activations of
+    # other inputs: measured 20% of the logit scale here (the w8a8 test above: 3%).
+    got = np.asarray(back.forward(IDS))
+    assert np.abs(got - float_logits).max() <= 0.3 * np.abs(float_logits).max()
 
 
 def test_quantized_checkpoint_with_a_wrong_tensor_is_refused(tmp_path, tiny_float):
@@ -275,11 +285,6 @@ def test_quantized_tiny_gpt2_matches_hf(tmp_path):
     #    measured max 6% of the logit scale and 96% argmax agreement.
     assert np.abs(got - ref).max() <= 0.12 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
-    # W8A8 (activation rounding has no HF counterpart): measured 8%, 96%.
-    calib = np.random.default_rng(1).integers(0, 211, (4, 64)).tolist()
-    w = np.asarray(ftjax.load(tmp_path / "hf", quant="w8a8", calibration=calib).forward(ids))
-    assert np.abs(w - ref).max() <= 0.15 * np.abs(ref).max()
-    assert (w.argmax(-1) == ref.argmax(-1)).mean() >= 0.85
 
 
 @pytest.mark.skip(reason="TP under quantization needs the sharding helper's work; "
@@ -317,12 +322,12 @@ def test_perplexity_of_a_known_distribution():
 def test_eval_cli_on_the_demo_model(tmp_path):
     text = tmp_path / "t.py"
     text.write_text(open(os.path.join(os.path.dirname(__file__), "..", "examples", "data",
-                                      "heldout.py.txt")).read()[:6000])
+                                      "heldout.py.txt")).read()[:3000])
     lam = tmp_path / "l.jsonl"
     lam.write_text(json.dumps({"text": "import numpy as np"}) + "\n"
                    + json.dumps({"text": "def f(x):\n    return x"}) + "\n")
     r = subprocess.run([sys.executable, "-m", "ftjax", "eval", "--text", str(text),
-                        "--quant", "int8", "--kv-cache-dtype", "int8", "--window", "128",
+                        "--quant", "int8", "--kv-cache-dtype", "int8", "--window", "64",
                         "--lambada", str(lam)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -331,4 +336,4 @@ def test_eval_cli_on_the_demo_model(tmp_path):
     # The demo model on numpy sources: ppl ~100-200 at these short windows; a broken
     # int8 path gives ~vocab size (4096) or worse.
     assert 10 < ppl < 1000 and 0.05 < acc < 1 and 0 <= lambada <= 1
-    assert "int8, kv int8" in r.stdout and "windows of 128 tokens, stride 64" in r.stdout
+    assert "int8, kv int8" in r.stdout and "windows of 64 tokens, stride 32" in r.stdout
