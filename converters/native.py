@@ -2,8 +2,12 @@
 
 A directory holding:
   ftjax_config.json   the ModelConfig fields, plus {"format": "ftjax", "version": 1, "dtype"}
+                      and, for quantized weights, "quant": {"mode", "group_size"}.
   params.safetensors  the canonical params, flattened with "/" (e.g. "layers/attn/q/kernel"),
                       already de-interleaved, stacked and cast: loading is a memory map.
+                      A quantized weight is stored as its parts instead of the float
+                      tensor: ".../kernel/q" (int8), ".../kernel/scale" (float32) and for
+                      W8A8 ".../kernel/smooth" and ".../kernel/act_scale" (see ftjax.quant).
   tokenizer files     copied from the source checkpoint, when it had them.
 """
 
@@ -13,12 +17,13 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 
+from converters.rules import Rule, _set_path, apply_rules, flatten_tree
+from converters.tensors import read_safetensors, write_safetensors
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.rules import Rule, apply_rules, flatten_tree
-from converters.tensors import read_safetensors, write_safetensors
 
 CONFIG_NAME = "ftjax_config.json"
 PARAMS_NAME = "params.safetensors"
@@ -32,11 +37,18 @@ def is_native(directory: str) -> bool:
 
 
 def save_native(directory: str, cfg: ModelConfig, params, dtype_name: str, source: str = None):
+    from ftjax import quant
+
     os.makedirs(directory, exist_ok=True)
     meta = {"format": "ftjax", "version": FORMAT_VERSION, "dtype": dtype_name,
             "config": cfg.to_dict()}
+    mode = quant.mode_of(params)
+    if mode is not None:
+        groups = [x.group_size for x in jax.tree_util.tree_leaves(params, is_leaf=quant.is_leaf)
+                  if isinstance(x, quant.Int8Weight)]
+        meta["quant"] = {"mode": mode, "group_size": max(groups, default=0)}
     write_safetensors(os.path.join(directory, PARAMS_NAME),
-                      {k: np.asarray(v) for k, v in flatten_tree(params).items()})
+                      {k: np.asarray(v) for k, v in quant.to_tensors(params).items()})
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
     copy_tokenizer(source, directory)
@@ -80,8 +92,39 @@ def load_native(directory: str):
     if not os.path.exists(params_path):
         raise CheckpointError(f"{params_path}: not found")
     tensors = read_safetensors(params_path)
-    expected = param_shapes(cfg)
-    rules = [Rule(path, path) for path in flatten_tree(expected)]
-    params = apply_rules(tensors, rules, cfg, expected, where=params_path)
+    expected = flatten_tree(param_shapes(cfg))
+    quantized = _quantized_params(tensors, expected, meta, where, params_path)
+    rules = [Rule(path, path) for path in expected if path not in quantized]
+    params = apply_rules(tensors, rules, cfg,
+                         {p: v for p, v in expected.items() if p not in quantized},
+                         where=params_path)
+    for path, w in quantized.items():
+        _set_path(params, path, w)
     return cfg, params, meta.get("dtype", "float32")
+
+
+def _quantized_params(tensors: dict, expected: dict, meta: dict, where: str,
+                      params_path: str) -> dict:
+    """Pops the parts of every quantized weight out of `tensors`: {param path: weight}."""
+    from ftjax import quant
+
+    q = meta.get("quant")
+    if q is None:
+        return {}
+    if not isinstance(q, dict) or q.get("mode") not in ("int8", "w8a8") and not str(
+            q.get("mode", "")).startswith("int8-g"):
+        raise CheckpointError(f"{where}: unrecognized 'quant' entry {q!r}")
+    group = int(q.get("group_size", 0))
+    out = {}
+    for path, shape in expected.items():
+        table = not path.startswith("layers/")
+        try:
+            w = quant.from_tensors(tensors, path, shape.shape, 0 if table else group, params_path)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
+        if w is not None:
+            out[path] = w
+            for part in ("q", "scale", "smooth", "act_scale"):
+                tensors.pop(f"{path}/{part}", None)
+    return out
 

@@ -111,44 +111,105 @@ def _kernels(name: str) -> str:
 
 
 def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = None,
-         kernels: str = "auto", megatron_args: Optional[dict] = None) -> "Model":
-    """Loads a checkpoint.
+         quant: Optional[str] = None, calibration: Optional[Prompts] = None,
+         smoothquant_alpha: float = 0.5, w8a8_activations: str = "per_token",
+         kv_cache_dtype: Optional[str] = None, kernels: str = "auto",
+         megatron_args: Optional[dict] = None) -> "Model":
+    """Loads a checkpoint, optionally quantizing it.
 
     Args:
       path: a HuggingFace directory (config.json + model.safetensors or
-        pytorch_model.bin, optionally sharded), a directory written by `ftjax convert`,
-        a Megatron-LM checkpoint directory, a NeMo `.nemo` archive (or its extracted
-        directory) or a FasterTransformer c-model directory (config.ini + .bin files).
-      dtype: "float32", "bfloat16" or "float16": the dtype of weights and activations.
+        pytorch_model.bin, optionally sharded), a directory written by `ftjax convert`
+        (which may hold int8 weights already: they load as they are), a Megatron-LM
+        checkpoint directory, a NeMo `.nemo` archive (or its extracted directory) or a
+        FasterTransformer c-model directory (config.ini + .bin files).
+      dtype: "float32", "bfloat16" or "float16": the dtype of float weights and activations.
       mesh: an optional `ftjax.make_mesh(...)` mesh: params are placed shard by shard
         (each device reads only its slice of the host arrays) and the KV cache and
         batch are sharded; `generate` / `forward` are used as without one.
+      quant: None, "int8" (weight-only, per output channel), "int8-g128" (weight-only,
+        per group of 128 input rows) or "w8a8" (SmoothQuant). Block matmul kernels are
+        quantized; embedding tables become int8 per row; norms and biases stay float.
+      calibration: for "w8a8": texts (needs a tokenizer) or token-id lists.
+      smoothquant_alpha: SmoothQuant's migration strength a in [0, 1].
+      w8a8_activations: "per_token" (dynamic scales) or "per_tensor" (static, calibrated).
+      kv_cache_dtype: None (the model dtype) or "int8" (per token and kv head scales).
       kernels: "auto" (Pallas on a GPU backend, XLA elsewhere), "pallas" (the Pallas
-        decode-attention kernel; interpreted off GPU: slow, for tests) or "xla".
+        kernels; interpreted off GPU: slow, for tests) or "xla".
       megatron_args: for Megatron-LM checkpoints saved without args, the Megatron
         argument values they need (e.g. {"num_layers": 24, "hidden_size": 1024,
         "num_attention_heads": 16, "max_position_embeddings": 1024}), and "vocab_size"
         (the tokenizer's) when there is no vocab.json next to the checkpoint.
     Raises:
       CheckpointError: the checkpoint is unreadable or in an unsupported layout.
-      ValueError: an unknown dtype or kernels value, a mesh the model's shapes do not
-        fit, or megatron_args for a checkpoint that is not Megatron-LM.
+      ValueError: an unknown dtype, quant mode, kv_cache_dtype or kernels value, w8a8
+        without calibration, a mesh the model's shapes do not fit, or megatron_args for
+        a checkpoint that is not Megatron-LM.
     """
     from converters import load_checkpoint, tokenizer_dir
+    from ftjax import quant as q
 
     jdtype = _dtype(dtype)
     _kernels(kernels)
+    q.check_mode(quant)
+    _check_kv_dtype(kv_cache_dtype)
+    if quant == "w8a8" and not calibration:
+        raise ValueError("quant='w8a8' needs calibration: texts or token-id lists")
     path = os.fspath(path)
     if not os.path.isdir(path) and not (path.endswith(".nemo") and os.path.isfile(path)):
         raise CheckpointError(f"{path}: not a directory")
     cfg, params_np = load_checkpoint(path, megatron_args=megatron_args)
-    if mesh is None:
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jdtype), params_np)
-    else:
-        params = params_np  # Model places them shard by shard, straight from the host arrays
     tok = tokenizer_dir(path)
-    return Model(cfg, params, dtype, tokenizer=tok and _load_tokenizer(tok), path=path,
-                 mesh=mesh, kernels=kernels)
+    tokenizer = tok and _load_tokenizer(tok)
+    if mesh is not None and quant is None and q.mode_of(params_np) is None:
+        params = params_np  # Model places them shard by shard, straight from the host arrays
+    else:
+        params = jax.tree_util.tree_map(
+            lambda x: jax.tree_util.tree_map(jnp.asarray, x) if q.is_quantized(x)
+            else jnp.asarray(x, dtype=jdtype), params_np, is_leaf=q.is_leaf)
+    if quant is not None:
+        stored = q.mode_of(params)
+        if stored is not None:
+            raise ValueError(f"{path} already holds {stored} weights; load it with quant=None")
+        if quant == "w8a8":
+            from ftjax.smoothquant import quantize_w8a8
+
+            seqs = _calibration_ids(calibration, tokenizer, cfg)
+            params = quantize_w8a8(cfg, params, seqs, smoothquant_alpha, w8a8_activations,
+                                   jdtype)
+        else:
+            params = q.quantize_params(params, 128 if quant == "int8-g128" else 0)
+    return Model(cfg, params, dtype, tokenizer=tokenizer, path=path, mesh=mesh,
+                 kv_cache_dtype=kv_cache_dtype, kernels=kernels)
+
+
+KV_CACHE_DTYPES = (None, "int8")
+
+
+def _check_kv_dtype(kv_cache_dtype):
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, "
+                         f"got {kv_cache_dtype!r}")
+
+
+def _calibration_ids(calibration, tokenizer, cfg: ModelConfig) -> List[List[int]]:
+    if isinstance(calibration, (str, bytes)):
+        calibration = [calibration]
+    out = []
+    for i, item in enumerate(calibration):
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ValueError(f"calibration[{i}] is text but the model has no tokenizer; "
+                                 "pass token ids")
+            from ftjax.evaluate import encode_long
+
+            item = encode_long(tokenizer, item)
+        ids = [int(t) for t in item]
+        if any(not 0 <= t < cfg.vocab_size for t in ids):
+            raise ValueError(f"calibration[{i}] has token ids outside [0, {cfg.vocab_size})")
+        # Long texts become consecutive windows of the model's max_positions.
+        out += [ids[j:j + cfg.max_positions] for j in range(0, len(ids), cfg.max_positions)]
+    return [s for s in out if s]
 
 
 class Model:
@@ -156,13 +217,19 @@ class Model:
 
     def __init__(self, config: ModelConfig, params, dtype: str = "float32", tokenizer=None,
                  path: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None,
-                 kernels: str = "auto"):
-        """`params`: canonical (stacked) params, numpy or jax arrays. `mesh`, `kernels`:
-        see `load`."""
+                 kv_cache_dtype: Optional[str] = None, kernels: str = "auto"):
+        """`params`: canonical (stacked) params, numpy or jax arrays (int8 weights as
+        `ftjax.quant` weight types). `mesh`, `kv_cache_dtype`, `kernels`: see `load`."""
+        from ftjax.quant import mode_of, param_bytes
+
+        _check_kv_dtype(kv_cache_dtype)
         self.config = config
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.path = path
+        self.kv_cache_dtype = kv_cache_dtype
+        self.quant = mode_of(params)
+        self.param_bytes = param_bytes(params)
         # On CPU the layers run as a Python loop over per-layer weights (see
         # `Transformer.scan_layers`); elsewhere one scan over the stacked weights.
         scan = jax.default_backend() != "cpu"
@@ -171,9 +238,12 @@ class Model:
             if mesh.shape.get("pipe", 1) > 1:
                 raise ValueError("pipeline parallelism (pipe > 1) is not implemented for running "
                                  "models; the pipe axis is used by `ftjax plan` only")
+            if mode_of(params) is not None:
+                raise ValueError("quantized weights cannot be placed on a mesh yet: load with "
+                                 "quant=None for tensor/data parallelism")
             self.layout = sharding.Layout(mesh, config)
         self.engine = Engine(config, _dtype(dtype), scan_layers=scan, kernels=_kernels(kernels),
-                             layout=self.layout)
+                             layout=self.layout, kv_dtype=kv_cache_dtype)
         self.beams = BeamSearch(self.engine)
         self._run_params = params if scan else unstack_layers(params, config.n_layers)
         if self.layout is not None:
@@ -190,8 +260,10 @@ class Model:
 
     def __repr__(self):
         c = self.config
+        extra = "".join(f", {k}={v}" for k, v in (("quant", self.quant),
+                                                   ("kv_cache_dtype", self.kv_cache_dtype)) if v)
         return (f"ftjax.Model({self.path or 'in-memory'}, {c.n_params / 1e6:.1f}M params, "
-                f"{c.n_layers} layers, d_model={c.d_model}, dtype={self.dtype})")
+                f"{c.n_layers} layers, d_model={c.d_model}, dtype={self.dtype}{extra})")
 
     # -- input checking -------------------------------------------------------
 

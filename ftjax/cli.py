@@ -1,4 +1,4 @@
-"""The `ftjax` command: generate, convert, bench, plan."""
+"""The `ftjax` command: generate, convert, bench, plan, eval."""
 
 from __future__ import annotations
 
@@ -66,10 +66,27 @@ def _convert(args) -> int:
     if args.tp != 1 and args.to != "ft":
         print("ftjax convert: --tp applies to --to ft only", file=sys.stderr)
         return 2
+    if args.quant and args.to != "native":
+        print("ftjax convert: --quant writes int8 weights in the native format: add --to native",
+              file=sys.stderr)
+        return 2
     megatron = {k: getattr(args, k) for k in MEGATRON_FLAGS if getattr(args, k) is not None}
-    cfg, params = load_checkpoint(args.src, megatron_args=megatron or None)
-    target = np.dtype(DTYPES[args.dtype])
-    params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(target), params)
+    if args.quant:
+        import ftjax
+
+        calibration = None
+        if args.calibration:
+            calibration = []
+            for path in args.calibration:
+                with open(path, encoding="utf-8") as f:
+                    calibration.append(f.read())
+        model = ftjax.load(args.src, dtype=args.dtype, quant=args.quant, calibration=calibration,
+                           megatron_args=megatron or None)
+        cfg, params = model.config, jax.device_get(model.params)
+    else:
+        cfg, params = load_checkpoint(args.src, megatron_args=megatron or None)
+        target = np.dtype(DTYPES[args.dtype])
+        params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(target), params)
     source = tokenizer_dir(args.src)
     if args.to == "ft":
         save_fastertransformer(args.dst, cfg, params, tp=args.tp, dtype=args.dtype,
@@ -78,8 +95,8 @@ def _convert(args) -> int:
         save = save_orbax if args.to == "orbax" else save_native
         save(args.dst, cfg, params, args.dtype, source=source)
     n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-    print(f"wrote {args.dst} ({args.to}): {cfg.n_params / 1e6:.1f}M params, {args.dtype}, "
-          f"{n_bytes / 2**20:.1f} MiB")
+    print(f"wrote {args.dst} ({args.to}): {cfg.n_params / 1e6:.1f}M params, {args.dtype}"
+          f"{', ' + args.quant if args.quant else ''}, {n_bytes / 2**20:.1f} MiB")
     return 0
 
 
@@ -129,6 +146,12 @@ def _bench(args) -> int:
     return run_bench(args)
 
 
+def _eval(args) -> int:
+    from ftjax.evaluate import run_eval
+
+    return run_eval(args)
+
+
 def _ints(text: str) -> List[int]:
     try:
         return [int(x) for x in text.split(",") if x]
@@ -176,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in MEGATRON_FLAGS:  # only for Megatron-LM checkpoints saved without args
         c.add_argument("--" + flag.replace("_", "-"), type=int, dest=flag,
                        help="for a Megatron-LM checkpoint saved without args")
+    c.add_argument("--quant", choices=["int8", "int8-g128", "w8a8"],
+                   help="store quantized weights (with --to native; see ftjax.load's quant)")
+    c.add_argument("--calibration", nargs="+", help="w8a8: calibration text files")
     c.set_defaults(func=_convert)
 
     b = sub.add_parser("bench", help="latency / throughput table, FasterTransformer style")
@@ -202,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-compile", action="store_true",
                     help="skip XLA's compiled memory analysis (shape arithmetic only)")
     pl.set_defaults(func=_plan)
+
+    e = sub.add_parser("eval", help="perplexity / next-token accuracy (and LAMBADA) of a model")
+    e.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
+    e.add_argument("--text", nargs="+", required=True, help="text files to score")
+    e.add_argument("--quant", choices=["int8", "int8-g128", "w8a8"], help="quantize at load")
+    e.add_argument("--calibration", nargs="+", help="w8a8: calibration text files")
+    e.add_argument("--smoothquant-alpha", type=float, default=0.5)
+    e.add_argument("--kv-cache-dtype", choices=["int8"])
+    e.add_argument("--compare", choices=["hf"], help="also score with HuggingFace transformers")
+    e.add_argument("--lambada", help="LAMBADA-format jsonl ({\"text\": ...} per line)")
+    e.add_argument("--dtype", default="float32")
+    e.add_argument("--window", type=int, help="tokens per window (default: max_positions)")
+    e.add_argument("--stride", type=int, help="window stride (default: window // 2)")
+    e.add_argument("--max-tokens", type=int, help="score only the first N tokens of each text")
+    e.set_defaults(func=_eval)
     return p
 
 

@@ -93,15 +93,17 @@ class Engine:
     """Jitted prefill / decode functions for one model config and dtype."""
 
     def __init__(self, cfg: ModelConfig, dtype, scan_layers: bool = True, kernels: str = "xla",
-                 layout=None):
+                 layout=None, kv_dtype=None):
         """kernels: "xla" or "pallas" (see `Transformer.kernels`). layout: an optional
         `ftjax.sharding.Layout`; params and inputs then arrive sharded, and the KV cache
-        is pinned to its sharding where it is made."""
+        is pinned to its sharding where it is made. kv_dtype: None (the model dtype)
+        or "int8" (an int8 KV cache with per-token, per-head scales)."""
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         self.cfg = cfg
         self.dtype = dtype
         self.layout = layout
+        self.kv_dtype = kv_dtype
         self.model = Transformer(cfg, dtype, scan_layers=scan_layers, kernels=kernels,
                                  padded_vocab=layout.padded_vocab if layout else None)
         self.trace_counts = collections.Counter()
@@ -116,7 +118,13 @@ class Engine:
     def _forward(self, params, tokens):
         self.trace_counts["forward"] += 1
         positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        logits, _ = self.model.apply({"params": params}, tokens, positions)
+        cache = None
+        if self.kv_dtype is not None:
+            # Attend through a cache of the chosen dtype, so teacher-forced logits
+            # (e.g. `ftjax eval` perplexity) see the same rounding generation sees.
+            cache = KVCache.zeros(self.cfg, tokens.shape[0], tokens.shape[1], self.dtype,
+                                  self.kv_dtype)
+        logits, _ = self.model.apply({"params": params}, tokens, positions, cache)
         return logits
 
     def _constrain(self, cache: KVCache) -> KVCache:
@@ -168,7 +176,7 @@ class Engine:
         """
         if cache is None:
             cache = self._constrain(KVCache.zeros(self.cfg, tokens.shape[0], max_len,
-                                                  self.dtype))
+                                                  self.dtype, self.kv_dtype))
         positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
         prompt_lp = None
         if prompt_top_n >= 0:

@@ -23,6 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ftjax import quant
 from ftjax.config import ModelConfig
 from pallas_kernels import decode_attention, prefill_attention
 
@@ -35,15 +36,26 @@ class KVCache:
 
     Heads before slots: attention then reads each head's keys as one contiguous
     `[S, H]` matrix, with no transpose copy per step.
+
+    int8 cache: `k`, `v` are int8 and `k_scale`, `v_scale` float32 `[L, B, K, S]`
+    hold one scale per written token and kv head (absmax / 127, set when written).
     """
 
     k: jax.Array
     v: jax.Array
+    k_scale: Optional[jax.Array] = None
+    v_scale: Optional[jax.Array] = None
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype) -> "KVCache":
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype,
+              kv_dtype=None) -> "KVCache":
+        """kv_dtype: None (the model dtype) or "int8"."""
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         # jnp.zeros, not jnp.empty: new jax returns uninitialized memory for empty.
+        if kv_dtype == "int8":
+            return cls(k=jnp.zeros(shape, jnp.int8), v=jnp.zeros(shape, jnp.int8),
+                       k_scale=jnp.zeros(shape[:-1], jnp.float32),
+                       v_scale=jnp.zeros(shape[:-1], jnp.float32))
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property
@@ -51,8 +63,18 @@ class KVCache:
         return self.k.shape[3]
 
 
+def weight(module: nn.Module, name: str, shape: tuple, dtype):
+    """A param that may be quantized: an existing `quant.Int8Weight` / `W8A8Weight`
+    is returned as is (flax's `param` would check its leaves against `shape`)."""
+    if module.has_variable("params", name):
+        w = module.get_variable("params", name)
+        if quant.is_quantized(w):
+            return w
+    return module.param(name, _init, shape, dtype)
+
+
 class Linear(nn.Module):
-    """`einsum(spec, x, kernel) + bias` with an explicitly shaped kernel."""
+    """`einsum(spec, x, kernel) + bias`; the kernel may be a quantized weight type."""
 
     spec: str
     kernel_shape: tuple
@@ -61,14 +83,8 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", _init, self.kernel_shape, self.dtype)
-        if self.spec == "btnh,nhd->btd":
-            # Contract (n, h) as one axis: XLA:CPU otherwise picks a layout that
-            # transposes the whole weight (not the small activation) on every call.
-            n, h, d = self.kernel_shape
-            y = x.reshape(*x.shape[:2], n * h) @ kernel.reshape(n * h, d)
-        else:
-            y = jnp.einsum(self.spec, x, kernel)
+        kernel = weight(self, "kernel", self.kernel_shape, self.dtype)
+        y = quant.einsum(self.spec, x, kernel)
         if self.bias_shape is not None:
             y = y + self.param("bias", nn.initializers.zeros, self.bias_shape, self.dtype)
         return y
@@ -138,13 +154,15 @@ def rotate(x, positions, rotary_dim: int, theta: float):
     return jnp.concatenate([rotated.astype(x.dtype), x[..., rotary_dim:]], axis=-1)
 
 
-def attend(q, k, v, q_pos, k_pos, slopes=None, heads_first=False):
+def attend(q, k, v, q_pos, k_pos, slopes=None, heads_first=False, k_scale=None, v_scale=None):
     """Causal attention over keys whose position is <= the query's.
 
     Args:
       q: `[B, T, N, H]`; k, v: `[B, S, K, H]`, or `[B, K, S, H]` with heads_first.
       q_pos: `[B, T]` absolute query positions; k_pos: `[B, S]` or `[S]` key positions.
       slopes: optional ALiBi slopes `[N]`: adds slope * (k_pos - q_pos) to the scores.
+      k_scale, v_scale: for an int8 k / v (heads_first): float32 `[B, K, S]` per-token
+        scales, applied to the scores and the probabilities (no dequantized copy).
     Returns:
       `[B, T, N, H]` in q's dtype. Scores and softmax run in float32.
     """
@@ -152,7 +170,11 @@ def attend(q, k, v, q_pos, k_pos, slopes=None, heads_first=False):
     kv, s = (k.shape[1], k.shape[2]) if heads_first else (k.shape[2], k.shape[1])
     kspec = "bksh" if heads_first else "bskh"
     qg = q.reshape(b, t, kv, n // kv, h)
+    if k_scale is not None:
+        k = k.astype(q.dtype)
     scores = jnp.einsum(f"btkgh,{kspec}->bkgts", qg, k, preferred_element_type=jnp.float32)
+    if k_scale is not None:
+        scores = scores * k_scale[:, :, None, None, :]
     scores = scores * (1.0 / jnp.sqrt(jnp.float32(h)))
     k_pos = jnp.broadcast_to(k_pos, (b, s))
     if slopes is not None:
@@ -160,9 +182,23 @@ def attend(q, k, v, q_pos, k_pos, slopes=None, heads_first=False):
         scores = scores + slopes.reshape(kv, n // kv)[None, :, :, None, None] * dist[:, None, None]
     mask = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum(f"bkgts,{kspec}->btkgh", probs, v)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if v_scale is not None:
+        probs, v = probs * v_scale[:, :, None, None, :], v.astype(q.dtype)
+    out = jnp.einsum(f"bkgts,{kspec}->btkgh", probs.astype(v.dtype), v)
     return out.reshape(b, t, n, h)
+
+
+def write_cache(cache: KVCache, layer, rows, slots, kk, vv, mode: str) -> KVCache:
+    """Writes keys/values `[B, T, K, H]` at `[layer, rows, :, slots]` (int8: with scales)."""
+    def put(a, x):
+        return a.at[layer, rows, :, slots].set(x, mode=mode)
+
+    if cache.k_scale is None:
+        return KVCache(k=put(cache.k, kk), v=put(cache.v, vv))
+    (kq, ks), (vq, vs) = quant.quantize_vectors(kk), quant.quantize_vectors(vv)
+    return KVCache(k=put(cache.k, kq), v=put(cache.v, vq),
+                   k_scale=put(cache.k_scale, ks), v_scale=put(cache.v_scale, vs))
 
 
 class Attention(nn.Module):
@@ -196,24 +232,27 @@ class Attention(nn.Module):
                 # Prefill: padding past the cache end (a session's last chunk) is dropped.
                 slots, mode = positions, "drop"
             # [B, T, K, H] written at [layer, b, :, slot]: index order puts (B, T) first.
-            cache = KVCache(k=cache.k.at[layer, rows, :, slots].set(kk, mode=mode),
-                            v=cache.v.at[layer, rows, :, slots].set(vv, mode=mode))
-            if self.kernels == "pallas":
-                # The kernels read this layer of the whole cache in place (no slice copy).
+            cache = write_cache(cache, layer, rows, slots, kk, vv, mode)
+            # Pallas: the kernels read this layer of the whole cache in place (no slice
+            # copy). The prefill kernel has no int8 cache path: XLA attends there.
+            if self.kernels == "pallas" and (x.shape[1] == 1 or cache.k_scale is None):
                 interpret = jax.default_backend() != "gpu"
                 if x.shape[1] == 1:
                     lengths = jnp.minimum(positions[:, 0] + 1, cache.max_len)
                     out = decode_attention(q[:, 0], cache.k, cache.v, lengths,
-                                           alibi_slopes=slopes, layer=layer, layout="BKSH",
+                                           alibi_slopes=slopes, k_scale=cache.k_scale,
+                                           v_scale=cache.v_scale, layer=layer, layout="BKSH",
                                            interpret=interpret)[:, None]
                 else:
                     out = prefill_attention(q, cache.k, cache.v, positions, alibi_slopes=slopes,
                                             layer=layer, layout="BKSH", interpret=interpret)
             else:
-                k_layer = jax.lax.dynamic_index_in_dim(cache.k, layer, 0, keepdims=False)
-                v_layer = jax.lax.dynamic_index_in_dim(cache.v, layer, 0, keepdims=False)
+                k_layer, v_layer, k_scale, v_scale = (
+                    None if a is None else jax.lax.dynamic_index_in_dim(a, layer, 0,
+                                                                         keepdims=False)
+                    for a in (cache.k, cache.v, cache.k_scale, cache.v_scale))
                 out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len), slopes,
-                             heads_first=True)
+                             heads_first=True, k_scale=k_scale, v_scale=v_scale)
         y = Linear("btnh,nhd->btd", (n, h, d), (d,) if bias else None, self.dtype, name="o")(out)
         return y, cache
 
@@ -304,16 +343,16 @@ class Transformer(nn.Module):
         cfg = self.cfg
         d, e = cfg.d_model, cfg.embed_dim
         vocab = self.padded_vocab or cfg.vocab_size
-        embed = self.param("embed", _init, (vocab, e), self.dtype)
-        x = jnp.take(embed, tokens, axis=0)
+        embed = weight(self, "embed", (vocab, e), self.dtype)
+        x = quant.take(embed, tokens, self.dtype)
         if soft is not None:
             x = jnp.where(soft[1][..., None], soft[0].astype(x.dtype), x)
         if e != d:
             x = Linear("bte,ed->btd", (e, d), None, self.dtype, name="project_in")(x)
         if cfg.positions == "learned":
-            pos_embed = self.param("pos_embed", _init,
-                                   (cfg.max_positions + cfg.position_offset, d), self.dtype)
-            x = x + jnp.take(pos_embed, positions + cfg.position_offset, axis=0)
+            pos_embed = weight(self, "pos_embed",
+                               (cfg.max_positions + cfg.position_offset, d), self.dtype)
+            x = x + quant.take(pos_embed, positions + cfg.position_offset, self.dtype)
         if cfg.embed_norm:
             x = Norm(cfg, self.dtype, name="embed_norm")(x)
         if self.scan_layers:
@@ -333,8 +372,8 @@ class Transformer(nn.Module):
             x = Linear("btd,de->bte", (d, e), None, self.dtype, name="project_out")(x)
         head = embed
         if not cfg.tied_embeddings:
-            head = self.param("lm_head", _init, (vocab, e), self.dtype)
-        logits = jnp.einsum("bte,ve->btv", x, head, preferred_element_type=jnp.float32)
+            head = weight(self, "lm_head", (vocab, e), self.dtype)
+        logits = quant.logits(x, head)
         if cfg.lm_head_bias:
             logits = logits + self.param("lm_head_bias", nn.initializers.zeros,
                                          (vocab,), self.dtype).astype(jnp.float32)

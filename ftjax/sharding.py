@@ -266,8 +266,13 @@ class Layout:
         """The KV cache pinned to its sharding (batch on data, kv heads on tensor
         when they divide); used where the engine creates or returns a cache."""
         b, s = cache.k.shape[1], cache.k.shape[3]
-        sh = self.cache_sharding(b, s)
-        return jax.tree_util.tree_map(lambda x: jax.lax.with_sharding_constraint(x, sh), cache)
+        spec = tuple(self.cache_sharding(b, s).spec) + (None,) * 5
+
+        def pin(x):  # k / v [L, B, K, S, H]; int8 scales [L, B, K, S] shard alike
+            sh = NamedSharding(self.mesh, PartitionSpec(*spec[:x.ndim]))
+            return jax.lax.with_sharding_constraint(x, sh)
+
+        return jax.tree_util.tree_map(pin, cache)
 
 
 def _place(host, shape, sharding, dtype) -> jax.Array:

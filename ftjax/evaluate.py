@@ -1,0 +1,223 @@
+"""Accuracy of a loaded model: perplexity, next-token accuracy, LAMBADA last-word accuracy.
+
+Perplexity uses sliding windows of the model's `max_positions` tokens (W) moved by a
+stride (default W // 2): the first window scores all its tokens, each later window
+only the tokens the previous windows did not score, so every token but the first is
+scored exactly once, with at least W - stride tokens of context (HF's recipe).
+Next-token accuracy counts the scored tokens whose argmax prediction is right.
+
+The same windows can be scored by HuggingFace transformers on the same float weights
+(`hf_scorer`, torch imported lazily) for a side-by-side check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+
+BATCH = 8  # windows per forward call
+
+
+@dataclasses.dataclass
+class Score:
+    """Totals over the scored tokens.
+
+    Attributes:
+      nll: summed negative log-likelihood (nats); tokens: how many were scored;
+      correct: argmax hits; seconds: wall time of the forward calls after the first
+        (which includes compilation); timed_tokens: the tokens those calls processed.
+    """
+
+    nll: float = 0.0
+    tokens: int = 0
+    correct: int = 0
+    seconds: float = 0.0
+    timed_tokens: int = 0
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / max(self.tokens, 1))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.tokens, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.timed_tokens / self.seconds if self.seconds else float("nan")
+
+
+def windows(n: int, width: int, stride: int):
+    """[(begin, end, first scored target index)] covering targets 1..n-1 once each."""
+    if not 0 < stride <= width:
+        raise ValueError(f"stride must be in [1, window {width}], got {stride}")
+    out, scored, begin = [], 1, 0
+    while scored < n:
+        end = min(begin + width, n)
+        out.append((begin, end, scored))
+        scored, begin = end, begin + stride
+    return out
+
+
+def score_ids(forward: Callable, ids: Sequence[int], width: int, stride: Optional[int] = None,
+              score: Optional[Score] = None) -> Score:
+    """Scores one token sequence with `forward(int [B, W]) -> logits [B, W, V]`."""
+    stride = stride or max(width // 2, 1)
+    score = score or Score()
+    ids = np.asarray(ids, np.int32)
+    spans = windows(len(ids), width, stride)
+    for i in range(0, len(spans), BATCH):
+        group = spans[i:i + BATCH]
+        batch = np.zeros((BATCH, width), np.int32)  # fixed shape: one compilation
+        for r, (b, e, _) in enumerate(group):
+            batch[r, :e - b] = ids[b:e]
+        t0 = time.perf_counter()
+        logits = np.asarray(forward(batch), np.float32)
+        dt = time.perf_counter() - t0
+        if score.tokens:  # the first call compiles: keep it out of tokens/s
+            score.seconds += dt
+            score.timed_tokens += sum(e - b for b, e, _ in group)
+        for r, (b, e, first) in enumerate(group):
+            # logits at position p predict token p + 1; targets first..e-1.
+            lg = logits[r, first - 1 - b:e - 1 - b]
+            tgt = ids[first:e]
+            logz = np.logaddexp.reduce(lg, axis=-1)
+            score.nll += float(np.sum(logz - lg[np.arange(len(tgt)), tgt]))
+            score.correct += int(np.sum(lg.argmax(-1) == tgt))
+            score.tokens += len(tgt)
+    return score
+
+
+def lambada(forward: Callable, encode: Callable, path: str, bucket: int = 64) -> tuple:
+    """LAMBADA last-word accuracy over a jsonl of {"text": ...}.
+
+    The target is the last whitespace-separated word (with its leading space); an
+    example counts when every target token is the argmax under teacher forcing.
+    Returns (accuracy, examples).
+    """
+    hits = n = 0
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{line_no}: expected a JSON object with a 'text' "
+                                 f"string ({e})") from e
+            context, _, word = text.rstrip().rpartition(" ")
+            if not context:
+                raise ValueError(f"{path}:{line_no}: text has no space before its last word")
+            ctx, full = encode(context), encode(context + " " + word)
+            if full[:len(ctx)] != ctx:  # the word merged with the context's last token
+                ctx = full[:len(ctx) - 1]
+            length = -(-len(full) // bucket) * bucket
+            # BATCH rows like score_ids: with window == bucket, one compiled shape for both.
+            batch = np.zeros((BATCH, length), np.int32)
+            batch[0, :len(full)] = full
+            logits = np.asarray(forward(batch))[0]
+            pred = logits[len(ctx) - 1:len(full) - 1].argmax(-1)
+            hits += int(np.array_equal(pred, full[len(ctx):]))
+            n += 1
+    return hits / max(n, 1), n
+
+
+def encode_long(tokenizer, text: str) -> List[int]:
+    """Token ids of a text longer than the tokenizer's model_max_length, without HF's
+    warning: the windows, not the tokenizer, bound what the model sees."""
+    saved = tokenizer.model_max_length
+    tokenizer.model_max_length = max(saved, len(text) + 1)
+    try:
+        return tokenizer.encode(text)
+    finally:
+        tokenizer.model_max_length = saved
+
+
+def hf_scorer(model) -> Callable:
+    """A forward function running HF transformers on `model`'s checkpoint (float32).
+
+    HF-format directories load directly; ftjax-native float GPT-2-family checkpoints
+    are exported first (converters.hf_export). Quantized checkpoints have no HF
+    reference here (ValueError).
+    """
+    import os
+    import tempfile
+
+    import torch
+    import transformers
+
+    path = model.path
+    if path is None or not os.path.exists(os.path.join(path, "config.json")):
+        if model.quant is not None:
+            raise ValueError("--compare hf needs float weights (load the float checkpoint "
+                             "and quantize at load)")
+        from converters.hf_export import save_hf_gpt2
+
+        path = tempfile.mkdtemp(prefix="ftjax-hf-")
+        save_hf_gpt2(path, model.config, model.params)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def forward(batch):
+        with torch.no_grad():
+            return hf(torch.from_numpy(np.asarray(batch, np.int64))).logits.float().numpy()
+
+    return forward
+
+
+def evaluate_texts(forward: Callable, texts: List[List[int]], width: int,
+                   stride: Optional[int] = None) -> Score:
+    score = Score()
+    for ids in texts:
+        score_ids(forward, ids, width, stride, score)
+    return score
+
+
+def run_eval(args) -> int:
+    """`ftjax eval`: prints one row per scorer (ftjax, and HF with --compare hf)."""
+    import ftjax
+
+    def read(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
+    calibration = [read(p) for p in args.calibration] if args.calibration else None
+    model = ftjax.load(args.model or ftjax.demo_model_path(), dtype=args.dtype, quant=args.quant,
+                       calibration=calibration, smoothquant_alpha=args.smoothquant_alpha,
+                       kv_cache_dtype=args.kv_cache_dtype)
+    if model.tokenizer is None:
+        raise ValueError(f"{model.path} has no tokenizer; ftjax eval reads text files")
+    texts = []
+    for p in args.text:
+        ids = encode_long(model.tokenizer, read(p))
+        texts.append(ids[:args.max_tokens] if args.max_tokens else ids)
+    width = args.window or model.config.max_positions
+    if width > model.config.max_positions:
+        raise ValueError(f"--window {width} exceeds the model's max_positions "
+                         f"{model.config.max_positions}")
+    stride = args.stride or width // 2
+    scorers = [("ftjax", model.forward)]
+    if args.compare == "hf":
+        scorers.append(("hf", hf_scorer(model)))
+    label = model.quant or "float"
+    if model.kv_cache_dtype:
+        label += f", kv {model.kv_cache_dtype}"
+    print(f"model {model.path}: {model.config.n_params / 1e6:.2f}M params, {args.dtype}, "
+          f"{label}, parameter bytes {model.param_bytes:,}")
+    print(f"texts {len(texts)}, {sum(map(len, texts)):,} tokens; windows of {width} tokens, "
+          f"stride {stride}")
+    print(f"{'scorer':<8}{'ppl':>10}{'acc':>9}{'scored':>9}{'tok/s':>10}"
+          + (f"{'lambada':>10}" if args.lambada else ""))
+    for name, fwd in scorers:
+        s = evaluate_texts(fwd, texts, width, stride)
+        row = f"{name:<8}{s.perplexity:>10.4f}{s.accuracy:>9.4f}{s.tokens:>9}" \
+              f"{s.tokens_per_second:>10.0f}"
+        if args.lambada:
+            acc, n = lambada(fwd, model.tokenizer.encode, args.lambada)
+            row += f"{acc:>10.4f} ({n})"
+        print(row)
+    return 0

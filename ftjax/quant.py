@@ -1,0 +1,360 @@
+"""Int8 weights as a weight TYPE, and the one matmul helper that dispatches on it.
+
+Model code never branches on a quantization flag: `Linear` calls `einsum(spec, x, w)`
+and the embedding calls `take(table, ids)`; both accept a float array, an
+`Int8Weight` (weight-only, W8A16) or a `W8A8Weight` (SmoothQuant: int8 weights and
+int8 activations, int32 accumulation).
+
+Layout. Every canonical kernel has its contraction axes first (q `[D, N, H]`,
+o `[N, H, D]`, wi `[D, F]`, ...): `q` keeps the float weight's shape and
+  - per output channel: `scale` has the weight's shape with the contraction axes
+    set to 1 (q `[D, N, H]` -> scale `[1, N, H]`; o `[N, H, D]` -> `[1, 1, D]`);
+  - per group of `group_size` input rows: the contraction axes flatten to
+    K = G * group_size and `scale` is `[G, 1, *out]`.
+Embedding tables `[V, E]` are quantized per row (scale `[V, 1]`), which serves both
+the gather and the tied LM head ("bte,ve->btv", where v is the output channel).
+Weights stacked on a leading layers axis carry that axis on `q` and `scale` too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+QMAX = 127.0
+# Kernels whose contraction spans more than their first axis (o: heads and head width).
+CONTRACT_DIMS = {"o": 2}
+
+
+@flax.struct.dataclass
+class Int8Weight:
+    """An int8 weight and its float32 scales; `dequantize()` gives `q * scale`.
+
+    Attributes:
+      q: int8, the float weight's shape.
+      scale: float32, see the module docstring for its shape.
+      group_size: 0 for per-channel scales (static), else input rows per scale.
+      out_ndim: with groups, how many trailing axes are output axes (static: unlike
+        the ranks, it survives stacking on a layers axis).
+    """
+
+    q: jax.Array
+    scale: jax.Array
+    group_size: int = flax.struct.field(pytree_node=False, default=0)
+    out_ndim: int = flax.struct.field(pytree_node=False, default=0)
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scale.nbytes
+
+    def dequantize(self, dtype=jnp.float32) -> jax.Array:
+        return dequantize(self).astype(dtype)
+
+
+@flax.struct.dataclass
+class W8A8Weight:
+    """SmoothQuant W8A8: per-output-channel int8 weight of the smoothed float weight
+    `W * s[:, None]`, plus how to quantize the activation `x / s` it multiplies.
+
+    Attributes:
+      q, scale: as `Int8Weight` (per channel only).
+      smooth: float32 `[*contraction dims]`, 1/s: multiplies the activation before it
+        is quantized (one fused elementwise op in the activation quantization).
+      act_scale: float32 `[]` static per-tensor activation scale; None: per token, dynamic.
+    """
+
+    q: jax.Array
+    scale: jax.Array
+    smooth: jax.Array
+    act_scale: Optional[jax.Array] = None
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.act_scale is None else self.act_scale.nbytes
+        return self.q.nbytes + self.scale.nbytes + self.smooth.nbytes + extra
+
+
+def is_quantized(x) -> bool:
+    return isinstance(x, (Int8Weight, W8A8Weight))
+
+
+def is_leaf(x) -> bool:
+    """For `jax.tree_util` maps that must treat a quantized weight as one leaf."""
+    return is_quantized(x)
+
+
+# -- quantize / dequantize -------------------------------------------------------
+
+
+def round_int8(x, scale):
+    """`x / scale` rounded and clipped to [-127, 127], as int8."""
+    return jnp.clip(jnp.round(x / scale), -QMAX, QMAX).astype(jnp.int8)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def quantize(w, n_contract: int = 1, group_size: int = 0) -> Int8Weight:
+    """Symmetric int8 quantization of one (unstacked) kernel.
+
+    Args:
+      w: float `[*contraction dims, *output dims]`.
+      n_contract: how many leading axes are contracted.
+      group_size: 0: one scale per output channel; else one per `group_size`
+        input rows (K = prod(contraction dims) must divide by it).
+    """
+    w = w.astype(jnp.float32)
+    k_dims, out_dims = w.shape[:n_contract], w.shape[n_contract:]
+    if group_size:
+        k = 1
+        for d in k_dims:
+            k *= d
+        if k % group_size:
+            raise ValueError(f"group_size {group_size} does not divide the {k} input rows "
+                             f"of a weight of shape {w.shape}")
+        wg = w.reshape(k // group_size, group_size, *out_dims)
+        scale = jnp.max(jnp.abs(wg), axis=1, keepdims=True) / QMAX
+        scale = jnp.where(scale == 0, 1.0, scale)
+        return Int8Weight(round_int8(wg, scale).reshape(w.shape), scale, group_size,
+                          len(out_dims))
+    scale = jnp.max(jnp.abs(w), axis=tuple(range(n_contract)), keepdims=True) / QMAX
+    scale = jnp.where(scale == 0, 1.0, scale)  # an all-zero channel stays zero
+    return Int8Weight(round_int8(w, scale), scale)
+
+
+@jax.jit
+def quantize_rows(table) -> Int8Weight:
+    """Per-row int8 of an embedding table `[V, E]` (scale `[V, 1]`)."""
+    t = table.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(t), axis=-1, keepdims=True) / QMAX
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return Int8Weight(round_int8(t, scale), scale)
+
+
+def quantize_vectors(x):
+    """Per-vector int8 over the last axis (the int8 KV cache: one scale per token and head).
+
+    Returns:
+      (int8 array of x's shape, float32 scales of shape `x.shape[:-1]`).
+    """
+    xf = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(xf), axis=-1) / QMAX
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return round_int8(xf, scale[..., None]), scale
+
+
+def dequantize(w) -> jax.Array:
+    """float32 weight of an `Int8Weight` / `W8A8Weight` (the smoothing stays folded in)."""
+    if isinstance(w, Int8Weight) and w.group_size:
+        lead = w.scale.ndim - 2 - w.out_ndim  # a stacked layers axis, if any
+        qg = w.q.reshape(*w.scale.shape[:lead + 1], w.group_size, *w.scale.shape[lead + 2:])
+        return (qg.astype(jnp.float32) * w.scale).reshape(w.q.shape)
+    return w.q.astype(jnp.float32) * w.scale
+
+
+# -- the matmul helper ------------------------------------------------------------
+
+
+def _split_spec(spec: str):
+    ins, out = spec.split("->")
+    xs, ws = ins.split(",")
+    contract = [c for c in ws if c not in out]
+    return xs, ws, out, len(contract)
+
+
+def _trailing_leading(spec: str) -> int:
+    """Number of contraction axes if they are x's last and w's first axes, else 0."""
+    xs, ws, out, n = _split_spec(spec)
+    if n and xs[-n:] == ws[:n] and out == xs[:-n] + ws[n:]:
+        return n
+    return 0
+
+
+def _as_matrix(w, n: int):
+    """An unstacked per-channel or grouped weight as the Pallas kernel's operands:
+    (q `[K, N]` int8, scale `[N]` or `[K // g, N]`)."""
+    k = 1
+    for d in w.q.shape[:n]:
+        k *= d
+    q2 = w.q.reshape(k, -1)
+    scale2 = w.scale.reshape(-1, q2.shape[1])
+    return q2, (scale2[0] if scale2.shape[0] == 1 else scale2)
+
+
+def _w8a8_matmul(x, w: W8A8Weight, n: int):
+    """int8 x int8 -> int32 accumulation, rescaled by activation and weight scales."""
+    lead = x.shape[:x.ndim - n]
+    x2 = (x.astype(jnp.float32) * w.smooth).reshape(-1, w.smooth.size)
+    if w.act_scale is None:   # dynamic, one scale per token
+        a_scale = jnp.max(jnp.abs(x2), axis=-1, keepdims=True) / QMAX
+        a_scale = jnp.where(a_scale == 0, 1.0, a_scale)
+    else:                     # static, per tensor, from calibration
+        a_scale = w.act_scale
+    xq = round_int8(x2, a_scale)
+    q2, scale2 = _as_matrix(w, n)
+    acc = jax.lax.dot(xq, q2, preferred_element_type=jnp.int32)
+    y = acc.astype(jnp.float32) * a_scale * scale2
+    return y.reshape(*lead, *w.q.shape[n:]).astype(x.dtype)
+
+
+def einsum(spec: str, x, w):
+    """`jnp.einsum(spec, x, w)` for a float, `Int8Weight` or `W8A8Weight` w.
+
+    Returns:
+      the product in x's dtype (float weights: the promoted dtype, as jnp.einsum).
+    """
+    if isinstance(w, W8A8Weight):
+        n = _trailing_leading(spec)
+        if not n:
+            raise ValueError(f"W8A8 needs the contraction axes last in x and first in w; "
+                             f"got {spec!r}")
+        return _w8a8_matmul(x, w, n)
+    if isinstance(w, Int8Weight):
+        # PALLAS DISPATCH POINT: on GPU, for n = _trailing_leading(spec) > 0, call
+        # pallas_kernels.int8_matmul.int8_matmul(x.reshape(-1, K), *_as_matrix(w, n),
+        # group_size=w.group_size or None) and reshape back. Below: the XLA fallback,
+        # dequantize then dot (XLA fuses the convert into the dot on GPU; not on CPU).
+        w = dequantize(w).astype(x.dtype)
+    if spec == "btnh,nhd->btd":
+        # Contract (n, h) as one axis: XLA:CPU otherwise picks a layout that
+        # transposes the whole weight (not the small activation) on every call.
+        n, h, d = w.shape
+        return x.reshape(*x.shape[:2], n * h) @ w.reshape(n * h, d)
+    return jnp.einsum(spec, x, w)
+
+
+def take(table, ids, dtype):
+    """Rows `ids` of an embedding table (float or per-row `Int8Weight`) in `dtype`."""
+    if isinstance(table, Int8Weight):
+        rows = jnp.take(table.q, ids, axis=0).astype(jnp.float32)
+        return (rows * jnp.take(table.scale, ids, axis=0)).astype(dtype)
+    return jnp.take(table, ids, axis=0)
+
+
+def logits(x, head):
+    """`x [B, T, E] @ head [V, E]^T` in float32 (head float or per-row `Int8Weight`)."""
+    if isinstance(head, Int8Weight):
+        # Per-row scale = per output channel: scale the [B, T, V] result, not the table.
+        y = jnp.einsum("bte,ve->btv", x, head.q.astype(x.dtype),
+                       preferred_element_type=jnp.float32)
+        return y * head.scale[:, 0]
+    return jnp.einsum("bte,ve->btv", x, head, preferred_element_type=jnp.float32)
+
+
+# -- whole params pytrees -----------------------------------------------------------
+
+MODES = ("int8", "int8-g128", "w8a8")
+# Quantized weights: every block matmul kernel, plus the embedding tables (per row).
+# Norms, biases and OPT's project_in / project_out stay float.
+BLOCK_KERNELS = ("q", "k", "v", "o", "wi", "wg", "wo")
+TABLES = ("embed", "pos_embed", "lm_head")
+
+
+def check_mode(mode):
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"quant must be one of {[None, *MODES]}, got {mode!r}")
+
+
+def map_kernels(layers: dict, fn) -> dict:
+    """Applies fn(name, kernel) to every block kernel in a (stacked or one-layer) tree."""
+    out = {}
+    for group, mods in layers.items():
+        out[group] = {}
+        for name, leaves in mods.items():
+            if name in BLOCK_KERNELS and hasattr(leaves, "items") and "kernel" in leaves:
+                leaves = dict(leaves, kernel=fn(name, leaves["kernel"]))
+            out[group][name] = leaves
+    return out
+
+
+def quantize_tables(params: dict) -> dict:
+    out = dict(params)
+    for name in TABLES:
+        if name in out and not is_quantized(out[name]):
+            out[name] = quantize_rows(out[name])
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_stacked(w, n_contract: int, group_size: int) -> Int8Weight:
+    return jax.vmap(lambda x: quantize(x, n_contract, group_size))(w)  # over the layers axis
+
+
+def quantize_params(params: dict, group_size: int = 0) -> dict:
+    """Weight-only int8 of canonical (stacked) params: block kernels per output channel
+    (or per group of input rows), embedding tables per row."""
+    def one(name, w):
+        if is_quantized(w):
+            return w
+        return _quantize_stacked(w, CONTRACT_DIMS.get(name, 1), group_size)
+
+    out = quantize_tables(params)
+    out["layers"] = map_kernels(params["layers"], one)
+    return out
+
+
+def mode_of(params) -> Optional[str]:
+    """"int8", "int8-g<N>", "w8a8" or None, from the weight types found in params."""
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_quantized)
+    if any(isinstance(x, W8A8Weight) for x in leaves):
+        return "w8a8"
+    groups = {x.group_size for x in leaves if isinstance(x, Int8Weight)}
+    if not groups:
+        return None
+    g = max(groups)
+    return f"int8-g{g}" if g else "int8"
+
+
+def param_bytes(params) -> int:
+    """Bytes of every param leaf (int8 values and their scales included)."""
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+
+
+def to_tensors(params, prefix: str = "") -> dict:
+    """Flat {"a/b/kernel/q": array, ".../scale": ...} for the native checkpoint."""
+    out = {}
+    for k, v in params.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, Int8Weight):
+            out[f"{path}/q"], out[f"{path}/scale"] = v.q, v.scale
+        elif isinstance(v, W8A8Weight):
+            out.update({f"{path}/q": v.q, f"{path}/scale": v.scale, f"{path}/smooth": v.smooth})
+            if v.act_scale is not None:
+                out[f"{path}/act_scale"] = v.act_scale
+        elif hasattr(v, "items"):
+            out.update(to_tensors(v, f"{path}/"))
+        else:
+            out[path] = v
+    return out
+
+
+def from_tensors(tensors: dict, path: str, shape: tuple, group_size: int, where: str):
+    """Rebuilds the quantized weight stored under `path` (None if it is not quantized).
+
+    group_size: the checkpoint's group size for block kernels (0 for tables).
+
+    Raises:
+      ValueError: the int8 tensor's shape is not the float weight's `shape`.
+    """
+    if f"{path}/q" not in tensors:
+        return None
+    q = tensors[f"{path}/q"]
+    scale = tensors.get(f"{path}/scale")
+    if tuple(q.shape) != tuple(shape) or q.dtype != jnp.int8 or scale is None:
+        raise ValueError(f"{where}: {path}/q is {q.dtype} {tuple(q.shape)} (scale "
+                         f"{'missing' if scale is None else 'present'}); expected int8 "
+                         f"{tuple(shape)} with a {path}/scale")
+    if f"{path}/smooth" in tensors:
+        return W8A8Weight(q, scale, tensors[f"{path}/smooth"], tensors.get(f"{path}/act_scale"))
+    # Stored block kernels are stacked: scale is [L, G, 1, *out].
+    return Int8Weight(q, scale, group_size, scale.ndim - 3 if group_size else 0)
