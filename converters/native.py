@@ -93,7 +93,8 @@ def load_native(directory: str):
         raise CheckpointError(f"{params_path}: not found")
     tensors = read_safetensors(params_path)
     expected = flatten_tree(param_shapes(cfg))
-    quantized = _quantized_params(tensors, expected, meta, where, params_path)
+    quantized = _quantized_params(tensors, expected, meta, os.path.join(directory, CONFIG_NAME),
+                                  params_path)
     rules = [Rule(path, path) for path in expected if path not in quantized]
     params = apply_rules(tensors, rules, cfg,
                          {p: v for p, v in expected.items() if p not in quantized},
