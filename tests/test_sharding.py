@@ -366,3 +366,22 @@ def test_distributed_initialize_needs_a_description(monkeypatch):
         distributed.initialize()
     with pytest.raises(ValueError, match=r"process_id 2 is not in \[0, num_processes=2\)"):
         distributed.initialize("127.0.0.1:1", num_processes=2, process_id=2)
+
+
+def test_request_options_on_a_mesh_equal_one_device():
+    """Per-request options, n samples (shared prefill) and beams on a TP=2 x DP=2 mesh
+    give the single-device results (same tokens; greedy and seeded)."""
+    cfg = tiny_config(n_kv_heads=2, eos_token_id=3)
+    params = _params(cfg, seed=4)
+    ref = Model(cfg, params)
+    model = Model(cfg, params, mesh=make_mesh(tensor=2, data=2))
+    sp = ftjax.SamplingParams
+    prompts = [[1, 2, 3], [4, 5], [1, 2, 3]]
+    sampling = [sp(temperature=0.9, seed=3, n=3, repetition_penalty=1.2),
+                sp(no_repeat_ngram_size=2, bad_words=[[7]], logprobs=2),
+                sp(presence_penalty=0.5, stop_sequences=[[9, 9]], ignore_eos=True)]
+    a = ref.generate(prompts, 8, sampling)
+    b = model.generate(prompts, 8, sampling)
+    assert a.tokens == b.tokens and a.finish_reasons == b.finish_reasons
+    beams = sp(num_beams=3, n=2, stop_token_ids=[3])
+    assert ref.generate(prompts[:2], 6, beams).tokens == model.generate(prompts[:2], 6, beams).tokens
