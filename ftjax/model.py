@@ -80,11 +80,12 @@ class Linear(nn.Module):
     kernel_shape: tuple
     bias_shape: Optional[tuple]
     dtype: jnp.dtype
+    kernels: str = "xla"  # "pallas": int8 weights go through pallas_kernels.int8_matmul
 
     @nn.compact
     def __call__(self, x):
         kernel = weight(self, "kernel", self.kernel_shape, self.dtype)
-        y = quant.einsum(self.spec, x, kernel)
+        y = quant.einsum(self.spec, x, kernel, pallas=self.kernels == "pallas")
         if self.bias_shape is not None:
             y = y + self.param("bias", nn.initializers.zeros, self.bias_shape, self.dtype)
         return y
@@ -211,9 +212,10 @@ class Attention(nn.Module):
         cfg = self.cfg
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         bias = cfg.attn_bias
-        q = Linear("btd,dnh->btnh", (d, n, h), (n, h) if bias else None, self.dtype, name="q")(x)
-        kk = Linear("btd,dkh->btkh", (d, k, h), (k, h) if bias else None, self.dtype, name="k")(x)
-        vv = Linear("btd,dkh->btkh", (d, k, h), (k, h) if bias else None, self.dtype, name="v")(x)
+        dt, kn = self.dtype, self.kernels
+        q = Linear("btd,dnh->btnh", (d, n, h), (n, h) if bias else None, dt, kn, name="q")(x)
+        kk = Linear("btd,dkh->btkh", (d, k, h), (k, h) if bias else None, dt, kn, name="k")(x)
+        vv = Linear("btd,dkh->btkh", (d, k, h), (k, h) if bias else None, dt, kn, name="v")(x)
         if cfg.positions == "rotary":
             q = rotate(q, positions, cfg.n_rotary, cfg.rope_theta)
             kk = rotate(kk, positions, cfg.n_rotary, cfg.rope_theta)
@@ -253,26 +255,28 @@ class Attention(nn.Module):
                     for a in (cache.k, cache.v, cache.k_scale, cache.v_scale))
                 out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len), slopes,
                              heads_first=True, k_scale=k_scale, v_scale=v_scale)
-        y = Linear("btnh,nhd->btd", (n, h, d), (d,) if bias else None, self.dtype, name="o")(out)
+        y = Linear("btnh,nhd->btd", (n, h, d), (d,) if bias else None, dt, kn, name="o")(out)
         return y, cache
 
 
 class Mlp(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
         d, f = cfg.d_model, cfg.d_ff
         bias = cfg.mlp_bias
-        hdn = Linear("btd,df->btf", (d, f), (f,) if bias else None, self.dtype, name="wi")(x)
+        dt, kn = self.dtype, self.kernels
+        hdn = Linear("btd,df->btf", (d, f), (f,) if bias else None, dt, kn, name="wi")(x)
         if cfg.glu:
-            gate = Linear("btd,df->btf", (d, f), (f,) if bias else None, self.dtype, name="wg")(x)
+            gate = Linear("btd,df->btf", (d, f), (f,) if bias else None, dt, kn, name="wg")(x)
             hdn = activation(cfg.activation, gate) * hdn
         else:
             hdn = activation(cfg.activation, hdn)
-        return Linear("btf,fd->btd", (f, d), (d,) if bias else None, self.dtype, name="wo")(hdn)
+        return Linear("btf,fd->btd", (f, d), (d,) if bias else None, dt, kn, name="wo")(hdn)
 
 
 class Block(nn.Module):
@@ -287,7 +291,7 @@ class Block(nn.Module):
         x, positions, cache = carry
         cfg = self.cfg
         attn = Attention(cfg, self.dtype, self.kernels, name="attn")
-        mlp = Mlp(cfg, self.dtype, name="mlp")
+        mlp = Mlp(cfg, self.dtype, self.kernels, name="mlp")
         ln1 = Norm(cfg, self.dtype, name="ln1")
         ln2 = None if cfg.shared_norm else Norm(cfg, self.dtype, name="ln2")
         if cfg.norm_position == "post":      # norm(x + f(x))

@@ -188,7 +188,7 @@ def _as_matrix(w, n: int):
         k *= d
     q2 = w.q.reshape(k, -1)
     scale2 = w.scale.reshape(-1, q2.shape[1])
-    return q2, (scale2[0] if scale2.shape[0] == 1 else scale2)
+    return q2, (scale2 if getattr(w, "group_size", 0) else scale2[0])
 
 
 def _w8a8_matmul(x, w: W8A8Weight, n: int):
@@ -207,8 +207,11 @@ def _w8a8_matmul(x, w: W8A8Weight, n: int):
     return y.reshape(*lead, *w.q.shape[n:]).astype(x.dtype)
 
 
-def einsum(spec: str, x, w):
+def einsum(spec: str, x, w, pallas: bool = False):
     """`jnp.einsum(spec, x, w)` for a float, `Int8Weight` or `W8A8Weight` w.
+
+    pallas: an `Int8Weight` contracted over x's last axes goes through
+    `pallas_kernels.int8_matmul` (dequantized inside the kernel; interpreted off GPU).
 
     Returns:
       the product in x's dtype (float weights: the promoted dtype, as jnp.einsum).
@@ -220,10 +223,17 @@ def einsum(spec: str, x, w):
                              f"got {spec!r}")
         return _w8a8_matmul(x, w, n)
     if isinstance(w, Int8Weight):
-        # PALLAS DISPATCH POINT: on GPU, for n = _trailing_leading(spec) > 0, call
-        # pallas_kernels.int8_matmul.int8_matmul(x.reshape(-1, K), *_as_matrix(w, n),
-        # group_size=w.group_size or None) and reshape back. Below: the XLA fallback,
-        # dequantize then dot (XLA fuses the convert into the dot on GPU; not on CPU).
+        n = _trailing_leading(spec)
+        if pallas and n and w.q.ndim == len(_split_spec(spec)[1]):  # one layer's weight
+            from pallas_kernels import int8_matmul
+
+            q2, scale2 = _as_matrix(w, n)
+            lead = x.shape[:x.ndim - n]
+            y = int8_matmul(x.reshape(-1, q2.shape[0]), q2, scale2,
+                            group_size=w.group_size or None,
+                            interpret=jax.default_backend() != "gpu")
+            return y.reshape(*lead, *w.q.shape[n:])
+        # XLA: dequantize then dot (XLA fuses the convert into the dot on GPU; not on CPU).
         w = dequantize(w).astype(x.dtype)
     if spec == "btnh,nhd->btd":
         # Contract (n, h) as one axis: XLA:CPU otherwise picks a layout that
