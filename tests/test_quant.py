@@ -204,7 +204,7 @@ def save_and_reload(tmp_path, model):
     from converters.tensors import read_safetensors
 
     save_native(str(tmp_path), model.config, jax.device_get(model.params), "float32")
-    meta = json.load(open(tmp_path / "ftjax_config.json"))
+    meta = json.loads((tmp_path / "ftjax_config.json").read_text())
     stored = read_safetensors(str(tmp_path / "params.safetensors"))
     return ftjax.load(str(tmp_path)), meta, stored
 
@@ -321,8 +321,9 @@ def test_perplexity_of_a_known_distribution():
 @pytest.mark.slow
 def test_eval_cli_on_the_demo_model(tmp_path):
     text = tmp_path / "t.py"
-    text.write_text(open(os.path.join(os.path.dirname(__file__), "..", "examples", "data",
-                                      "heldout.py.txt")).read()[:3000])
+    heldout = os.path.join(os.path.dirname(__file__), "..", "examples", "data", "heldout.py.txt")
+    with open(heldout) as f:
+        text.write_text(f.read()[:3000])
     lam = tmp_path / "l.jsonl"
     lam.write_text(json.dumps({"text": "import numpy as np"}) + "\n"
                    + json.dumps({"text": "def f(x):\n    return x"}) + "\n")
