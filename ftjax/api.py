@@ -238,9 +238,6 @@ class Model:
             if mesh.shape.get("pipe", 1) > 1:
                 raise ValueError("pipeline parallelism (pipe > 1) is not implemented for running "
                                  "models; the pipe axis is used by `ftjax plan` only")
-            if mode_of(params) is not None:
-                raise ValueError("quantized weights cannot be placed on a mesh yet: load with "
-                                 "quant=None for tensor/data parallelism")
             self.layout = sharding.Layout(mesh, config)
         self.engine = Engine(config, _dtype(dtype), scan_layers=scan, kernels=_kernels(kernels),
                              layout=self.layout, kv_dtype=kv_cache_dtype)

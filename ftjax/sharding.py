@@ -245,15 +245,43 @@ class Layout:
         host buffer, ever holds a whole split param. Vocabulary params are padded
         with zero rows to `padded_vocab`.
         """
-        flat = _flatten(params)
-        shapes = _flatten(self.param_shapes(params))
-        shardings = _flatten(self.param_shardings(params))
-        return _unflatten({p: _place(flat[p], shapes[p], shardings[p], dtype) for p in flat})
+        from ftjax.quant import Int8Weight, is_quantized
+
+        def place(path, x, x_dtype):
+            shape = tuple(x.shape)
+            if path in VOCAB_PARAMS:
+                shape = (self.padded_vocab,) + shape[1:]
+            # A size-1 axis (an int8 scale's contraction axis) does not divide: replicated.
+            return _place(x, shape, self.sharding(param_axes(path), shape), x_dtype)
+
+        out = {}
+        for path, x in _flatten(params).items():
+            if not is_quantized(x):
+                out[path] = place(path, x, dtype)
+            elif isinstance(x, Int8Weight) and not x.group_size:
+                # Per-channel int8: the scale keeps the weight's axes (contraction axes
+                # of size 1), so it shards with its weight's output axes.
+                out[path] = x.replace(q=place(path, x.q, np.int8),
+                                      scale=place(path, x.scale, np.float32))
+            else:
+                raise ValueError(f"{path}: {type(x).__name__} with groups or W8A8 cannot be "
+                                 "placed on a mesh yet; use quant='int8' (per channel)")
+        return _unflatten(out)
 
     def unpad_params(self, params) -> dict:
         """Slices the vocabulary padding off (the canonical shapes again)."""
+        from ftjax.quant import is_quantized
+
         v = self.cfg.vocab_size
-        return {k: (x[:v] if k in VOCAB_PARAMS else x) for k, x in params.items()}
+
+        def unpad(k, x):
+            if k not in VOCAB_PARAMS:
+                return x
+            if is_quantized(x):
+                return x.replace(q=x.q[:v], scale=x.scale[:v])
+            return x[:v]
+
+        return {k: unpad(k, x) for k, x in params.items()}
 
     def shard_batch(self, tree):
         """Host or device arrays with a leading batch axis -> global arrays on "data"."""
