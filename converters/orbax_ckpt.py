@@ -70,6 +70,7 @@ def load_orbax(directory: str, shardings=None, dtype=None):
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, dtype or stored, sharding=sh),
         shapes, shardings)
     target = os.path.join(directory, PARAMS_DIR)
+    _check_stored_shapes(target, shapes)
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(target, abstract)
@@ -77,3 +78,27 @@ def load_orbax(directory: str, shardings=None, dtype=None):
         raise CheckpointError(f"{target}: cannot restore the canonical params of the "
                               f"config in {CONFIG_NAME} ({type(e).__name__}: {e})") from e
     return cfg, params, stored
+
+
+def _check_stored_shapes(target: str, shapes) -> None:
+    """Compares the stored arrays' metadata with the config's canonical shapes, so a
+    mismatch is reported by name before any read starts."""
+    import orbax.checkpoint as ocp
+
+    from converters.rules import flatten_tree
+
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            meta = ckpt.metadata(target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{target}: not a readable orbax checkpoint ({e})") from e
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
+    if not isinstance(tree, dict):
+        return  # another orbax metadata layout: restore reports problems itself
+    stored = {k: tuple(getattr(v, "shape", ())) for k, v in flatten_tree(tree).items()}
+    expected = {k: tuple(v.shape) for k, v in flatten_tree(shapes).items()}
+    for key in sorted(set(stored) | set(expected)):
+        if stored.get(key) != expected.get(key):
+            raise CheckpointError(
+                f"{target}: tensor {key!r} is stored as {stored.get(key)} but the config in "
+                f"{CONFIG_NAME} needs {expected.get(key)}: cannot restore")

@@ -20,7 +20,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from tiny import tiny_config
+from tiny import tiny_config, tiny_params
 
 import ftjax
 from ftjax import distributed
@@ -41,14 +41,7 @@ pytestmark = needs_8
 
 
 def _params(cfg, seed=0):
-    """tiny.tiny_params's draw from abstract shapes: no init compile (seconds saved per call)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        noise = rng.standard_normal(x.shape) * 0.3
-        return (noise * 0.2 + 1.0 if path[-1].key == "scale" else noise).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, param_shapes(cfg))
+    return tiny_params(cfg, seed)
 
 
 def _check_same(ref, model, ids, prompts, n_new=8):

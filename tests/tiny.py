@@ -5,7 +5,7 @@ import numpy as np
 
 import ftjax
 from ftjax.api import Model
-from ftjax.model import init_params
+from ftjax.model import param_shapes
 
 
 def tiny_config(**overrides):
@@ -17,7 +17,7 @@ def tiny_config(**overrides):
 
 def tiny_params(cfg, seed=0, scale=0.3):
     """Random params of the canonical shapes, wide enough that greedy text varies."""
-    shapes = init_params(cfg, seed=seed)
+    shapes = param_shapes(cfg)  # abstract shapes: nothing compiled
     rng = np.random.default_rng(seed)
 
     def draw(path, x):
