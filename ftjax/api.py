@@ -158,7 +158,11 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
     path = os.fspath(path)
     if not os.path.isdir(path) and not (path.endswith(".nemo") and os.path.isfile(path)):
         raise CheckpointError(f"{path}: not a directory")
-    cfg, params_np = load_checkpoint(path, megatron_args=megatron_args)
+    params_np = None
+    if mesh is not None and quant is None and os.path.isdir(path):
+        cfg, params_np = _restore_onto_mesh(path, mesh, jdtype)
+    if params_np is None:
+        cfg, params_np = load_checkpoint(path, megatron_args=megatron_args)
     tok = tokenizer_dir(path)
     tokenizer = tok and _load_tokenizer(tok)
     if mesh is not None and quant is None and q.mode_of(params_np) is None:
@@ -181,6 +185,21 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
             params = q.quantize_params(params, 128 if quant == "int8-g128" else 0)
     return Model(cfg, params, dtype, tokenizer=tokenizer, path=path, mesh=mesh,
                  kv_cache_dtype=kv_cache_dtype, kernels=kernels)
+
+
+def _restore_onto_mesh(path: str, mesh, jdtype):
+    """An orbax checkpoint restored straight onto the mesh (each process reads only its
+    shards); (None, None) for other formats."""
+    from converters.native import read_meta
+    from converters.orbax_ckpt import FORMAT, VERSION, is_orbax, load_orbax
+    from ftjax.model import param_shapes
+
+    if not is_orbax(path):
+        return None, None
+    _, cfg = read_meta(path, FORMAT, VERSION)
+    shardings = sharding.Layout(mesh, cfg).stored_shardings(param_shapes(cfg))
+    cfg, params, _ = load_orbax(path, shardings, dtype=jdtype)
+    return cfg, params
 
 
 KV_CACHE_DTYPES = (None, "int8")

@@ -222,6 +222,13 @@ class Layout:
             shapes[path] = shape
         return _unflatten(shapes)
 
+    def stored_shardings(self, shapes) -> dict:
+        """Shardings for params of the canonical (unpadded) shapes, e.g. to restore a
+        checkpoint onto the mesh; a vocabulary that does not divide stays replicated."""
+        flat = _flatten(shapes)
+        return _unflatten({p: self.sharding(param_axes(p), tuple(x.shape))
+                           for p, x in flat.items()})
+
     def param_shardings(self, params) -> dict:
         """NamedSharding of every param (stacked or per-layer layout), padded shapes."""
         flat = _flatten(self.param_shapes(params))
@@ -306,6 +313,10 @@ class Layout:
 def _place(host, shape, sharding, dtype) -> jax.Array:
     """One global array built shard by shard from `host` (zero rows past its end)."""
     host_shape = tuple(host.shape)
+    if (isinstance(host, jax.Array) and host_shape == tuple(shape)
+            and host.dtype == np.dtype(dtype) and host.sharding.is_equivalent_to(
+                sharding, len(shape))):
+        return host  # already placed (e.g. restored from orbax onto this mesh)
 
     def shard(index):
         index = tuple(index) + (slice(None),) * (len(shape) - len(index))

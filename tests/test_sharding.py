@@ -378,3 +378,24 @@ def test_request_options_on_a_mesh_equal_one_device():
     assert a.tokens == b.tokens and a.finish_reasons == b.finish_reasons
     beams = sp(num_beams=3, n=2, stop_token_ids=[3])
     assert ref.generate(prompts[:2], 6, beams).tokens == model.generate(prompts[:2], 6, beams).tokens
+
+
+def test_orbax_checkpoint_restores_onto_the_mesh(tmp_path):
+    """`ftjax convert`'s orbax output loads with mesh=: params are restored with their
+    mesh shardings (heads split on "tensor"), and the model equals one device."""
+    from converters import save_orbax
+    from ftjax.api import _restore_onto_mesh
+
+    cfg = tiny_config(n_kv_heads=2)
+    params = tiny_params(cfg, seed=6)
+    save_orbax(str(tmp_path), cfg, params, "float32")
+    mesh = make_mesh(tensor=2, data=2)
+    _, restored = _restore_onto_mesh(str(tmp_path), mesh, np.float32)
+    q = restored["layers"]["attn"]["q"]["kernel"]
+    assert "tensor" in tuple(q.sharding.spec) and len(q.addressable_shards) == 4
+    assert q.addressable_shards[0].data.shape[2] == cfg.n_heads // 2
+    ids = [[5, 1, 7, 9, 2, 4]]
+    a = ftjax.load(str(tmp_path))
+    b = ftjax.load(str(tmp_path), mesh=mesh)
+    err = np.abs(np.asarray(a.forward(ids)) - np.asarray(b.forward(ids))).max()
+    assert err <= ATOL
