@@ -289,8 +289,8 @@ def test_quantized_tiny_gpt2_matches_hf(tmp_path):
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 def test_quantized_model_under_tp_equals_single_device():
-    """int8 (per channel) weights and an int8 KV cache on TP=4 x DP=2 and TP=8 meshes
-    (vocab 97 padded to 100 / 104; 2 kv heads: replicated at TP 4 and 8) give the
+    """int8 (per channel) weights and an int8 KV cache on a TP=4 x DP=2 mesh (vocab 97
+    padded to 100; 2 kv heads: replicated at TP 4; 8 heads split) give the
     single-device quantized logits within 1e-5 (fp32; only the row-parallel partial sums
     are added in another order) and identical greedy tokens; grouped weights are refused."""
     from ftjax import make_mesh
@@ -302,7 +302,7 @@ def test_quantized_model_under_tp_equals_single_device():
     ids = [[5, 1, 7, 9, 2, 4], [8, 8, 3, 1, 0, 2]]
     prompts = [[5, 1, 7], [9, 2, 4, 4, 8], [3]]
     want = one.generate(prompts, 8, ftjax.SamplingParams(stop_token_ids=[])).tokens
-    for tp, dp in ((4, 2), (8, 1)):
+    for tp, dp in ((4, 2),):
         m = Model(cfg, params, kv_cache_dtype="int8", mesh=make_mesh(tensor=tp, data=dp))
         err = np.abs(np.asarray(m.forward(ids)) - np.asarray(one.forward(ids))).max()
         assert err <= 1e-5, (tp, dp, err)
