@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,9 @@ from ftjax.engine import FINISH_STOP, KERNELS, Engine
 from ftjax.errors import CheckpointError
 from ftjax.model import stack_layers, unstack_layers
 from ftjax.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from ftjax.session import Session
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 DECODE_CHUNK = 8  # decode steps per while-loop iteration
