@@ -144,13 +144,18 @@ def rank_grid(directory: str, pattern=_RANK_DIR, where: str | None = None):
     if not grid:
         raise CheckpointError(f"{where or directory}: no rank directories (mp_rank_XX or "
                               "mp_rank_XX_YYY) found")
+    return (grid,) + grid_shape(grid, where or directory)
+
+
+def grid_shape(grid: dict, where: str):
+    """(tp, pp) of a {(tp_rank, pp_rank): ...} grid; every rank must be present."""
     tp = 1 + max(t for t, _ in grid)
     pp = 1 + max(p for _, p in grid)
     missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in grid]
     if missing:
-        raise CheckpointError(f"{where or directory}: rank directories for (tp, pp) {missing} "
-                              f"are missing from a {tp} x {pp} grid")
-    return grid, tp, pp
+        raise CheckpointError(f"{where}: weights for ranks (tp, pp) {missing} are missing "
+                              f"from a {tp} x {pp} grid")
+    return tp, pp
 
 
 def _int(args: dict, key: str, where: str, default=None) -> int:

@@ -170,11 +170,7 @@ def load_nemo(path: str):
     if not grid:
         raise CheckpointError(f"{src.where(WEIGHTS)}: not found (nor mp_rank_XX/ or "
                               "tp_rank_XX_pp_rank_XXX/ weights)")
-    tp = 1 + max(t for t, _ in grid)
-    pp = 1 + max(p for _, p in grid)
-    missing = [(t, p) for t in range(tp) for p in range(pp) if (t, p) not in grid]
-    if missing:
-        raise CheckpointError(f"{path}: weights for ranks (tp, pp) {missing} are missing")
+    tp, pp = megatron.grid_shape(grid, path)
     args = _args(nemo, where)
     for key, n in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
         if args.get(key, n) != n:
