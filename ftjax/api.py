@@ -420,7 +420,10 @@ class Model:
         return self._output(reqs, results)
 
     def _run_sampling(self, reqs: List[Request], session=None, cache=None):
-        """Prefill + decode of sampled / greedy requests. Returns (Sequences per request, state)."""
+        """Prefill + decode of sampled / greedy requests.
+
+        Returns (Sequences per request, final DecodeState, {row: tokens kept} for stop strings).
+        """
         batch = batching.build(reqs, [r.sp.n for r in reqs], self.config, DECODE_CHUNK,
                                session=session, layout=self.layout)
         state, prompt_lp = self.engine.prefill(
