@@ -1,0 +1,209 @@
+"""The paged KV cache pieces: the paged decode-attention kernel (pallas_kernels),
+device-side page ops (ftjax.paged_kv) and the host block manager (ftjax.blocks).
+
+Kernel proofs as in test_kernels.py: interpreter numerics vs the jnp reference over
+ragged lengths and shuffled page tables, the reference vs ftjax.model.attend on the
+same data laid out contiguously, and the real Triton lowering for CUDA on this CPU.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ftjax.model import attend
+from pallas_kernels import paged_attention, paged_attention_reference
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+# Max abs error, outputs O(1); the same budgets as test_kernels.py's decode attention
+# (float32: summation order and online-softmax rescaling only, measured <= 5e-7;
+# bf16 / fp16: probabilities fed to the second dot in the input dtype, one output
+# rounding: bf16 step 2^-7 at |y| in [1, 2), fp16 2^-10).
+ATTN_TOL = {jnp.float32: 2e-6, jnp.bfloat16: 1.6e-2, jnp.float16: 2e-3}
+
+
+def _rand(rng, shape, dtype=jnp.float32):
+    return jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+
+
+def _quantize(x):
+    """Per-token, per-head symmetric int8 over the last axis (as ftjax.quant)."""
+    scale = jnp.maximum(jnp.abs(x).max(axis=-1), 1e-6) / 127.0
+    q = jnp.clip(jnp.round(x / scale[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale.astype(jnp.float32)
+
+
+def _scattered_table(rng, b, max_pages, num_pages, lengths, page_size):
+    """A page table whose used entries are distinct shuffled pages 1..P-1; entries past a
+    row's last page hold random (valid) page ids, which must never be read."""
+    table = rng.integers(0, num_pages, (b, max_pages))
+    free = list(rng.permutation(np.arange(1, num_pages)))
+    for row, n in enumerate(lengths):
+        for i in range(min(-(-n // page_size), max_pages)):
+            table[row, i] = free.pop()
+    return jnp.asarray(table, jnp.int32)
+
+
+def _paged_case(n, kv, dtype, alibi=False, int8=False, page_size=8, max_pages=6,
+                lengths=(1, 17, 48), n_layers=2, seed=0):
+    rng = np.random.default_rng(seed)
+    b, h = len(lengths), 8
+    num_pages = b * max_pages + 3
+    shape = (n_layers, num_pages, kv, page_size, h)
+    q = _rand(rng, (b, n, h), dtype)
+    k, v = _rand(rng, shape, dtype), _rand(rng, shape, dtype)
+    kw = {"layer": n_layers - 1}
+    if int8:
+        (k, kw["k_scale"]), (v, kw["v_scale"]) = _quantize(k), _quantize(v)
+    if alibi:
+        kw["alibi_slopes"] = jnp.asarray(rng.uniform(0.05, 0.5, n), jnp.float32)
+    table = _scattered_table(rng, b, max_pages, num_pages, lengths, page_size)
+    return (q, k, v, table, jnp.asarray(lengths, jnp.int32)), kw
+
+
+@pytest.mark.parametrize("n,kv,dtype,alibi,int8,page_size,ppb", [
+    (4, 4, jnp.float32, False, False, 8, 2),      # MHA, two 8-token pages per block
+    (4, 1, jnp.float32, False, False, 16, 1),     # MQA, one page per block
+    (8, 2, jnp.float32, True, False, 8, 2),       # GQA (G=4) + ALiBi
+    (4, 2, jnp.bfloat16, False, False, 8, 4),
+    (4, 2, jnp.float16, True, False, 16, 1),
+    (4, 2, jnp.float32, False, True, 8, 2),       # int8 pages
+    (8, 2, jnp.bfloat16, True, True, 16, 1),
+])
+def test_paged_attention_matches_reference(n, kv, dtype, alibi, int8, page_size, ppb):
+    args, kw = _paged_case(n, kv, dtype, alibi, int8, page_size=page_size,
+                           max_pages=96 // page_size)
+    out = paged_attention(*args, **kw, pages_per_block=ppb, num_splits=2, interpret=True)
+    ref = paged_attention_reference(*args, **kw)
+    assert out.dtype == dtype and out.shape == args[0].shape
+    err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
+    assert err <= ATTN_TOL[dtype], err
+
+
+def test_paged_attention_default_tiles_traced_layer_and_empty_row():
+    """Default blocking / splits, the layer index traced under jit (each layer read in
+    place), a row of length 0 (zeros, not NaN) and lengths past the table (clamped)."""
+    args, kw = _paged_case(4, 2, jnp.float32, alibi=True, int8=True, lengths=(0, 9, 60),
+                           n_layers=3)
+    kw.pop("layer")
+    run = jax.jit(lambda layer: paged_attention(*args, **kw, layer=layer, interpret=True))
+    for layer in (0, 2):
+        out = run(jnp.int32(layer))
+        ref = paged_attention_reference(*args, **kw, layer=layer)
+        assert float(jnp.abs(out - ref).max()) <= ATTN_TOL[jnp.float32]
+        np.testing.assert_array_equal(np.asarray(out[0]), 0.0)
+    assert not np.isnan(np.asarray(out)).any()
+
+
+def test_paged_attention_never_reads_past_length():
+    """Huge values in every page slot past a row's length (the rest of its last page,
+    the null page, pages the table names past the end) leave the output unchanged."""
+    args, kw = _paged_case(4, 2, jnp.float32, lengths=(3, 17, 30))
+    q, k, v, table, lengths = args
+    ps = k.shape[3]
+    out = paged_attention(*args, **kw, interpret=True)
+    live = np.zeros(k.shape[:2] + (ps,), bool)      # [L, P, ps]: slots some row reads
+    for row, n in enumerate(np.asarray(lengths)):
+        for t in range(n):
+            live[kw["layer"], int(table[row, t // ps]), t % ps] = True
+    dead = jnp.asarray(~live)[:, :, None, :, None]
+    k2, v2 = jnp.where(dead, 1e4, k), jnp.where(dead, -1e4, v)
+    out2 = paged_attention(q, k2, v2, table, lengths, **kw, interpret=True)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
+
+
+@pytest.mark.parametrize("n,kv,alibi,int8", [(4, 4, False, False), (8, 2, True, False),
+                                             (4, 1, True, True)])
+def test_paged_reference_matches_contiguous_attend(n, kv, alibi, int8):
+    """The same keys/values laid out contiguously `[B, K, S, H]` and scattered over
+    shuffled pages: paged_attention_reference == ftjax.model.attend (heads_first), the
+    model's own attention (float32, within summation order)."""
+    rng = np.random.default_rng(1)
+    b, h, s, ps = 3, 8, 40, 8
+    lengths = np.array([1, 17, 40])
+    k, v = _rand(rng, (b, kv, s, h)), _rand(rng, (b, kv, s, h))
+    q = _rand(rng, (b, n, h))
+    ks = vs = None
+    if int8:
+        (k, ks), (v, vs) = _quantize(k), _quantize(v)
+    slopes = jnp.asarray(rng.uniform(0.05, 0.5, n), jnp.float32) if alibi else None
+    num_pages, max_pages = b * s // ps + 1, s // ps
+    table = np.asarray(_scattered_table(rng, b, max_pages, num_pages, [s] * b, ps))
+
+    def to_pages(x):                  # [B, K, S, ...] -> pool [1, P, K, ps, ...]
+        pool = np.zeros((num_pages, x.shape[1], ps) + x.shape[3:], np.asarray(x).dtype)
+        for row in range(b):
+            for i in range(max_pages):
+                pool[table[row, i]] = np.asarray(x[row, :, i * ps:(i + 1) * ps])
+        return jnp.asarray(pool)[None]
+
+    kw = {"alibi_slopes": slopes}
+    if int8:
+        kw.update(k_scale=to_pages(ks), v_scale=to_pages(vs))
+    ref = paged_attention_reference(q, to_pages(k), to_pages(v), jnp.asarray(table),
+                                    jnp.asarray(lengths, jnp.int32), layer=0, **kw)
+    q_pos = jnp.asarray(lengths - 1)[:, None]
+    want = attend(q[:, None], k, v, q_pos, jnp.arange(s), slopes, heads_first=True,
+                  k_scale=ks, v_scale=vs)[:, 0]
+    assert float(jnp.abs(ref - want).max()) <= 2e-6
+
+
+def test_paged_attention_rejects_bad_input():
+    args, kw = _paged_case(4, 2, jnp.float32)
+    q, k, v, table, lengths = args
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        paged_attention(q, k[:, :, :, :6], v[:, :, :, :6], table, lengths, **kw,
+                        interpret=True)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        paged_attention(q[:, :3], k, v, table, lengths, **kw, interpret=True)
+    with pytest.raises(ValueError, match="int8 pages need"):
+        k8, _ = _quantize(k)
+        paged_attention(q, k8, k8, table, lengths, **kw, interpret=True)
+    with pytest.raises(ValueError, match=r"page_table must be \[B, max_pages\]"):
+        paged_attention(q, k, v, table[:2], lengths, **kw, interpret=True)
+    with pytest.raises(ValueError, match="pages_per_block"):
+        paged_attention(*args, **kw, pages_per_block=1, interpret=True)   # 8 keys < 16
+
+
+# -- CUDA lowering -------------------------------------------------------------
+
+def _lower_for_cuda(fn, *args):
+    """As test_kernels.py: Triton lowering for an (abstract) H100 on this CPU."""
+    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
+                                      platform="cuda")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Triton backend, jax >= 0.11
+        with jax.sharding.use_abstract_mesh(mesh):
+            lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    return lowered.as_text()
+
+
+# (head_dim, query heads, kv heads, dtype, int8 pages, page_size): GPT-2 (64, MHA),
+# NeoX-style 80 (padded), Llama GQA 128 with int8, MQA with 8-token pages.
+LOWER_PAGED = [
+    (64, 12, 12, jnp.float16, False, 16),
+    (80, 8, 2, jnp.float32, False, 16),
+    (128, 32, 8, jnp.bfloat16, True, 16),
+    (64, 16, 1, jnp.bfloat16, True, 8),
+]
+
+
+@pytest.mark.parametrize("h,n,kv,dtype,int8,page_size", LOWER_PAGED)
+def test_paged_attention_lowers_for_cuda(h, n, kv, dtype, int8, page_size):
+    sds = jax.ShapeDtypeStruct
+    n_layers, num_pages, b, max_pages = 24, 512, 4, 128
+    pool = sds((n_layers, num_pages, kv, page_size, h), jnp.int8 if int8 else dtype)
+    scale = sds(pool.shape[:4], jnp.float32)
+
+    def f(q, k, v, table, lengths, layer, slopes, ks=None, vs=None):
+        return paged_attention(q, k, v, table, lengths, layer=layer, alibi_slopes=slopes,
+                               k_scale=ks, v_scale=vs)
+
+    args = [sds((b, n, h), dtype), pool, pool, sds((b, max_pages), jnp.int32),
+            sds((b,), jnp.int32), sds((), jnp.int32), sds((n,), jnp.float32)]
+    text = _lower_for_cuda(f, *args, *([scale, scale] if int8 else []))
+    assert TRITON_CALL in text
