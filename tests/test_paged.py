@@ -12,8 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_config
 
-from ftjax.model import attend
+from ftjax import paged_kv
+from ftjax.model import KVCache, attend, write_cache
 from pallas_kernels import paged_attention, paged_attention_reference
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -207,3 +209,125 @@ def test_paged_attention_lowers_for_cuda(h, n, kv, dtype, int8, page_size):
             sds((b,), jnp.int32), sds((), jnp.int32), sds((n,), jnp.float32)]
     text = _lower_for_cuda(f, *args, *([scale, scale] if int8 else []))
     assert TRITON_CALL in text
+
+
+# -- device-side page ops (ftjax.paged_kv) ----------------------------------------
+
+def _kv_case(kv_dtype, seed=2):
+    """Three batch rows using page-table rows [2, 0, 3] of a 4-row table (row 1 idle),
+    pages shuffled over the pool; a ragged padded prefill then one decode token."""
+    cfg = tiny_config(n_heads=4, n_kv_heads=2, head_dim=8)
+    rng = np.random.default_rng(seed)
+    ps, m, s = 4, 6, 24
+    b, kvh, h = 3, cfg.n_kv_heads, cfg.head_dim
+    prompt = np.array([5, 1, 11])        # prompt lengths; the decode token sits at prompt
+    slots = np.array([2, 0, 3])
+    table = np.zeros((4, m), np.int32)   # unallocated entries stay 0 (the null page)
+    free = list(rng.permutation(np.arange(1, 4 * m)))
+    for row, n in zip(slots, prompt + 1):
+        for i in range(-(-n // ps)):
+            table[row, i] = free.pop()
+    t = 12
+    pos = np.where(np.arange(t)[None, :] < prompt[:, None], np.arange(t)[None, :], -1)
+    writes = [(jnp.asarray(pos, jnp.int32), _rand(rng, (b, t, kvh, h)), _rand(rng, (b, t, kvh, h))),
+              (jnp.asarray(prompt[:, None], jnp.int32), _rand(rng, (b, 1, kvh, h)),
+               _rand(rng, (b, 1, kvh, h)))]
+    return cfg, jnp.asarray(table), jnp.asarray(slots, jnp.int32), writes, s, ps
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_paged_write_then_gather_equals_contiguous_cache(kv_dtype):
+    """Paged writes (traced layer, jitted, pools donated) then gather give exactly the
+    contiguous KVCache written with the same keys/values at the same positions, int8
+    scales included; padding (position -1) is dropped and the null page stays zero."""
+    cfg, table, slots, writes, s, ps = _kv_case(kv_dtype)
+    b = slots.shape[0]
+    pool = paged_kv.zeros(cfg, 4 * 6, ps, jnp.float32, kv_dtype)
+    cache = KVCache.zeros(cfg, b, s, jnp.float32, kv_dtype)
+    pwrite = jax.jit(paged_kv.write, donate_argnums=0)
+    rows = jnp.arange(b)[:, None]
+    for layer in range(cfg.n_layers):
+        for pos, k, v in writes:
+            # (jnp wraps a -1 index to the last slot: the contiguous side gets S instead.)
+            cache = write_cache(cache, layer, rows, jnp.where(pos < 0, s, pos), k + layer,
+                                v - layer, "drop")
+            pool = pwrite(pool, jnp.int32(layer), table, slots, pos, k + layer, v - layer)
+    for layer in range(cfg.n_layers):
+        got = paged_kv.gather(pool, layer, table[slots], s)
+        want = [None if a is None else a[layer]
+                for a in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
+        for g, w in zip(got, want):
+            assert (g is None) == (w is None)
+            if w is not None:
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    for a in (pool.k, pool.v):
+        assert not np.asarray(a[:, 0]).any()    # nothing landed in the null page
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_paged_attend_equals_contiguous_attend(kv_dtype):
+    """Attention over the pages (XLA: gathered view; Pallas decode kernel, interpreted)
+    equals ftjax.model.attend over the contiguous cache: prefill queries (T > 1) and
+    one decode query per row, ALiBi slopes on. XLA paths: identical inputs and math,
+    so exact; the kernel: within its float32 tolerance."""
+    cfg, table, slots, writes, s, ps = _kv_case(kv_dtype, seed=3)
+    b, n, h = slots.shape[0], cfg.n_heads, cfg.head_dim
+    pool = paged_kv.zeros(cfg, 4 * 6, ps, jnp.float32, kv_dtype)
+    cache = KVCache.zeros(cfg, b, s, jnp.float32, kv_dtype)
+    rows = jnp.arange(b)[:, None]
+    for pos, k, v in writes:
+        pool = paged_kv.write(pool, 1, table, slots, pos, k, v)
+        cache = write_cache(cache, 1, rows, jnp.where(pos < 0, s, pos), k, v, "drop")
+    rng = np.random.default_rng(5)
+    slopes = jnp.asarray(rng.uniform(0.05, 0.5, n), jnp.float32)
+    scales = (None, None) if kv_dtype is None else (cache.k_scale[1], cache.v_scale[1])
+    for pos, _, _ in writes:
+        q_pos = jnp.maximum(pos, 0)
+        q = _rand(rng, (b, pos.shape[1], n, h))
+        want = attend(q, cache.k[1], cache.v[1], q_pos, jnp.arange(s), slopes,
+                      heads_first=True, k_scale=scales[0], v_scale=scales[1])
+        got = paged_kv.attend(pool, 1, q, q_pos, table[slots], slopes, max_len=s)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    got = paged_kv.attend(pool, jnp.int32(1), q, q_pos, table[slots], slopes, max_len=s,
+                          kernels="pallas")
+    assert float(jnp.abs(got - want).max()) <= ATTN_TOL[jnp.float32]
+
+
+def test_copy_pages_and_pool_sizing():
+    cfg = tiny_config(n_kv_heads=2)
+    rng = np.random.default_rng(6)
+    pool = paged_kv.zeros(cfg, 8, 4, jnp.float32, "int8")
+    k = _rand(rng, (2, 3, cfg.n_kv_heads, cfg.head_dim))
+    table = jnp.asarray([[3, 5, 0], [6, 0, 0]], jnp.int32)
+    for layer in range(cfg.n_layers):
+        # Row 1's position 5 falls in an unallocated page (entry 0): dropped.
+        pool = paged_kv.write(pool, layer, table, None, jnp.asarray([[0, 4, 5], [1, 5, -1]]),
+                              k, -k)
+    for a in jax.tree_util.tree_leaves(pool):
+        assert not np.asarray(a[:, 0]).any()
+    # (3 -> 7), a padding pair (dst 0), (6 -> 2): every layer, scales too.
+    new = paged_kv.copy_pages(pool, jnp.asarray([3, 5, 6]), jnp.asarray([7, 0, 2]))
+    for old_a, a in zip(jax.tree_util.tree_leaves(pool), jax.tree_util.tree_leaves(new)):
+        old_a, a = np.asarray(old_a), np.asarray(a)
+        np.testing.assert_array_equal(a[:, 7], old_a[:, 3])
+        np.testing.assert_array_equal(a[:, 2], old_a[:, 6])
+        np.testing.assert_array_equal(a[:, [0, 1, 3, 4, 5, 6]], old_a[:, [0, 1, 3, 4, 5, 6]])
+    assert np.asarray(pool.k[:, 3]).any()
+
+    # Sizing: a pool of n pages occupies exactly n * page_bytes (scales included).
+    for kv_dtype, dtype in ((None, jnp.float32), (None, jnp.bfloat16), ("int8", jnp.bfloat16)):
+        per_page = paged_kv.page_bytes(cfg, 16, dtype, kv_dtype)
+        n = paged_kv.pages_for_budget(cfg, 10 * per_page + per_page - 1, 16, dtype, kv_dtype)
+        assert n == 10
+        z = jax.eval_shape(lambda: paged_kv.zeros(cfg, n, 16, dtype, kv_dtype))
+        assert sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(z)) == \
+            n * per_page
+    # L=2, K=2, H=8, 16 tokens, keys + values: fp32 4 bytes each; int8 1 + a 4-byte scale.
+    assert paged_kv.page_bytes(cfg, 16, jnp.float32) == 2 * 2 * 2 * 16 * 8 * 4
+    assert paged_kv.page_bytes(cfg, 16, jnp.float32, "int8") == 2 * 2 * 2 * 16 * (8 + 4)
+    with pytest.raises(ValueError, match="kv_memory=100 bytes holds 0 page"):
+        paged_kv.pages_for_budget(cfg, 100, 16, jnp.float32)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        paged_kv.zeros(cfg, 8, 4, jnp.float32, "fp8")
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        paged_kv.zeros(cfg, 8, 6, jnp.float32)
