@@ -15,6 +15,7 @@ import pytest
 from tiny import tiny_config
 
 from ftjax import paged_kv
+from ftjax.blocks import BlockManager, OutOfPages
 from ftjax.model import KVCache, attend, write_cache
 from pallas_kernels import paged_attention, paged_attention_reference
 
@@ -331,3 +332,179 @@ def test_copy_pages_and_pool_sizing():
         paged_kv.zeros(cfg, 8, 4, jnp.float32, "fp8")
     with pytest.raises(ValueError, match="page_size must be a power of two"):
         paged_kv.zeros(cfg, 8, 6, jnp.float32)
+
+
+# -- host block manager (ftjax.blocks) ---------------------------------------------
+
+def _state(bm):
+    live = sorted(bm._seqs, key=str)
+    return bm.stats(), {s: bm.pages(s) for s in live}, {s: bm.num_tokens(s) for s in live}
+
+
+class _Sim:
+    """A stand-in for the device pool: page -> token ids written, to prove the pages a
+    manager hands out hold what each sequence wrote (hits, forks, copy-on-write)."""
+
+    def __init__(self, bm):
+        self.bm, self.pool, self.want = bm, {}, {}
+
+    def holders(self, page):
+        return sum(self.bm.pages(s).count(page) for s in self.want)
+
+    def write(self, seq, start, tokens):
+        ps, pages = self.bm.page_size, self.bm.pages(seq)
+        for t, tok in enumerate(tokens, start):
+            page = pages[t // ps]
+            assert page != 0 and self.holders(page) == 1, "write into a shared page"
+            self.pool.setdefault(page, [None] * ps)[t % ps] = tok
+        self.want[seq][start:start + len(tokens)] = list(tokens)
+
+    def copy(self, pairs):
+        for src, dst in pairs:
+            self.pool[dst] = list(self.pool[src])
+
+    def verify(self):
+        ps = self.bm.page_size
+        for seq, toks in self.want.items():
+            pages = self.bm.pages(seq)
+            assert 0 not in pages
+            assert [self.pool[pages[t // ps]][t % ps] for t in range(len(toks))] == toks
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_manager_random_workload(seed):
+    """Random allocate (prompts sharing prefixes) / append / fork / free / abort with a
+    small pool: after every call the invariants hold, every sequence reads back exactly
+    the tokens it wrote (so prefix hits, forks and copy-on-write are right), nothing is
+    written into a shared page, a refused call changes nothing, and freeing everything
+    leaves 0 pages in use."""
+    rng = np.random.default_rng(seed)
+    bm = BlockManager(num_pages=24, page_size=4, max_pages_per_seq=8)
+    sim = _Sim(bm)
+    stems = [list(rng.integers(0, 50, 20)) for _ in range(3)]
+    next_id = 0
+    for _ in range(300):
+        op = rng.choice(["alloc", "append", "fork", "free"], p=[0.3, 0.4, 0.15, 0.15])
+        seqs = list(sim.want)
+        if op == "alloc" or not seqs:
+            n = int(rng.integers(1, 34))
+            prompt = (stems[rng.integers(3)][:int(rng.integers(0, 21))]
+                      + list(rng.integers(0, 50, 34)))[:n]
+            before = _state(bm)
+            if not bm.can_allocate(n, prompt):
+                err = ValueError if n > bm.max_tokens else OutOfPages
+                with pytest.raises(err):
+                    bm.allocate(next_id, n, prompt)
+                assert _state(bm) == before
+                continue
+            cached = bm.allocate(next_id, n, prompt)
+            assert cached % 4 == 0 and cached < n
+            sim.want[next_id] = list(prompt[:cached]) + [None] * (n - cached)
+            sim.write(next_id, cached, prompt[cached:])   # the engine's prefill
+            bm.mark_computed(next_id, n)
+            next_id += 1
+        elif op == "append":
+            seq = seqs[rng.integers(len(seqs))]
+            k = int(rng.integers(1, 4))
+            before = _state(bm)
+            if not bm.can_append(seq, k):
+                with pytest.raises((OutOfPages, ValueError)):
+                    bm.append_slots(seq, k)
+                assert _state(bm) == before
+                continue
+            start = bm.num_tokens(seq)
+            sim.copy(bm.append_slots(seq, k))
+            sim.want[seq] += [None] * k
+            sim.write(seq, start, list(rng.integers(0, 50, k)))
+        elif op == "fork":
+            parent = seqs[rng.integers(len(seqs))]
+            bm.fork(parent, next_id)
+            sim.want[next_id] = list(sim.want[parent])
+            next_id += 1
+        else:
+            seq = seqs[rng.integers(len(seqs))]
+            bm.free(seq)
+            del sim.want[seq]
+        bm.check()
+        sim.verify()
+    for seq in list(sim.want):
+        bm.free(seq)
+    bm.check()
+    st = bm.stats()
+    assert st["pages_in_use"] == 0 and st["sequences"] == 0
+    assert st["pages_free"] == st["pages_total"] == 23
+    assert st["prefix_hits"] > 0     # the shared stems were found
+
+
+def test_prefix_cache_hits_eviction_and_copy_on_write():
+    bm = BlockManager(num_pages=9, page_size=4, max_pages_per_seq=6)
+    stem = list(range(100, 108))                        # two aligned blocks
+    a, b = stem + [1, 2, 3], stem + [7, 8]
+    assert bm.allocate("a", len(a), a) == 0
+    # Not yet computed: no hit (the pages hold nothing yet).
+    assert bm.allocate("b0", len(b), b) == 0
+    bm.free("b0")
+    bm.mark_computed("a", len(a))
+    assert bm.allocate("b", len(b), b) == 8
+    assert bm.pages("b")[:2] == bm.pages("a")[:2] and bm.pages("b")[2] != bm.pages("a")[2]
+    st = bm.stats()
+    assert (st["prefix_hits"], st["cached_tokens"], st["pages_in_use"]) == (2, 8, 4)
+    # A prompt equal to the stem reuses only its first block: the last token's block
+    # must be computed (its logits), and is not written into a shared page.
+    assert bm.allocate("c", 8, stem) == 4
+    bm.free("a"), bm.free("b"), bm.free("c")
+    assert bm.stats()["pages_in_use"] == 0 and bm.stats()["pages_cached"] == 2
+    # Freed but cached: still found.
+    assert bm.allocate("d", len(a), a) == 8
+    bm.free("d")
+    # Filling the pool evicts the cached blocks (8 usable pages, 2 cached).
+    bm.allocate("big", 6 * 4)
+    assert bm.stats()["pages_cached"] == 2            # never-cached free pages go first
+    bm.allocate("big2", 2 * 4)
+    assert bm.stats()["pages_cached"] == 0
+    bm.free("big"), bm.free("big2")
+    assert bm.allocate("e", len(a), a) == 0
+    bm.free("e")
+
+    # Fork + copy-on-write: the first writer into the shared partial page copies it.
+    bm.allocate("p", 6)
+    bm.fork("p", "q")
+    shared = bm.pages("p")
+    assert bm.append_slot("p") == (shared[1], bm.pages("p")[1]) and bm.pages("p")[1] != shared[1]
+    assert bm.append_slot("q") is None and bm.pages("q") == shared
+    # A full shared last page needs no copy: both get fresh pages.
+    bm.allocate("r", 8)
+    bm.fork("r", "s")
+    assert bm.append_slots("r", 1) == [] and bm.append_slots("s", 1) == []
+    assert bm.pages("r")[:2] == bm.pages("s")[:2] and bm.pages("r")[2] != bm.pages("s")[2]
+    bm.check()
+
+
+def test_block_manager_refuses_without_changing_state():
+    bm = BlockManager(num_pages=5, page_size=4, max_pages_per_seq=3)
+    bm.allocate("a", 9)                                  # 3 of the 4 usable pages
+    before = _state(bm)
+    assert not bm.can_allocate(5)
+    with pytest.raises(OutOfPages, match="needs 2 free pages, 1 are free"):
+        bm.allocate("b", 5)
+    with pytest.raises(ValueError, match="max_pages_per_seq=3 x page_size=4 = 12"):
+        bm.allocate("b", 13)
+    assert not bm.can_append("a", 4)
+    with pytest.raises(ValueError, match="max_pages_per_seq=3"):
+        bm.append_slots("a", 4)
+    bm.allocate("b", 4)
+    assert not bm.can_append("b", 1)
+    with pytest.raises(OutOfPages):
+        bm.append_slots("b", 1)
+    with pytest.raises(ValueError, match="already allocated"):
+        bm.allocate("a", 1)
+    with pytest.raises(KeyError, match="'zz'"):
+        bm.free("zz")
+    with pytest.raises(KeyError, match="'zz'"):
+        bm.append_slot("zz")
+    bm.free("b")
+    assert _state(bm) == before
+    assert bm.table(["a", None]).tolist() == [bm.pages("a"), [0, 0, 0]]
+    bm.check()
+    with pytest.raises(ValueError, match="null page"):
+        BlockManager(1, 4, 3)
