@@ -29,8 +29,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.decode_attention import _MIN_DOT, _NEG, _dot, _merge, \
-    decode_attention_reference
+# One online-softmax merge, dot and "minus infinity" for both decode kernels.
+from pallas_kernels.decode_attention import (_MIN_DOT, _NEG, _dot, _merge,
+                                             decode_attention_reference)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -230,7 +230,8 @@ def _kv_case(kv_dtype, seed=2):
             table[row, i] = free.pop()
     t = 12
     pos = np.where(np.arange(t)[None, :] < prompt[:, None], np.arange(t)[None, :], -1)
-    writes = [(jnp.asarray(pos, jnp.int32), _rand(rng, (b, t, kvh, h)), _rand(rng, (b, t, kvh, h))),
+    writes = [(jnp.asarray(pos, jnp.int32), _rand(rng, (b, t, kvh, h)),
+               _rand(rng, (b, t, kvh, h))),
               (jnp.asarray(prompt[:, None], jnp.int32), _rand(rng, (b, 1, kvh, h)),
                _rand(rng, (b, 1, kvh, h)))]
     return cfg, jnp.asarray(table), jnp.asarray(slots, jnp.int32), writes, s, ps
