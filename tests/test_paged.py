@@ -198,7 +198,8 @@ LOWER_PAGED = [
 @pytest.mark.parametrize("h,n,kv,dtype,int8,page_size", LOWER_PAGED)
 def test_paged_attention_lowers_for_cuda(h, n, kv, dtype, int8, page_size):
     sds = jax.ShapeDtypeStruct
-    n_layers, num_pages, b, max_pages = 24, 512, 4, 128
+    # Pool and table sizes need not be powers of two: only power-of-two blocks are loaded.
+    n_layers, num_pages, b, max_pages = 24, 1000, 3, 100
     pool = sds((n_layers, num_pages, kv, page_size, h), jnp.int8 if int8 else dtype)
     scale = sds(pool.shape[:4], jnp.float32)
 
