@@ -18,8 +18,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CheckpointError": "ftjax.errors",
     "GenerateOutput": "ftjax.api",
+    "LLMEngine": "ftjax.serving",
     "Model": "ftjax.api",
     "ModelConfig": "ftjax.config",
+    "RequestOutput": "ftjax.serving",
     "SamplingParams": "ftjax.sampling",
     "StreamEvent": "ftjax.api",
     "demo_model_path": "ftjax.assets",

@@ -199,6 +199,22 @@ def collect(batch: Batch, requests: Sequence[Request], state, prompt_lp,
     return out
 
 
+def first_stop_hit(tokenizer, toks: List[int], strings) -> Optional[int]:
+    """The length of the shortest prefix of `toks` whose decoded text contains one of
+    `strings`, or None (the decoded whole has none)."""
+    text = tokenizer.decode(toks)
+    if not any(s in text for s in strings):
+        return None
+    lo, hi = 1, len(toks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in tokenizer.decode(toks[:mid]) for s in strings):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 class StopStrings:
     """Finds where decoded outputs first contain a stop string (checked between chunks)."""
 
@@ -231,18 +247,7 @@ class StopStrings:
         return hits
 
     def _first_hit(self, toks: List[int], strings) -> Optional[int]:
-        text = self.tokenizer.decode(toks)
-        if not any(s in text for s in strings):
-            return None
-        # The shortest prefix of the output whose text contains a stop string.
-        lo, hi = 1, len(toks)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if any(s in self.tokenizer.decode(toks[:mid]) for s in strings):
-                hi = mid
-            else:
-                lo = mid + 1
-        return lo
+        return first_stop_hit(self.tokenizer, toks, strings)
 
     def running(self, state) -> bool:
         return bool(np.any(fetch(state.finish) == FINISH_NONE))

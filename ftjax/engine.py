@@ -172,11 +172,17 @@ class Engine:
         if feat.processors:
             scores = processors.process(logits, sp, state.hist, state.pos + 1, state.seen,
                                         state.counts, state.n_gen)
-        tok = jnp.where(running, sample(scores, sp, state.step, feat.greedy_only), 0)
+        # Slot-based: a row's PRNG counter and buffer index are its own token count
+        # (for rows that started together this equals the global step), so rows can
+        # join and leave a running batch without changing what they produce.
+        tok = jnp.where(running, sample(scores, sp, state.n_gen, feat.greedy_only), 0)
         logp, top_ids, top_lps = _log_probs_and_top(logits, tok, feat.top_n)
-        idx = jnp.minimum(state.step, state.tokens.shape[1] - 1)
-        put = functools.partial(jax.lax.dynamic_update_index_in_dim, index=idx, axis=1)
         b = jnp.arange(tok.shape[0])
+        idx = jnp.minimum(state.n_gen, state.tokens.shape[1] - 1)
+
+        def put(buf, x):
+            return buf.at[b, idx].set(x)
+
         pos = state.pos + running
         hist = state.hist.at[b, jnp.where(running, pos, state.hist.shape[1])].set(tok, mode="drop")
         seen, counts = state.seen, state.counts

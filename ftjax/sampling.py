@@ -300,8 +300,11 @@ def _sample_row(logits, temperature, top_k, top_p, min_p, key):
 
 
 def row_keys(seed, step):
-    """Per-row PRNG keys: a row's draw depends only on its seed and the step."""
-    return jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), step))(seed)
+    """Per-row PRNG keys: a row's draw depends only on its seed and its own counter.
+
+    step: int or int32 `[B]` (per row: the index of the token being generated)."""
+    step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), seed.shape)
+    return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seed, step)
 
 
 def sample(logits, sp: SamplingArrays, step, greedy_only: bool):
@@ -310,8 +313,9 @@ def sample(logits, sp: SamplingArrays, step, greedy_only: bool):
     Args:
       logits: float32 `[B, V]`, after the logits processors.
       sp: the batch's options.
-      step: int, index of the token being generated (folds into each row's key,
-        so a row's sample depends only on its seed, never on its batch mates).
+      step: int or int32 `[B]`, per row the index of the token being generated
+        (folds into the row's key, so a row's sample depends only on its seed and
+        its own token count, never on its batch mates or when it joined the batch).
       greedy_only: static; when every row is greedy the sort and draw are skipped.
     Returns:
       tokens int32 `[B]`.

@@ -1,0 +1,619 @@
+"""`LLMEngine`: in-flight batching over a paged KV cache (vLLM / TensorRT-LLM style).
+
+Requests join and leave a running batch of `max_slots` rows between steps. Each
+`step()` on the host:
+  1. admits queued requests (FIFO) while slots and pages are free (`ftjax.blocks`
+     decides pages; prompt blocks computed before are reused: prefix caching);
+  2. runs one prefill call over up to `prefill_budget` prompt tokens of the admitted
+     requests (a long prompt is split over the call's rows and over steps, so running
+     rows never wait behind it); a request whose prompt completes picks its first token;
+  3. runs `chunk` decode steps on device for every running slot;
+  4. reads the new tokens, checks stop strings, evicts finished rows (pages returned).
+When a running row needs a page and none is free, the newest running request is
+preempted: its pages are freed, it goes back to the front of the queue and is later
+recomputed from its prompt. Its seed and PRNG counters (per row: the token index) are
+fixed, so it produces the same tokens again; only tokens not yet returned are returned.
+
+Every device function has static shapes fixed by the engine's configuration (slots,
+pool pages, page-table width, prefill rows x tokens, chunk, fixed-width sampling
+options, a fixed feature set), so requests coming and going compile nothing;
+`trace_counts` counts traces (tests assert it).
+
+Equivalence with `Model.generate`: the model, the sampler and the stopping rules are
+the engine's own (`ftjax.engine.Engine._advance`); a row's sample depends only on its
+seed, sample index and token index, never on its batch mates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import secrets
+from typing import Dict, List, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ftjax import paged_kv, processors
+from ftjax.batching import _alternatives, first_stop_hit
+from ftjax.blocks import BlockManager
+from ftjax.engine import FINISH_NONE, FINISH_STOP, DecodeState, Features
+from ftjax.paged_cache import PagedCache
+from ftjax.sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams
+
+# Fixed widths of the per-slot option arrays (one compiled shape for every request mix).
+MAX_STOP_IDS = 8          # stop token ids per request (incl. the model's eos ids)
+MAX_SEQUENCES = 4         # stop_sequences / bad_words per request
+MAX_SEQUENCE_LEN = 8      # tokens per stop sequence / bad word
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one `step()` produced for one sequence of a request.
+
+    Attributes:
+      request_id: the id `add_request` returned.
+      sample: which of the request's n samples (0 when n == 1).
+      new_tokens: token ids produced since the last output of this sequence.
+      new_log_probs: their log-probabilities (unmodified distribution, as generate).
+      finished: this is the sequence's last output.
+      finish_reason: "stop" or "length" once finished, else None.
+      tokens: every token of the sequence so far.
+      new_top_logprobs: with logprobs=N, per new token {token: log-prob} of the chosen
+        one and the N most likely.
+    """
+
+    request_id: str
+    sample: int
+    new_tokens: List[int]
+    new_log_probs: List[float]
+    finished: bool
+    finish_reason: Optional[str]
+    tokens: List[int]
+    new_top_logprobs: Optional[List[Dict[int, float]]] = None
+
+
+@dataclasses.dataclass
+class _Sample:
+    """Host record of one sequence (sample j of a request)."""
+
+    j: int
+    slot: int = -1
+    fetched: int = 0                      # tokens read back from the device this run
+    tokens: List[int] = dataclasses.field(default_factory=list)
+    log_probs: List[float] = dataclasses.field(default_factory=list)
+    tops: List[Dict[int, float]] = dataclasses.field(default_factory=list)
+    emitted: int = 0                      # tokens returned to the caller (kept on preemption)
+    done: bool = False                    # finished in this run
+    reported: bool = False                # its final output was returned
+    reason: Optional[str] = None
+    cut: Optional[int] = None             # stop-string cut
+
+
+@dataclasses.dataclass
+class _Request:
+    rid: str
+    ids: List[int]
+    sp: SamplingParams
+    max_new: int
+    samples: List[_Sample]
+    sp_rows: SamplingArrays               # [n] rows, fixed widths
+    phase: str = "waiting"                # waiting | prefill | decode
+    prefilled: int = 0                    # prompt tokens in the cache
+    order: int = 0                        # admission order (preemption picks the newest)
+
+    def key(self, j: int = 0):
+        return (self.rid, j)
+
+
+def _pad_last(a: np.ndarray, width: int, fill) -> np.ndarray:
+    pad = [(0, 0)] * a.ndim
+    pad[-1] = (0, width - a.shape[-1])
+    return np.pad(a, pad, constant_values=fill)
+
+
+class LLMEngine:
+    """A serving engine over one loaded `ftjax.Model` (see the module docstring).
+
+    Args:
+      model: an `ftjax.Model` (no mesh).
+      max_slots: rows of the running batch (sequences decoded at once).
+      page_size: tokens per KV page (a power of two).
+      num_pages: pool pages incl. the null page; None sizes it from `kv_memory`, or
+        else to hold every slot at the model's full length.
+      prefix_caching: reuse computed prompt blocks across requests.
+      kv_memory: bytes of KV cache to size the pool by (when num_pages is None).
+      chunk: decode steps per `step()`.
+      prefill_budget: prompt tokens computed per `step()` (static shape: prefill_rows
+        rows of prefill_budget // prefill_rows tokens).
+      prefill_rows: rows of the prefill call.
+      max_logprobs: the most `logprobs` a request may ask for (fixed feature).
+      processors: compile the history-dependent logits processors in (fixed feature;
+        off rejects requests that use them).
+    """
+
+    def __init__(self, model, max_slots: int = 16, page_size: int = 16,
+                 num_pages: Optional[int] = None, prefix_caching: bool = True,
+                 kv_memory: Optional[int] = None, chunk: int = 8, prefill_budget: int = 256,
+                 prefill_rows: int = 4, max_logprobs: int = MAX_LOGPROBS,
+                 processors: bool = True):
+        if getattr(model, "layout", None) is not None:
+            raise ValueError("LLMEngine does not support models loaded with a mesh yet")
+        for name, v, lo in (("max_slots", max_slots, 1), ("chunk", chunk, 1),
+                            ("prefill_rows", prefill_rows, 1),
+                            ("prefill_budget", prefill_budget, prefill_rows)):
+            if not isinstance(v, (int, np.integer)) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if not 0 <= max_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"max_logprobs must be in [0, {MAX_LOGPROBS}], got {max_logprobs}")
+        self.model = model
+        self.cfg = cfg = model.config
+        self.engine = model.engine
+        self.params = model._gen.params
+        self.tokenizer = model.tokenizer
+        self.max_slots = max_slots
+        self.page_size = page_size
+        self.chunk = chunk
+        self.prefill_rows = prefill_rows
+        self.prefill_len = prefill_budget // prefill_rows
+        self.max_logprobs = max_logprobs
+        self.width = cfg.max_positions       # per-row token buffer and history width
+        self.pages_per_seq = -(-cfg.max_positions // page_size)
+        self.max_len = self.pages_per_seq * page_size
+        dtype, kv_dtype = self.engine.dtype, self.engine.kv_dtype
+        if num_pages is None:
+            if kv_memory is not None:
+                num_pages = paged_kv.pages_for_budget(cfg, kv_memory, page_size, dtype, kv_dtype)
+            else:
+                num_pages = max_slots * self.pages_per_seq + 1
+        self.num_pages = int(num_pages)
+        self.blocks = BlockManager(self.num_pages, page_size, self.pages_per_seq, prefix_caching)
+        vocab = cfg.vocab_size
+        self.feat = Features(greedy_only=False, processors=processors,
+                             top_n=min(max_logprobs, vocab), prompt_top_n=-1)
+        self.trace_counts = collections.Counter()
+        self._jit()
+        self.state = self._init_state(paged_kv.zeros(cfg, self.num_pages, page_size, dtype,
+                                                     kv_dtype))
+        self.sp = self._pad_rows(SamplingArrays.build([], max_slots, vocab, (), []))
+        self._requests: Dict[str, _Request] = {}
+        self._queue: collections.deque = collections.deque()
+        self._ready: List[RequestOutput] = []
+        self._free_slots = list(range(max_slots))
+        self._ids = itertools.count()
+        self._order = itertools.count()
+        self.prefill_tokens = 0               # prompt tokens computed (prefix hits excluded)
+        self.preemptions = 0
+        self._async_queues: Dict[str, asyncio.Queue] = {}
+        self._driver: Optional[asyncio.Task] = None
+
+    # -- device functions (each traced once) ------------------------------------
+
+    def _jit(self):
+        self._admit_fn = jax.jit(self._admit_dev, donate_argnames=("state", "sp"))
+        self._prefill_fn = jax.jit(self._prefill_dev, donate_argnames=("state",))
+        self._decode_fn = jax.jit(self._decode_dev, donate_argnames=("state",))
+        self._copy_fn = jax.jit(self._copy_dev, donate_argnames=("state",))
+        self._window_fn = jax.jit(self._window_dev)
+
+    def _init_state(self, kv) -> DecodeState:
+        s, w, v = self.max_slots, self.width, self.cfg.vocab_size if self.feat.processors else 0
+        top = self.feat.top_n
+        return DecodeState(
+            cache=kv, tokens=jnp.zeros((s, w), jnp.int32),
+            log_probs=jnp.zeros((s, w), jnp.float32),
+            top_ids=jnp.zeros((s, w, top), jnp.int32),
+            top_lps=jnp.zeros((s, w, top), jnp.float32),
+            hist=jnp.full((s, w), -1, jnp.int32), seen=jnp.zeros((s, v), bool),
+            counts=jnp.zeros((s, v), jnp.int32), last=jnp.zeros((s,), jnp.int32),
+            pos=jnp.zeros((s,), jnp.int32), n_gen=jnp.zeros((s,), jnp.int32),
+            finish=jnp.zeros((s,), jnp.int32), step=jnp.zeros((), jnp.int32))
+
+    def _admit_dev(self, state: DecodeState, sp: SamplingArrays, slot, hist_row, sp_row,
+                   prompt_len):
+        """Resets slot `slot` for a new sequence: its history (the prompt), processor
+        counts, token buffers and options."""
+        self.trace_counts["admit"] += 1
+        vocab = state.seen.shape[1]
+        seen = processors.token_counts(hist_row[None], jnp.zeros((1,), jnp.int32),
+                                       jnp.full((1,), hist_row.shape[0]), vocab)[0] > 0
+        state = state.replace(
+            tokens=state.tokens.at[slot].set(0), log_probs=state.log_probs.at[slot].set(0),
+            top_ids=state.top_ids.at[slot].set(0), top_lps=state.top_lps.at[slot].set(0),
+            hist=state.hist.at[slot].set(hist_row), seen=state.seen.at[slot].set(seen),
+            counts=state.counts.at[slot].set(0), last=state.last.at[slot].set(0),
+            pos=state.pos.at[slot].set(prompt_len - 1), n_gen=state.n_gen.at[slot].set(0),
+            finish=state.finish.at[slot].set(FINISH_NONE))
+        sp = jax.tree_util.tree_map(lambda a, r: a.at[slot].set(r), sp, sp_row)
+        return state, sp
+
+    def _advance(self, state: DecodeState, logits, sp, mask):
+        """The engine's token step for the rows in `mask` `[S]` only (the others are
+        shown as finished to it, and keep their state)."""
+        shown = state.replace(finish=jnp.where(mask, state.finish, FINISH_STOP))
+        new = self.engine._advance(shown, logits, sp, self.feat)
+        return new.replace(finish=jnp.where(mask, new.finish, state.finish))
+
+    def _prefill_dev(self, params, state: DecodeState, sp, tokens, positions, table,
+                     last_index, src):
+        """Prompt chunks `[R, T]` (positions -1 = padding) written into their pages;
+        slots with `src[s] >= 0` take their first token from row src[s]'s last logits."""
+        self.trace_counts["prefill"] += 1
+        cache = PagedCache(state.cache, table, self.max_len, self.engine.kernels)
+        logits, cache = self.engine.model(params, tokens, positions, cache,
+                                          last_index=last_index)
+        state = state.replace(cache=cache.kv)
+        return self._advance(state, logits[jnp.maximum(src, 0), 0], sp, src >= 0)
+
+    def _decode_dev(self, params, state: DecodeState, sp, table, active):
+        """`chunk` decode steps of the slots in `active` `[S]`; the others write nothing."""
+        self.trace_counts["decode"] += 1
+
+        def body(s, _):
+            live = active & (s.finish == FINISH_NONE)
+            pos = jnp.where(live, s.pos, -1)
+            cache = PagedCache(s.cache, table, self.max_len, self.engine.kernels)
+            logits, cache = self.engine.model(params, s.last[:, None], pos[:, None], cache)
+            return self._advance(s.replace(cache=cache.kv), logits[:, 0], sp, active), None
+
+        return jax.lax.scan(body, state, None, length=self.chunk)[0]
+
+    def _copy_dev(self, state: DecodeState, src, dst):
+        self.trace_counts["copy"] += 1
+        return state.replace(cache=paged_kv.copy_pages(state.cache, src, dst))
+
+    def _window_dev(self, state: DecodeState, start):
+        """Per slot the tokens from index `start` (chunk + 1 of them), and the counters."""
+        self.trace_counts["window"] += 1
+        idx = jnp.minimum(start[:, None] + jnp.arange(self.chunk + 1)[None, :], self.width - 1)
+
+        def take(a):
+            return jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), axis=1)
+
+        return (take(state.tokens), take(state.log_probs), take(state.top_ids),
+                take(state.top_lps), state.n_gen, state.finish)
+
+    # -- requests -----------------------------------------------------------------
+
+    def _pad_rows(self, sp: SamplingArrays) -> SamplingArrays:
+        """Options padded to the engine's fixed widths (ValueError past them)."""
+        def fit(a, width, fill, what):
+            a = np.asarray(a)
+            shape = a.shape[:1] + width
+            out = np.full(shape, fill, a.dtype)
+            keep = tuple(slice(0, min(x, y)) for x, y in zip(a.shape, shape))
+            rest = a.copy()
+            rest[keep] = fill
+            if (rest != fill).any():
+                raise ValueError(f"{what} exceeds the engine's limit "
+                                 f"({' x '.join(map(str, width))})")
+            out[keep] = a[keep]
+            return jnp.asarray(out)
+
+        seqs = (MAX_SEQUENCES, MAX_SEQUENCE_LEN)
+        return sp.replace(
+            stop_ids=fit(sp.stop_ids, (MAX_STOP_IDS,), -1, "stop_token_ids (with eos ids)"),
+            bad_ids=fit(sp.bad_ids, seqs, -1, "bad_words (entries x tokens)"),
+            bad_len=fit(sp.bad_len, seqs[:1], 0, "bad_words"),
+            stop_seq_ids=fit(sp.stop_seq_ids, seqs, -1, "stop_sequences (entries x tokens)"),
+            stop_seq_len=fit(sp.stop_seq_len, seqs[:1], 0, "stop_sequences"))
+
+    def add_request(self, prompt, sampling: Optional[SamplingParams] = None,
+                    max_new_tokens: int = 64) -> str:
+        """Queues one request; returns its id.
+
+        Args:
+          prompt: a string (needs a tokenizer) or a list of token ids.
+          sampling: its options (None: greedy). `sampling.max_new_tokens` overrides
+            `max_new_tokens`; `n` > 1 decodes n samples sharing the prompt's pages.
+        Raises:
+          ValueError: bad input (checked as `Model.generate` checks it), an option the
+            engine does not serve (beams, prompt_logprobs, more logprobs than
+            `max_logprobs`, processors when compiled without), more samples than
+            slots, or a request needing more pages than the whole pool.
+        """
+        sp = sampling or SamplingParams()
+        req = self.model._requests([prompt], max_new_tokens, sp)[0]
+        if sp.num_beams > 1:
+            raise ValueError("LLMEngine does not serve num_beams > 1; use Model.generate")
+        if sp.prompt_logprobs is not None:
+            raise ValueError("LLMEngine does not return prompt_logprobs; use Model.generate")
+        if sp.logprobs > self.max_logprobs:
+            raise ValueError(f"sampling.logprobs={sp.logprobs} exceeds the engine's "
+                             f"max_logprobs={self.max_logprobs}")
+        if sp.uses_processors and not self.feat.processors:
+            raise ValueError("this engine was built with processors=False; the request uses "
+                             "a logits processor (penalties, n-gram or bad-word bans, "
+                             "min_new_tokens)")
+        if sp.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need a tokenizer, and this model has none; "
+                             "use stop_sequences (token ids)")
+        if sp.n > self.max_slots:
+            raise ValueError(f"sampling.n={sp.n} exceeds the engine's max_slots={self.max_slots}")
+        total = min(len(req.ids) + req.max_new, self.cfg.max_positions)
+        need = sp.n * -(-total // self.page_size)
+        if need > self.num_pages - 1:
+            raise ValueError(f"the request needs up to {need} pages of {self.page_size} tokens "
+                             f"({sp.n} x {total} tokens); the pool has {self.num_pages - 1} "
+                             f"usable pages (num_pages={self.num_pages})")
+        if sp.seed is None and not sp.greedy:
+            # Drawn once, so a preempted request recomputes the same samples.
+            sp = dataclasses.replace(sp, seed=secrets.randbits(32))
+        rows = SamplingArrays.build([sp] * sp.n, sp.n, self.cfg.vocab_size,
+                                    self.cfg.eos_token_ids, [req.max_new] * sp.n,
+                                    sample_index=list(range(sp.n)))
+        rows = jax.device_get(self._pad_rows(rows))
+        rid = f"req-{next(self._ids)}"
+        r = _Request(rid, req.ids, sp, req.max_new, [_Sample(j) for j in range(sp.n)], rows)
+        self._requests[rid] = r
+        if req.max_new == 0:
+            for s in r.samples:
+                s.done, s.reason = True, "length"
+            self._ready += self._outputs(r)
+            del self._requests[rid]
+        else:
+            self._queue.append(r)
+        return rid
+
+    def abort(self, rid: str):
+        """Cancels a queued or running request; its slots and pages are freed now.
+
+        Raises:
+          KeyError: `rid` is not a queued or running request.
+        """
+        r = self._requests.get(rid)
+        if r is None:
+            raise KeyError(f"unknown request id {rid!r} (not queued or running)")
+        if r.phase == "waiting":
+            self._queue.remove(r)
+        else:
+            self._release(r)
+        del self._requests[rid]
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests) or bool(self._ready)
+
+    def stats(self) -> dict:
+        """running / waiting requests, busy slots, pages in use / total, prefix-cache use."""
+        b = self.blocks.stats()
+        return dict(running=sum(r.phase != "waiting" for r in self._requests.values()),
+                    waiting=len(self._queue),
+                    slots_busy=self.max_slots - len(self._free_slots),
+                    pages_in_use=b["pages_in_use"], pages_total=b["pages_total"],
+                    prefix_queries=b["prefix_queries"], prefix_hits=b["prefix_hits"],
+                    prefix_cached_tokens=b["cached_tokens"],
+                    prefill_tokens=self.prefill_tokens, preemptions=self.preemptions)
+
+    # -- scheduling ---------------------------------------------------------------
+
+    def _release(self, r: _Request):
+        """Frees a request's pages and slots (eviction, abort, preemption)."""
+        for s in r.samples:
+            if r.key(s.j) in self.blocks:
+                self.blocks.free(r.key(s.j))
+            if s.slot >= 0:
+                self._free_slots.append(s.slot)
+                s.slot = -1
+
+    def _preempt(self, r: _Request):
+        """Back to the front of the queue, to be recomputed from its prompt."""
+        self._release(r)
+        self.preemptions += 1
+        r.phase, r.prefilled = "waiting", 0
+        for s in r.samples:
+            s.fetched, s.tokens, s.log_probs, s.tops = 0, [], [], []
+            s.done, s.reason, s.cut = False, None, None
+        self._queue.appendleft(r)
+
+    def _admit(self):
+        decoding = sum(len(r.samples) for r in self._requests.values() if r.phase == "decode")
+        while self._queue:
+            r = self._queue[0]
+            n = len(r.samples)
+            if n > len(self._free_slots):
+                return
+            if not self.blocks.can_allocate(len(r.ids), r.ids):
+                return
+            # Leave a page per decoding sequence for growth, so admitting does not
+            # force a preemption at once.
+            if decoding and self.blocks.num_free - -(-len(r.ids) // self.page_size) < decoding:
+                return
+            self._queue.popleft()
+            r.prefilled = self.blocks.allocate(r.key(0), len(r.ids), r.ids)
+            r.phase, r.order = "prefill", next(self._order)
+            hist = np.full((self.width,), -1, np.int32)
+            hist[:len(r.ids)] = r.ids
+            for s in r.samples:
+                s.slot = self._free_slots.pop(0)
+                row = jax.tree_util.tree_map(lambda a, j=s.j: a[j], r.sp_rows)
+                self.state, self.sp = self._admit_fn(self.state, self.sp, np.int32(s.slot),
+                                                     hist, row, np.int32(len(r.ids)))
+
+    def _prefill(self):
+        rows, t = self.prefill_rows, self.prefill_len
+        tokens = np.zeros((rows, t), np.int32)
+        positions = np.full((rows, t), -1, np.int32)
+        table = np.zeros((rows, self.pages_per_seq), np.int32)
+        last = np.zeros((rows,), np.int32)
+        src = np.full((self.max_slots,), -1, np.int32)
+        row, work = 0, []
+        for r in sorted((r for r in self._requests.values() if r.phase == "prefill"),
+                        key=lambda r: r.order):
+            start = r.prefilled
+            page_row = self.blocks.table([r.key(0)])[0]
+            while row < rows and start < len(r.ids):
+                end = min(start + t, len(r.ids))
+                tokens[row, :end - start] = r.ids[start:end]
+                positions[row, :end - start] = np.arange(start, end)
+                table[row] = page_row
+                if end == len(r.ids):
+                    last[row] = end - start - 1
+                    for s in r.samples:
+                        src[s.slot] = row
+                row, start = row + 1, end
+            if start > r.prefilled:
+                work.append((r, start))
+            if row == rows:
+                break
+        if not work:
+            return
+        self.state = self._prefill_fn(self.params, self.state, self.sp, tokens, positions,
+                                      table, last, src)
+        for r, done in work:
+            self.prefill_tokens += done - r.prefilled
+            r.prefilled = done
+            self.blocks.mark_computed(r.key(0), done)
+            if done == len(r.ids):
+                r.phase = "decode"
+                for s in r.samples[1:]:
+                    self.blocks.fork(r.key(0), r.key(s.j))
+
+    def _reserve(self) -> List[_Request]:
+        """Pages for the next decode chunk of every decoding sequence; preempts the
+        newest requests when the pool runs out. Returns the decoding requests."""
+        copies = []
+        while True:
+            running = sorted((r for r in self._requests.values() if r.phase == "decode"),
+                             key=lambda r: r.order)
+            for r in running:
+                for s in r.samples:
+                    if s.done:
+                        continue
+                    key = r.key(s.j)
+                    n_dev = max(s.fetched, 1)
+                    # Positions the chunk writes: the row's current one on (the last
+                    # token, never fed, needs none).
+                    need = min(len(r.ids) + n_dev - 1 + self.chunk,
+                               len(r.ids) + r.max_new - 1, self.cfg.max_positions)
+                    grow = max(0, need - self.blocks.num_tokens(key))
+                    if grow and not self.blocks.can_append(key, grow):
+                        victim = max((q for q in self._requests.values()
+                                      if q.phase != "waiting"), key=lambda q: q.order)
+                        # Its pending copy-on-write copies die with its pages (a freed
+                        # page may be handed out again in this same loop).
+                        dead = {p for q in victim.samples if victim.key(q.j) in self.blocks
+                                for p in self.blocks.pages(victim.key(q.j))}
+                        copies = [c for c in copies if c[1] not in dead]
+                        self._preempt(victim)
+                        break
+                    if grow:
+                        copies += self.blocks.append_slots(key, grow)
+                else:
+                    continue
+                break
+            else:
+                break
+        if copies:
+            n = self.max_slots
+            for i in range(0, len(copies), n):
+                part = np.zeros((2, n), np.int32)
+                part[:, :len(copies[i:i + n])] = np.asarray(copies[i:i + n]).T
+                self.state = self._copy_fn(self.state, part[0], part[1])
+        return [r for r in self._requests.values() if r.phase == "decode"]
+
+    def step(self) -> List[RequestOutput]:
+        """One scheduling step: admit, prefill a budget of prompt tokens, decode a chunk.
+
+        Returns:
+          One `RequestOutput` per sequence that produced tokens or finished.
+        """
+        out, self._ready = self._ready, []
+        self._admit()
+        self._prefill()
+        running = self._reserve()
+        decoding = [(r, s) for r in running for s in r.samples if not s.done and s.slot >= 0]
+        if decoding:
+            table = np.zeros((self.max_slots, self.pages_per_seq), np.int32)
+            active = np.zeros((self.max_slots,), bool)
+            for r, s in decoding:
+                table[s.slot] = self.blocks.table([r.key(s.j)])[0]
+                active[s.slot] = True
+            self.state = self._decode_fn(self.params, self.state, self.sp, table, active)
+        if not decoding:
+            return out
+        start = np.zeros((self.max_slots,), np.int32)
+        for r, s in decoding:
+            start[s.slot] = s.fetched
+        toks, lps, top_ids, top_lps, n_gen, finish = jax.device_get(
+            self._window_fn(self.state, start))
+        for r in running:
+            for s in r.samples:
+                if s.done or s.slot < 0:
+                    continue
+                b, k = s.slot, int(n_gen[s.slot]) - s.fetched
+                s.tokens += toks[b, :k].tolist()
+                s.log_probs += lps[b, :k].tolist()
+                if r.sp.logprobs:
+                    s.tops += [_alternatives(toks[b, i], lps[b, i], top_ids[b, i],
+                                             top_lps[b, i], r.sp.logprobs) for i in range(k)]
+                s.fetched += k
+                if r.sp.stop_strings and k:
+                    s.cut = first_stop_hit(self.tokenizer, s.tokens, r.sp.stop_strings)
+                if s.cut is not None:
+                    s.done, s.reason = True, "stop"
+                elif finish[b] != FINISH_NONE:
+                    s.done, s.reason = True, "stop" if finish[b] == FINISH_STOP else "length"
+                if s.done:
+                    self.blocks.free(r.key(s.j))
+                    self._free_slots.append(s.slot)
+                    s.slot = -1
+            out += self._outputs(r)
+            if all(s.done for s in r.samples):
+                del self._requests[r.rid]
+        return out
+
+    def _outputs(self, r: _Request) -> List[RequestOutput]:
+        """New tokens (past what was returned before a preemption) and final outputs."""
+        out = []
+        for s in r.samples:
+            end = len(s.tokens) if s.cut is None else s.cut
+            fin = s.done and not s.reported
+            if end <= s.emitted and not fin:
+                continue
+            new = slice(s.emitted, max(end, s.emitted))
+            out.append(RequestOutput(
+                request_id=r.rid, sample=s.j, new_tokens=s.tokens[new],
+                new_log_probs=s.log_probs[new], finished=fin,
+                finish_reason=s.reason if fin else None, tokens=s.tokens[:end],
+                new_top_logprobs=s.tops[new] if r.sp.logprobs else None))
+            s.emitted = max(end, s.emitted)
+            s.reported = s.reported or fin
+        return out
+
+    # -- async --------------------------------------------------------------------
+
+    async def generate_async(self, prompt, sampling: Optional[SamplingParams] = None,
+                             max_new_tokens: int = 64):
+        """Yields this request's `RequestOutput`s as steps produce them (for servers).
+
+        All requests of one engine must then go through `generate_async` (one driver
+        task steps the engine while any is waiting). Cancelling the consumer aborts
+        the request.
+        """
+        rid = self.add_request(prompt, sampling, max_new_tokens)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._async_queues[rid] = queue
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.get_running_loop().create_task(self._drive())
+        n = (sampling or SamplingParams()).n
+        finished = 0
+        try:
+            while finished < n:
+                o = await queue.get()
+                finished += o.finished
+                yield o
+        finally:
+            self._async_queues.pop(rid, None)
+            if finished < n and rid in self._requests:
+                self.abort(rid)
+
+    async def _drive(self):
+        while self._async_queues:
+            for o in self.step():
+                q = self._async_queues.get(o.request_id)
+                if q is not None:
+                    q.put_nowait(o)
+            await asyncio.sleep(0)
