@@ -199,6 +199,25 @@ class LLMEngine:
         self._copy_fn = jax.jit(self._copy_dev, donate_argnames=("state",))
         self._window_fn = jax.jit(self._window_dev)
 
+    def warmup(self):
+        """Compiles every device function now, with inputs that change nothing (no
+        position written, no slot advanced), so no request waits for a compile."""
+        s, m = self.max_slots, self.pages_per_seq
+        none = np.full((self.prefill_rows, self.prefill_len), -1, np.int32)
+        self.state = self._prefill_fn(self.params, self.state, self.sp, np.maximum(none, 0),
+                                      none, np.zeros((self.prefill_rows, m), np.int32),
+                                      np.zeros((self.prefill_rows,), np.int32),
+                                      np.full((s,), -1, np.int32))
+        self.state = self._decode_fn(self.params, self.state, self.sp, np.zeros((s, m), np.int32),
+                                     np.zeros((s,), bool))
+        self.state = self._copy_fn(self.state, np.zeros((s,), np.int32), np.zeros((s,), np.int32))
+        jax.block_until_ready(self._window_fn(self.state, np.zeros((s,), np.int32)))
+        slot = self._free_slots[-1]
+        row = jax.tree_util.tree_map(lambda a: a[slot], jax.device_get(self.sp))
+        hist = np.asarray(jax.device_get(self.state.hist[slot]))
+        self.state, self.sp = self._admit_fn(self.state, self.sp, np.int32(slot), hist, row,
+                                             np.int32(1))
+
     def _init_state(self, kv) -> DecodeState:
         s, w, v = self.max_slots, self.width, self.cfg.vocab_size if self.feat.processors else 0
         top = self.feat.top_n

@@ -147,9 +147,9 @@ def test_workload_equals_generate(model, engine):
 
 
 def test_preemption_gives_the_same_results(model):
-    # 8 pages of 8 tokens hold one full-length sequence: n = 2 needs 16; 17 usable pages
-    # for 8 slots force preemptions.
-    eng = ftjax.LLMEngine(model, max_slots=8, page_size=8, num_pages=18, chunk=4,
+    # 8 pages of 8 tokens hold one full-length sequence, n = 3 samples need 24: 25 usable
+    # pages for 8 slots (up to 64 pages in use) force preemptions.
+    eng = ftjax.LLMEngine(model, max_slots=8, page_size=8, num_pages=26, chunk=4,
                           prefill_budget=16, prefill_rows=4, max_logprobs=4)
     work = _workload(2, 24)
     ids, got, _ = _drive(eng, work, seed=3)
@@ -162,7 +162,7 @@ def test_no_recompiles_and_no_leaks(engine):
     """After warm-up (the workload test), 200 requests with random lengths and options
     compile nothing; then a 1,000-request soak with random aborts leaves 0 pages and
     0 slots busy."""
-    engine.step()  # warm (if run alone)
+    engine.warmup()  # (when run alone)
     before = dict(engine.trace_counts)
     _drive(engine, _workload(5, 200, max_budget=6), seed=6)
     assert dict(engine.trace_counts) == before
