@@ -38,6 +38,7 @@ results_path = None  # write the numbers as JSON here when set
 # %%
 import json
 import math
+import os
 
 import matplotlib
 
@@ -174,7 +175,8 @@ axes[0].legend(fontsize=7, ncol=2)
 axes[1].set(xlabel="log p ftjax - log p HF (target token)", ylabel="tokens",
             title="log-prob differences")
 axes[1].legend(fontsize=7)
-fig.suptitle(f"{base.path}: {cfg.n_params / 1e6:.1f}M params", fontsize=9)
+fig.suptitle(f"{os.path.basename(os.path.normpath(model_path))}: {cfg.n_params / 1e6:.2f}M "
+             f"params", fontsize=9)
 fig.tight_layout()
 if figure_path:
     fig.savefig(figure_path, dpi=80)
@@ -185,8 +187,8 @@ plt.show()
 # The text scored in windows of `max_positions` tokens moved by half of that (`ftjax eval`'s
 # recipe) by ftjax and by HF on the same windows; then lm-evaluation-harness's rolling
 # perplexity through the `ftjax` backend, checked against ftjax's scorer on lm-eval's own
-# windows (disjoint windows of `max_positions - 1` predictions, the first after the prefix
-# token): the two must agree to 1e-4.
+# windows (disjoint windows of `max_positions - 1` predictions, or half the text when that
+# is shorter, the first after the prefix token): the two must agree to 1e-4.
 
 # %%
 width = cfg.max_positions
@@ -199,8 +201,8 @@ try:
 except ImportError:
     fl = None
 if fl is not None and tok is not None:
-    lm = fl.FtjaxLM(model=base, max_length=width - 1)
-    w = width - 1
+    w = min(width - 1, len(stream) // 2)  # at least two windows of the text
+    lm = fl.FtjaxLM(model=base, max_length=w)
     doc = lm.tok_encode(lm.tok_decode(stream))[: (len(stream) // w) * w]  # whole windows
     text = lm.tok_decode(doc)
 
