@@ -272,11 +272,11 @@ class FtjaxLM(TemplateLM):
             kwargs = normalize_gen_kwargs(all_kwargs[0], self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))
+            sampling = self._sampling(kwargs, until, max_gen)
             max_ctx = self.max_length - max_gen
             if max_ctx < 1:
                 raise ValueError(f"max_gen_toks {max_gen} leaves no room for a context in "
                                  f"max_length {self.max_length}")
-            sampling = self._sampling(kwargs, until, max_gen)
             # generate needs one free position after the prompt.
             keep = min(max_ctx, self.model.config.max_positions - 1)
             prompts = [self.tok_encode(c)[-keep:] or [self.prefix_token_id] for c in contexts]
