@@ -96,3 +96,14 @@ def test_generate_until_is_greedy_generate_cut_at_the_stop(model, lm):
 def test_bad_generation_kwargs_are_named(lm):
     with pytest.raises(ValueError, match="num_beams"):
         lm.generate_until([Req("x", {"until": ["\n"], "num_beams": 4})])
+
+
+def test_tensor_parallel_backend_equals_one_device(model, lm):
+    """model_args tp=2 (a mesh over conftest's virtual CPU devices) scores like one device
+    (1e-5: the all-reduce only reorders partial sums)."""
+    from ftjax.lm_eval import FtjaxLM
+
+    tp = FtjaxLM(pretrained=ftjax.demo_model_path(), tp=2, batch_size=4, max_length=32)
+    reqs = [Req(c, x) for c, x in PAIRS]
+    for (a, ga), (b, gb) in zip(tp.loglikelihood(reqs), lm.loglikelihood(reqs)):
+        assert math.isclose(a, b, rel_tol=REL) and ga == gb
