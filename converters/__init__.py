@@ -8,7 +8,9 @@ layers axis. Fused layouts are de-interleaved here, once, at load.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 
 from converters.hf import ARCHITECTURES, load_hf
 from converters.native import is_native, load_native, save_native
@@ -110,7 +112,8 @@ def load_checkpoint(path: str, megatron_args: dict | None = None):
 
 def tokenizer_dir(path: str):
     """The directory holding the checkpoint's tokenizer files (a `.nemo` archive's are
-    extracted to a temporary directory), or None."""
+    extracted to a new temporary directory the caller removes: prefer
+    `tokenizer_files`), or None."""
     from converters import nemo
 
     if nemo.is_nemo(path):
@@ -118,5 +121,19 @@ def tokenizer_dir(path: str):
     return path if os.path.isdir(path) else None
 
 
+@contextlib.contextmanager
+def tokenizer_files(path: str):
+    """Context manager: the directory holding the checkpoint's tokenizer files, or
+    None; a `.nemo` archive's are extracted for the block only (nothing left in /tmp)."""
+    from converters import nemo
+
+    directory = tokenizer_dir(path)
+    try:
+        yield directory
+    finally:
+        if directory is not None and directory != path and nemo.is_nemo(path):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 __all__ = ["ARCHITECTURES", "detect_format", "load_checkpoint", "load_hf", "load_native", "load_orbax",
-           "save_native", "save_orbax", "tokenizer_dir"]
+           "save_native", "save_orbax", "tokenizer_dir", "tokenizer_files"]

@@ -117,7 +117,7 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
          quant: Optional[str] = None, calibration: Optional[Prompts] = None,
          smoothquant_alpha: float = 0.5, w8a8_activations: str = "per_token",
          kv_cache_dtype: Optional[str] = None, kernels: str = "auto",
-         megatron_args: Optional[dict] = None) -> "Model":
+         megatron_args: Optional[dict] = None, check_finite: bool = False) -> "Model":
     """Loads a checkpoint, optionally quantizing it.
 
     Args:
@@ -143,13 +143,16 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
         argument values they need (e.g. {"num_layers": 24, "hidden_size": 1024,
         "num_attention_heads": 16, "max_position_embeddings": 1024}), and "vocab_size"
         (the tokenizer's) when there is no vocab.json next to the checkpoint.
+      check_finite: read every weight and refuse NaN / Inf values (CheckpointError
+        naming the tensor); off by default because it reads every byte.
     Raises:
       CheckpointError: the checkpoint is unreadable or in an unsupported layout.
       ValueError: an unknown dtype, quant mode, kv_cache_dtype or kernels value, w8a8
         without calibration, a mesh the model's shapes do not fit, or megatron_args for
         a checkpoint that is not Megatron-LM.
     """
-    from converters import load_checkpoint, tokenizer_dir
+    from converters import load_checkpoint, tokenizer_files
+    from converters.checks import check_finite as check_values
     from ftjax import quant as q
 
     jdtype = _dtype(dtype)
@@ -166,8 +169,10 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
         cfg, params_np = _restore_onto_mesh(path, mesh, jdtype)
     if params_np is None:
         cfg, params_np = load_checkpoint(path, megatron_args=megatron_args)
-    tok = tokenizer_dir(path)
-    tokenizer = tok and _load_tokenizer(tok)
+    if check_finite:
+        check_values(params_np, path)
+    with tokenizer_files(path) as tok:
+        tokenizer = tok and _load_tokenizer(tok)
     if mesh is not None and quant is None and q.mode_of(params_np) is None:
         params = params_np  # Model places them shard by shard, straight from the host arrays
     else:
@@ -287,6 +292,14 @@ class Model:
     # -- input checking -------------------------------------------------------
 
     def _check_ids(self, ids, what: str, limit: int) -> List[int]:
+        if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, (Sequence, np.ndarray)):
+            raise ValueError(f"{what} must be a string or a list of token ids, got "
+                             f"{type(ids).__name__} {ids!r:.60}")
+        for j, t in enumerate(ids):
+            # Exact ints only: int() would truncate 1.9 to 1 and read "2" or True as ids.
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+                raise ValueError(f"{what}[{j}] = {t!r:.40} is a {type(t).__name__}, not an int "
+                                 "token id")
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError(f"{what} is empty; it needs at least one token")
@@ -306,6 +319,9 @@ class Model:
             raise ValueError("prompts is empty; give at least one prompt")
         out = []
         for i, p in enumerate(prompts):
+            if isinstance(p, (int, np.integer)):
+                raise ValueError(f"prompts[{i}] = {p!r} is a single token id: prompts is a list of "
+                                 "prompts, so one prompt of ids is [[id, id, ...]]")
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise ValueError(f"prompts[{i}] is a string but this model has no tokenizer; "
@@ -345,10 +361,16 @@ class Model:
             sampling = SamplingParams()
         if isinstance(sampling, SamplingParams):
             sampling = [sampling] * n
+        if isinstance(sampling, (str, bytes)) or not isinstance(sampling, Sequence):
+            raise ValueError(f"sampling must be a SamplingParams or a list of {n} of them "
+                             f"(one per prompt), got {type(sampling).__name__}")
         sampling = list(sampling)
-        if len(sampling) != n or not all(isinstance(s, SamplingParams) for s in sampling):
+        if len(sampling) != n:
             raise ValueError(f"sampling must be a SamplingParams or a list of {n} of them "
                              f"(one per prompt), got {len(sampling)} items")
+        for i, s in enumerate(sampling):
+            if not isinstance(s, SamplingParams):
+                raise ValueError(f"sampling[{i}] is a {type(s).__name__}, not a SamplingParams")
         softs = self._soft_prompts(soft_prompts, n)
         out = []
         for i, (p, sp, soft) in enumerate(zip(ids, sampling, softs)):
@@ -360,8 +382,22 @@ class Model:
             if r.length > self.config.max_positions - 1:
                 raise ValueError(f"prompts[{i}] with its soft prompt has {r.length} positions; "
                                  f"the limit is {self.config.max_positions - 1}")
+            # Output never passes the model's positions: size every buffer to that.
+            r.max_new = min(r.max_new, self.config.max_positions - r.length)
             out.append(r)
+        self._check_fits(out)
         return out
+
+    def _check_fits(self, reqs: List[Request]) -> None:
+        """ValueError with the estimate when a call's cache and buffers cannot fit."""
+        from ftjax.fits import call_bytes, check_fits
+
+        rows = buckets.next_pow2(sum(r.sp.n * r.sp.num_beams for r in reqs))
+        longest = max(r.length + r.max_new for r in reqs)
+        cache = min(buckets.next_pow2(longest), self.config.max_positions)
+        check_fits(call_bytes(self.config, rows, cache, cache, jnp.dtype(_dtype(self.dtype)).itemsize,
+                              1 if self.kv_cache_dtype == "int8" else None),
+                   f"this call ({rows} rows x {cache} positions)")
 
     def _soft_prompts(self, soft_prompts, n: int):
         if soft_prompts is None:
