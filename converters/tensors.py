@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from typing import Dict, Iterable
 
@@ -164,8 +165,14 @@ def read_torch_bin(path: str) -> Dict[str, np.ndarray]:
             f"{path}: reading PyTorch .bin checkpoints needs torch "
             "(pip install torch==2.13.0, the CPU build), or convert it to safetensors") from e
     try:
+        # torch's weights-only unpickler: tensors and containers, never code.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if refused:
+            raise CheckpointError(
+                f"{path}: the pickle asks for the global {refused.group(1)}, which is not "
+                "allowed (weights-only loading: a checkpoint must never run code)") from e
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of "
