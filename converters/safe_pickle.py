@@ -62,6 +62,7 @@ class StandIn:
 
 
 _stand_ins: dict = {}
+_PY2_NAMES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
 
 
 def stand_in(module: str, name: str) -> type:
@@ -130,6 +131,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     _table = None
 
     def find_class(self, module, name):
+        module = _PY2_NAMES.get(module, module)  # protocol 2 (torch.save) writes Python 2 names
         table = RestrictedUnpickler._table
         if table is None:
             table = RestrictedUnpickler._table = _allowed()
