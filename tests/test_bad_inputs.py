@@ -604,3 +604,67 @@ def test_bad_input_is_a_named_error(ctx, case, exc, match):
 
 def test_catalogue_size():
     assert len(CASES) >= 60
+
+
+# The safetensors library refuses every header the catalogue's reader refuses, and both
+# read a well-formed file alike: ftjax's checks are the library's, not looser.
+BAD_HEADERS = {
+    "overlap": (two([0, 8], [4, 12]), bytes(12), None),
+    "shared-bytes": (two([0, 8], [0, 8]), bytes(8), None),
+    "huge-length": ({"a": F4}, bytes(8), 2**62),
+    "list": ([1, 2], bytes(8), None),
+    "no-dtype": ({"a": {"shape": [2], "data_offsets": [0, 8]}}, bytes(8), None),
+    "reversed": ({"a": dict(F4, data_offsets=[8, 0])}, bytes(8), None),
+    "negative": ({"a": dict(F4, data_offsets=[-8, 0])}, bytes(8), None),
+    "dtype": ({"a": dict(F4, dtype="F8_E9")}, bytes(8), None),
+    "size": ({"a": dict(F4, shape=[3])}, bytes(8), None),
+    "gap": (two([0, 8], [12, 20]), bytes(20), None),
+    "trailing": ({"a": F4}, bytes(12), None),
+    "truncated": ({"a": F4}, bytes(4), None),
+    "metadata": ({"__metadata__": {"a": 1}, "a": F4}, bytes(8), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_HEADERS))
+def test_safetensors_library_refuses_the_same_files(tmp_path, name):
+    safetensors = pytest.importorskip("safetensors")
+    from converters.tensors import read_safetensors
+
+    header, data, header_len = BAD_HEADERS[name]
+    path = str(tmp_path / "x.safetensors")
+    raw_safetensors(path, header, data, header_len)
+    with pytest.raises(ftjax.CheckpointError, match="x.safetensors"):
+        read_safetensors(path)
+    with pytest.raises(Exception):  # noqa: B017 (the library's SafetensorError or ValueError)
+        with safetensors.safe_open(path, framework="numpy") as f:
+            [f.get_tensor(k) for k in f.keys()]
+
+
+def test_safetensors_reader_agrees_with_the_library_on_a_good_file(tmp_path):
+    safetensors = pytest.importorskip("safetensors")
+    from converters.tensors import read_safetensors
+
+    rng = np.random.default_rng(0)
+    tensors = {"a": rng.standard_normal((3, 4)).astype(np.float32),
+               "b": np.arange(5, dtype=np.int64), "c": np.zeros((0, 2), np.float16)}
+    path = str(tmp_path / "good.safetensors")
+    write_safetensors(path, tensors, metadata={"format": "np"})
+    ours = read_safetensors(path)
+    with safetensors.safe_open(path, framework="numpy") as f:
+        theirs = {k: f.get_tensor(k) for k in f.keys()}
+    assert sorted(ours) == sorted(theirs) == sorted(tensors)
+    for k in tensors:
+        np.testing.assert_array_equal(ours[k], theirs[k])
+        np.testing.assert_array_equal(ours[k], tensors[k])
+
+
+def test_budget_is_clipped_to_the_model_positions(ctx):
+    """max_new_tokens far past the positions gives what the positions allow (finish
+    "length"), with buffers sized by the positions, not by the request."""
+    model = ctx.model
+    prompt = [[3, 1, 4, 1, 5]]
+    room = model.config.max_positions - len(prompt[0])
+    huge = model.generate(prompt, max_new_tokens=10**9)
+    exact = model.generate(prompt, max_new_tokens=room)
+    assert huge.tokens == exact.tokens and len(huge.tokens[0]) == room
+    assert huge.finish_reasons == ["length"]
