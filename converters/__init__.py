@@ -135,5 +135,5 @@ def tokenizer_files(path: str):
             shutil.rmtree(directory, ignore_errors=True)
 
 
-__all__ = ["ARCHITECTURES", "detect_format", "load_checkpoint", "load_hf", "load_native", "load_orbax",
-           "save_native", "save_orbax", "tokenizer_dir", "tokenizer_files"]
+__all__ = ["ARCHITECTURES", "detect_format", "load_checkpoint", "load_hf", "load_native",
+           "load_orbax", "save_native", "save_orbax", "tokenizer_dir", "tokenizer_files"]
