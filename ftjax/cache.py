@@ -17,21 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.numerics import attend, quantize_int8
+from ftjax.numerics import attend, quantize_vectors
 from pallas_kernels import decode_attention, prefill_attention
 
 KERNELS = ("xla", "pallas")
 KV_DTYPES = (None, "int8")
-
-
-def quantize_vectors(x):
-    """Per-vector int8 over the last axis (one scale per token and head).
-
-    Returns:
-      (int8 array of x's shape, float32 scales of shape `x.shape[:-1]`).
-    """
-    q, scale = quantize_int8(x, axes=(-1,))
-    return q, scale[..., 0]
 
 
 @flax.struct.dataclass
@@ -83,13 +73,14 @@ class KVCache:
 
         Decode (T == 1): the engine keeps positions inside the cache (the clamp makes
         it certain), so the scatter needs no bounds handling. Prefill: padding past
-        the cache end (a session's last chunk) is dropped.
+        the cache end (a session's last chunk) and negative positions are dropped.
         """
         rows = jnp.arange(k.shape[0])[:, None]
         if k.shape[1] == 1:
             slots, mode = jnp.minimum(positions, self.max_len - 1), "promise_in_bounds"
         else:
-            slots, mode = positions, "drop"
+            # (a -1 index would wrap to the last slot before "drop" sees it)
+            slots, mode = jnp.where(positions < 0, self.max_len, positions), "drop"
 
         # [B, T, K, H] written at [layer, b, :, slot]: index order puts (B, T) first.
         def put(a, x):
