@@ -105,9 +105,14 @@ def _read_config(directory: str):
                 return default
             raise CheckpointError(f"{path}: [gpt] lacks required key {key!r}")
         try:
-            return int(sec[key])
+            value = int(sec[key])
         except ValueError as e:
             raise CheckpointError(f"{path}: [gpt] {key} = {sec[key]!r} is not an int") from e
+        low = 0 if key in ("start_id", "end_id", "tensor_para_size") else 1
+        if value < low:
+            raise CheckpointError(f"{path}: [gpt] {key} = {value} is out of range (must be "
+                                  f">= {low})")
+        return value
 
     unknown = sorted(set(sec) - _KNOWN - set(_DEFAULTS))
     if unknown:
@@ -127,10 +132,15 @@ def _read_config(directory: str):
         raise CheckpointError(f"{path}: [gpt] weight_data_type = {dtype!r} is not supported "
                               f"(supported: {sorted(_DTYPES)})")
     n, h = integer("head_num"), integer("size_per_head")
+    try:
+        eps = float(sec.get("layernorm_eps", 1e-5))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: [gpt] layernorm_eps = {sec['layernorm_eps']!r} is not "
+                              "a number") from e
     hf = {"n_head": n, "n_embd": n * h, "n_inner": integer("inter_size"),
           "n_positions": integer("max_pos_seq_len"), "n_layer": integer("num_layer"),
           "vocab_size": integer("vocab_size"), "activation_function": _ACTIVATIONS[act],
-          "layer_norm_epsilon": float(sec.get("layernorm_eps", 1e-5))}
+          "layer_norm_epsilon": eps}
     for src, dst in (("start_id", "bos_token_id"), ("end_id", "eos_token_id")):
         if src in sec:
             hf[dst] = integer(src)
