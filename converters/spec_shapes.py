@@ -59,3 +59,24 @@ def stored_shape(specs: Sequence[ParamSpec], kind: str, tp: int = 1,
     (n_in,) = ins
     n_out = sum(math.prod(d[c:]) for d in dims)
     return (n_out, n_in) if out_first else (n_in, n_out)
+
+
+def _sharded(dims_axes) -> bool:
+    return any(RULES.get(a) == "tensor" for a in dims_axes)
+
+
+def split_axis(specs: Sequence[ParamSpec], kind: str, out_first: bool = True):
+    """The axis of the `stored_shape` tensor that tensor-parallel ranks split (their
+    shards concatenate along it), or None for a tensor every rank holds whole."""
+    axes = [tuple(a for a in s.axes if a != "layers") for s in specs]
+    if kind == "table":
+        hits = [i for i, a in enumerate(axes[0]) if RULES.get(a) == "tensor"]
+        return hits[0] if hits else None
+    if kind == "bias":
+        return 0 if any(_sharded(a) for a in axes) else None
+    c = specs[0].contract
+    if any(_sharded(a[c:]) for a in axes):
+        return 0 if out_first else 1
+    if any(_sharded(a[:c]) for a in axes):
+        return 1 if out_first else 0
+    return None
