@@ -12,17 +12,13 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import token_id
+from converters.hf_common import Architecture, token_id
 from converters.transforms import fused_per_head, linear_out_heads, transpose
 from converters.rules import Rule, check_keys, require_value
 
-PREFIXES = ("transformer.", "")
-EMBED = "word_embeddings.weight"
 
 # BLOOM was trained at 2048 tokens; ALiBi has no hard limit, config.json rarely says.
 _DEFAULT_MAX_POSITIONS = 2048
-
-
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
@@ -49,12 +45,6 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         tied_embeddings=hf.get("tie_word_embeddings", True),
         bos_token_id=token_id(hf, "bos_token_id", where),
         eos_token_id=token_id(hf, "eos_token_id", where))
-
-
-
-
-
-
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -85,5 +75,4 @@ def rules(cfg: ModelConfig, prefix: str):
     return table
 
 
-IGNORE: list = []
-IGNORE_TIED = [r"lm_head\.weight"]
+ARCH = Architecture(("bloom",), config_from_hf, rules, embed="word_embeddings.weight")

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import token_id
+from converters.hf_common import Architecture, token_id
+from converters.activations import hf_activation
 from converters.rules import Rule, check_keys, require_value
-
-_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
-                "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
 def config_from_hf(hf: dict, where: str, default_activation: str = "gelu_new") -> ModelConfig:
     check_keys(hf, where, ["vocab_size", "n_embd", "n_layer", "n_head", "n_positions"])
-    act = require_value(hf, "activation_function", list(_ACTIVATIONS), where,
-                        default_activation)
+    act = hf_activation(hf, "activation_function", where, default_activation)
     require_value(hf, "scale_attn_weights", [True], where, True)
     require_value(hf, "scale_attn_by_inverse_layer_idx", [False], where, False)
     require_value(hf, "add_cross_attention", [False], where, False)
@@ -29,7 +26,7 @@ def config_from_hf(hf: dict, where: str, default_activation: str = "gelu_new") -
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=n,
         n_kv_heads=n, head_dim=d // n, d_ff=hf.get("n_inner") or 4 * d,
         max_positions=hf["n_positions"], norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=_ACTIVATIONS[act],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=act,
         positions="learned", attn_bias=True, mlp_bias=True,
         tied_embeddings=hf.get("tie_word_embeddings", True),
         bos_token_id=token_id(hf, "bos_token_id", where),
@@ -83,6 +80,7 @@ def rules(cfg: ModelConfig, prefix: str):
     return layout_rules(cfg, prefix, _qkv, _o, lambda x, cfg: x)
 
 
-# Buffers some GPT-2 checkpoints carry (causal mask), and the tied head when saved.
-IGNORE = [r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias"]
-IGNORE_TIED = [r"lm_head\.weight"]
+ARCH = Architecture(
+    ("gpt2",), config_from_hf, rules,
+    # Buffers some GPT-2 checkpoints carry (causal mask).
+    ignore=(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",))

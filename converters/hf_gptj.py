@@ -16,22 +16,15 @@ import numpy as np
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import plain_rope, token_id
+from converters.hf_common import Architecture, plain_rope, token_id
 from converters.transforms import linear_in_heads, linear_out_heads, transpose
+from converters.activations import hf_activation
 from converters.rules import Rule, check_keys, require_value
-
-_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
-                "relu": "relu", "silu": "silu", "swish": "silu"}
-
-# Base-model key prefixes, the token embedding and the head, for `converters.hf`.
-PREFIXES = ("transformer.", "")
-EMBED = "wte.weight"
-HEAD = "lm_head.weight"
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
     check_keys(hf, where, ["vocab_size", "n_embd", "n_layer", "n_head", "n_positions"])
-    act = require_value(hf, "activation_function", list(_ACTIVATIONS), where, "gelu_new")
+    act = hf_activation(hf, "activation_function", where, "gelu_new")
     # GPT-J's rotary base is fixed at 10000: refuse rope settings it would not honour.
     theta, pct = plain_rope(hf, where)
     if theta != 10000.0 or pct != 1.0:
@@ -51,7 +44,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=n,
         n_kv_heads=n, head_dim=h, d_ff=hf.get("n_inner") or 4 * d,
         max_positions=hf["n_positions"], norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=_ACTIVATIONS[act],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=act,
         positions="rotary", rotary_dim=rd, rope_theta=10000.0, attn_bias=False,
         mlp_bias=True, parallel_residual=True, shared_norm=True,
         tied_embeddings=hf.get("tie_word_embeddings", False), lm_head_bias=True,
@@ -70,12 +63,6 @@ def _qk(x, cfg: ModelConfig):
     w = x.reshape(cfg.n_heads, cfg.head_dim, cfg.d_model)
     w = w[:, every_two_to_half(cfg.n_rotary, cfg.head_dim), :]
     return w.transpose(2, 0, 1)
-
-
-
-
-
-
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -101,6 +88,7 @@ def rules(cfg: ModelConfig, prefix: str):
     return table
 
 
-# Buffers older checkpoints carry (causal mask, sinusoid table); the tied head when saved.
-IGNORE = [r"(transformer\.)?h\.\d+\.attn\.(masked_bias|bias|embed_positions)"]
-IGNORE_TIED = [r"lm_head\.weight"]
+ARCH = Architecture(
+    ("gptj",), config_from_hf, rules,
+    # Buffers older checkpoints carry (causal mask, sinusoid table).
+    ignore=(r"(transformer\.)?h\.\d+\.attn\.(masked_bias|bias|embed_positions)",))

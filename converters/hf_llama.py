@@ -11,22 +11,16 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import plain_rope, token_id
+from converters.hf_common import Architecture, plain_rope, token_id
 from converters.transforms import linear_in_heads, linear_out_heads, transpose
+from converters.activations import hf_activation
 from converters.rules import Rule, check_keys, require_value
-
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
-                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
-
-PREFIXES = ("model.", "")
-EMBED = "embed_tokens.weight"
-HEAD = "lm_head.weight"
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
     check_keys(hf, where, ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads", "max_position_embeddings"])
-    act = require_value(hf, "hidden_act", list(_ACTIVATIONS), where, "silu")
+    act = hf_activation(hf, "hidden_act", where, "silu")
     # pretraining_tp > 1 splits the projections into slices (transformers 4.x).
     require_value(hf, "pretraining_tp", [1, None], where, 1)
     attn_bias = require_value(hf, "attention_bias", [False, True], where, False)
@@ -55,17 +49,11 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
         n_kv_heads=kv, head_dim=h, d_ff=hf["intermediate_size"],
         max_positions=hf["max_position_embeddings"], norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_ACTIVATIONS[act],
+        norm_eps=hf.get("rms_norm_eps", 1e-6), activation=act,
         positions="rotary", rotary_dim=None, rope_theta=theta, attn_bias=attn_bias,
         mlp_bias=mlp_bias, glu=True, tied_embeddings=hf.get("tie_word_embeddings", False),
         bos_token_id=token_id(hf, "bos_token_id", where),
         eos_token_id=token_id(hf, "eos_token_id", where))
-
-
-
-
-
-
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -101,7 +89,8 @@ def rules(cfg: ModelConfig, prefix: str):
     return table
 
 
-# Rotary inverse-frequency buffers older checkpoints carry; the tied head when saved.
-IGNORE = [r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
-          r"(model\.)?rotary_emb\.inv_freq"]
-IGNORE_TIED = [r"lm_head\.weight"]
+ARCH = Architecture(
+    ("llama",), config_from_hf, rules, prefixes=("model.", ""), embed="embed_tokens.weight",
+    # Rotary inverse-frequency buffers older checkpoints carry.
+    ignore=(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+            r"(model\.)?rotary_emb\.inv_freq"))

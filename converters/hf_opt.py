@@ -14,24 +14,16 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import token_id
+from converters.hf_common import Architecture, token_id
 from converters.transforms import linear_in_heads, linear_out_heads, transpose
+from converters.activations import hf_activation
 from converters.rules import Rule, check_keys, require_value
-
-_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new",
-                "gelu_pytorch_tanh": "gelu_new", "silu": "silu", "swish": "silu"}
-
-# Tried in order; the first under which EMBED exists is the checkpoint's prefix.
-PREFIXES = ("model.", "")
-EMBED = "decoder.embed_tokens.weight"
-
-
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
     check_keys(hf, where, ["vocab_size", "hidden_size", "num_hidden_layers",
                            "num_attention_heads", "ffn_dim", "max_position_embeddings"])
-    act = require_value(hf, "activation_function", list(_ACTIVATIONS), where, "relu")
+    act = hf_activation(hf, "activation_function", where, "relu")
     # Without affine params the norms have no tensors to load; not implemented.
     require_value(hf, "layer_norm_elementwise_affine", [True], where, True)
     pre = require_value(hf, "do_layer_norm_before", [True, False], where, True)
@@ -49,19 +41,13 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
         n_kv_heads=n, head_dim=d // n, d_ff=hf["ffn_dim"],
         max_positions=hf["max_position_embeddings"], norm="layernorm", norm_eps=1e-5,
-        activation=_ACTIVATIONS[act], positions="learned", position_offset=2,
+        activation=act, positions="learned", position_offset=2,
         attn_bias=bias, mlp_bias=bias, norm_position="pre" if pre else "post",
         # HF builds the final norm only for pre-LN models that keep it.
         final_norm=bool(pre and not remove_final), d_embed=None if e == d else e,
         tied_embeddings=hf.get("tie_word_embeddings", True),
         bos_token_id=token_id(hf, "bos_token_id", where),
         eos_token_id=token_id(hf, "eos_token_id", where))
-
-
-
-
-
-
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -100,5 +86,5 @@ def rules(cfg: ModelConfig, prefix: str):
     return table
 
 
-IGNORE: list = []
-IGNORE_TIED = [r"lm_head\.weight"]
+ARCH = Architecture(("opt",), config_from_hf, rules, prefixes=("model.", ""),
+                    embed="decoder.embed_tokens.weight")
