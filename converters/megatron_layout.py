@@ -88,6 +88,12 @@ _SUFFIXES = {"table": {"weight": ("", "table")},
              "linear": {"weight": ("/kernel", "kernel"), "bias": ("/bias", "bias")}}
 
 
+def core_layers(state: dict) -> bool:
+    """Whether flat state dict keys are megatron-core's (`linear_qkv`, ...) rather than the
+    legacy layer's (`query_key_value`, ...)."""
+    return any(".linear_qkv." in key for key in state)
+
+
 def rank_layout(cfg: ModelConfig, tp: int, padded_vocab: int) -> dict[str, tuple]:
     """{role: (shape of its tensor on one TP rank (`nn.Linear` `[out, in]`), the axis TP
     ranks split it along or None if replicated)}, derived from the spec table. A role

@@ -128,6 +128,21 @@ def test_nemo_mcore_tp2_pp2_directory(tmp_path, gpt2):
 
 
 @pytest.mark.torch
+def test_nemo_ignores_post_layernorm_residual_flag(tmp_path, gpt2):
+    """NeMo passes apply_residual_connection_post_layernorm=False to its layers whatever
+    the yaml says, so the yaml's value never changes the loaded model (unlike a legacy
+    Megatron-LM checkpoint's args; test_megatron)."""
+    from converters.nemo import load_nemo
+
+    hfdir, hf, w = gpt2
+    files = nemo_files(hfdir, w, hf.config, 1, 1, mcore=False, layernorm_1p=False)
+    files["model_config.yaml"] = nemo_yaml(
+        hf.config, 1, 1, apply_residual_connection_post_layernorm=True).encode()
+    cfg, _ = load_nemo(str(write_nemo_dir(tmp_path / "m", files)))
+    assert not cfg.residual_from_norm
+
+
+@pytest.mark.torch
 def test_nemo_bad_inputs(tmp_path, gpt2):
     hfdir, hf, w = gpt2
     files = nemo_files(hfdir, w, hf.config, 2, 1, mcore=True, layernorm_1p=False)
