@@ -10,7 +10,7 @@ from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 from converters.hf_common import Architecture, token_id
 from converters.activations import hf_activation
-from converters.rules import Rule, check_keys, require_value
+from converters.rules import Rule, check_keys, linear, norm, require_value
 
 
 def config_from_hf(hf: dict, where: str, default_activation: str = "gelu_new") -> ModelConfig:
@@ -51,25 +51,15 @@ def layout_rules(cfg: ModelConfig, prefix: str, qkv, o, mlp):
     """GPT-2's key names (shared by GPTBigCode), with the layout transforms given:
     `qkv(part)` for the fused c_attn weight and bias, `o` for c_proj, `mlp` for c_fc/c_proj."""
     h = prefix + "h.{i}."
-    table = [
-        Rule("embed", prefix + "wte.weight"),
-        Rule("pos_embed", prefix + "wpe.weight"),
-        Rule("final_norm/scale", prefix + "ln_f.weight"),
-        Rule("final_norm/bias", prefix + "ln_f.bias"),
-        Rule("layers/ln1/scale", h + "ln_1.weight"),
-        Rule("layers/ln1/bias", h + "ln_1.bias"),
-        Rule("layers/ln2/scale", h + "ln_2.weight"),
-        Rule("layers/ln2/bias", h + "ln_2.bias"),
-        Rule("layers/attn/o/kernel", h + "attn.c_proj.weight", o),
-        Rule("layers/attn/o/bias", h + "attn.c_proj.bias"),
-        Rule("layers/mlp/wi/kernel", h + "mlp.c_fc.weight", mlp),
-        Rule("layers/mlp/wi/bias", h + "mlp.c_fc.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.c_proj.weight", mlp),
-        Rule("layers/mlp/wo/bias", h + "mlp.c_proj.bias"),
-    ]
+    table = [Rule("embed", prefix + "wte.weight"), Rule("pos_embed", prefix + "wpe.weight"),
+             *norm("final_norm", prefix + "ln_f", cfg), *norm("layers/ln1", h + "ln_1", cfg),
+             *norm("layers/ln2", h + "ln_2", cfg),
+             *linear("layers/attn/o", h + "attn.c_proj", o, cfg.attn_bias),
+             *linear("layers/mlp/wi", h + "mlp.c_fc", mlp, cfg.mlp_bias),
+             *linear("layers/mlp/wo", h + "mlp.c_proj", mlp, cfg.mlp_bias)]
     for part, name in enumerate("qkv"):
-        table.append(Rule(f"layers/attn/{name}/kernel", h + "attn.c_attn.weight", qkv(part)))
-        table.append(Rule(f"layers/attn/{name}/bias", h + "attn.c_attn.bias", qkv(part)))
+        table += linear(f"layers/attn/{name}", h + "attn.c_attn", qkv(part), cfg.attn_bias,
+                        qkv(part))
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "lm_head.weight"))
     return table

@@ -17,7 +17,7 @@ from ftjax.errors import CheckpointError
 from converters.hf_common import Architecture, plain_rope, token_id
 from converters.transforms import fused_per_head, linear_out_heads, transpose
 from converters.activations import hf_activation
-from converters.rules import Rule, check_keys, require_value
+from converters.rules import Rule, check_keys, linear, norm, require_value
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
@@ -54,28 +54,16 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
 
 def rules(cfg: ModelConfig, prefix: str):
     h = prefix + "layers.{i}."
-    table = [
-        Rule("embed", prefix + "embed_in.weight"),
-        Rule("final_norm/scale", prefix + "final_layer_norm.weight"),
-        Rule("final_norm/bias", prefix + "final_layer_norm.bias"),
-        Rule("layers/ln1/scale", h + "input_layernorm.weight"),
-        Rule("layers/ln1/bias", h + "input_layernorm.bias"),
-        Rule("layers/ln2/scale", h + "post_attention_layernorm.weight"),
-        Rule("layers/ln2/bias", h + "post_attention_layernorm.bias"),
-        Rule("layers/attn/o/kernel", h + "attention.dense.weight", linear_out_heads),
-        Rule("layers/mlp/wi/kernel", h + "mlp.dense_h_to_4h.weight", transpose),
-        Rule("layers/mlp/wi/bias", h + "mlp.dense_h_to_4h.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.dense_4h_to_h.weight", transpose),
-        Rule("layers/mlp/wo/bias", h + "mlp.dense_4h_to_h.bias"),
-    ]
+    table = [Rule("embed", prefix + "embed_in.weight"),
+             *norm("final_norm", prefix + "final_layer_norm", cfg),
+             *norm("layers/ln1", h + "input_layernorm", cfg),
+             *norm("layers/ln2", h + "post_attention_layernorm", cfg),
+             *linear("layers/attn/o", h + "attention.dense", linear_out_heads, cfg.attn_bias),
+             *linear("layers/mlp/wi", h + "mlp.dense_h_to_4h", transpose, cfg.mlp_bias),
+             *linear("layers/mlp/wo", h + "mlp.dense_4h_to_h", transpose, cfg.mlp_bias)]
     for part, name in enumerate("qkv"):
-        table.append(Rule(f"layers/attn/{name}/kernel", h + "attention.query_key_value.weight",
-                          fused_per_head(part)))
-        if cfg.attn_bias:
-            table.append(Rule(f"layers/attn/{name}/bias", h + "attention.query_key_value.bias",
-                              fused_per_head(part)))
-    if cfg.attn_bias:
-        table.append(Rule("layers/attn/o/bias", h + "attention.dense.bias"))
+        table += linear(f"layers/attn/{name}", h + "attention.query_key_value",
+                        fused_per_head(part), cfg.attn_bias, fused_per_head(part))
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "embed_out.weight"))
     return table

@@ -19,7 +19,7 @@ from ftjax.errors import CheckpointError
 from converters.hf_common import Architecture, plain_rope, token_id
 from converters.transforms import linear_in_heads, linear_out_heads, transpose
 from converters.activations import hf_activation
-from converters.rules import Rule, check_keys, require_value
+from converters.rules import Rule, check_keys, linear, norm, require_value
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
@@ -67,22 +67,15 @@ def _qk(x, cfg: ModelConfig):
 
 def rules(cfg: ModelConfig, prefix: str):
     h = prefix + "h.{i}."
-    table = [
-        Rule("embed", prefix + "wte.weight"),
-        Rule("final_norm/scale", prefix + "ln_f.weight"),
-        Rule("final_norm/bias", prefix + "ln_f.bias"),
-        Rule("layers/ln1/scale", h + "ln_1.weight"),
-        Rule("layers/ln1/bias", h + "ln_1.bias"),
-        Rule("layers/attn/q/kernel", h + "attn.q_proj.weight", _qk),
-        Rule("layers/attn/k/kernel", h + "attn.k_proj.weight", _qk),
-        Rule("layers/attn/v/kernel", h + "attn.v_proj.weight", linear_in_heads()),
-        Rule("layers/attn/o/kernel", h + "attn.out_proj.weight", linear_out_heads),
-        Rule("layers/mlp/wi/kernel", h + "mlp.fc_in.weight", transpose),
-        Rule("layers/mlp/wi/bias", h + "mlp.fc_in.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.fc_out.weight", transpose),
-        Rule("layers/mlp/wo/bias", h + "mlp.fc_out.bias"),
-        Rule("lm_head_bias", "lm_head.bias"),
-    ]
+    table = [Rule("embed", prefix + "wte.weight"), *norm("final_norm", prefix + "ln_f", cfg),
+             *norm("layers/ln1", h + "ln_1", cfg),
+             *linear("layers/attn/q", h + "attn.q_proj", _qk),
+             *linear("layers/attn/k", h + "attn.k_proj", _qk),
+             *linear("layers/attn/v", h + "attn.v_proj", linear_in_heads()),
+             *linear("layers/attn/o", h + "attn.out_proj", linear_out_heads),
+             *linear("layers/mlp/wi", h + "mlp.fc_in", transpose, cfg.mlp_bias),
+             *linear("layers/mlp/wo", h + "mlp.fc_out", transpose, cfg.mlp_bias),
+             Rule("lm_head_bias", "lm_head.bias")]
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "lm_head.weight"))
     return table

@@ -14,7 +14,7 @@ from ftjax.errors import CheckpointError
 from converters.hf_common import Architecture, plain_rope, token_id
 from converters.transforms import linear_in_heads, linear_out_heads, transpose
 from converters.activations import hf_activation
-from converters.rules import Rule, check_keys, require_value
+from converters.rules import Rule, check_keys, linear, norm, require_value
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
@@ -58,32 +58,17 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
 
 def rules(cfg: ModelConfig, prefix: str):
     h = prefix + "layers.{i}."
-    table = [
-        Rule("embed", prefix + "embed_tokens.weight"),
-        Rule("final_norm/scale", prefix + "norm.weight"),
-        Rule("layers/ln1/scale", h + "input_layernorm.weight"),
-        Rule("layers/ln2/scale", h + "post_attention_layernorm.weight"),
-        Rule("layers/attn/q/kernel", h + "self_attn.q_proj.weight", linear_in_heads()),
-        Rule("layers/attn/k/kernel", h + "self_attn.k_proj.weight", linear_in_heads(kv=True)),
-        Rule("layers/attn/v/kernel", h + "self_attn.v_proj.weight", linear_in_heads(kv=True)),
-        Rule("layers/attn/o/kernel", h + "self_attn.o_proj.weight", linear_out_heads),
-        Rule("layers/mlp/wg/kernel", h + "mlp.gate_proj.weight", transpose),
-        Rule("layers/mlp/wi/kernel", h + "mlp.up_proj.weight", transpose),
-        Rule("layers/mlp/wo/kernel", h + "mlp.down_proj.weight", transpose),
-    ]
-    if cfg.attn_bias:
-        table += [
-            Rule("layers/attn/q/bias", h + "self_attn.q_proj.bias", linear_in_heads()),
-            Rule("layers/attn/k/bias", h + "self_attn.k_proj.bias", linear_in_heads(kv=True)),
-            Rule("layers/attn/v/bias", h + "self_attn.v_proj.bias", linear_in_heads(kv=True)),
-            Rule("layers/attn/o/bias", h + "self_attn.o_proj.bias"),
-        ]
-    if cfg.mlp_bias:
-        table += [
-            Rule("layers/mlp/wg/bias", h + "mlp.gate_proj.bias"),
-            Rule("layers/mlp/wi/bias", h + "mlp.up_proj.bias"),
-            Rule("layers/mlp/wo/bias", h + "mlp.down_proj.bias"),
-        ]
+    table = [Rule("embed", prefix + "embed_tokens.weight"),
+             *norm("final_norm", prefix + "norm", cfg),
+             *norm("layers/ln1", h + "input_layernorm", cfg),
+             *norm("layers/ln2", h + "post_attention_layernorm", cfg),
+             *linear("layers/attn/o", h + "self_attn.o_proj", linear_out_heads, cfg.attn_bias)]
+    for name, kv in (("q", False), ("k", True), ("v", True)):
+        heads = linear_in_heads(kv=kv)
+        table += linear(f"layers/attn/{name}", h + f"self_attn.{name}_proj", heads,
+                        cfg.attn_bias, heads)
+    for dst, src in (("wg", "gate_proj"), ("wi", "up_proj"), ("wo", "down_proj")):
+        table += linear(f"layers/mlp/{dst}", h + "mlp." + src, transpose, cfg.mlp_bias)
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "lm_head.weight"))
     return table

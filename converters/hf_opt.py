@@ -17,7 +17,7 @@ from ftjax.errors import CheckpointError
 from converters.hf_common import Architecture, token_id
 from converters.transforms import linear_in_heads, linear_out_heads, transpose
 from converters.activations import hf_activation
-from converters.rules import Rule, check_keys, require_value
+from converters.rules import Rule, check_keys, linear, norm, require_value
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
@@ -53,34 +53,21 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
 def rules(cfg: ModelConfig, prefix: str):
     p = prefix + "decoder."
     h = p + "layers.{i}."
-    table = [
-        Rule("embed", p + "embed_tokens.weight"),
-        Rule("pos_embed", p + "embed_positions.weight"),
-        Rule("layers/ln1/scale", h + "self_attn_layer_norm.weight"),
-        Rule("layers/ln1/bias", h + "self_attn_layer_norm.bias"),
-        Rule("layers/ln2/scale", h + "final_layer_norm.weight"),
-        Rule("layers/ln2/bias", h + "final_layer_norm.bias"),
-        Rule("layers/attn/o/kernel", h + "self_attn.out_proj.weight", linear_out_heads),
-        Rule("layers/mlp/wi/kernel", h + "fc1.weight", transpose),
-        Rule("layers/mlp/wo/kernel", h + "fc2.weight", transpose),
-    ]
+    table = [Rule("embed", p + "embed_tokens.weight"),
+             Rule("pos_embed", p + "embed_positions.weight"),
+             *norm("layers/ln1", h + "self_attn_layer_norm", cfg),
+             *norm("layers/ln2", h + "final_layer_norm", cfg),
+             *linear("layers/attn/o", h + "self_attn.out_proj", linear_out_heads, cfg.attn_bias),
+             *linear("layers/mlp/wi", h + "fc1", transpose, cfg.mlp_bias),
+             *linear("layers/mlp/wo", h + "fc2", transpose, cfg.mlp_bias)]
     for name in "qkv":
-        table.append(Rule(f"layers/attn/{name}/kernel", h + f"self_attn.{name}_proj.weight",
-                          linear_in_heads()))
-        if cfg.attn_bias:
-            table.append(Rule(f"layers/attn/{name}/bias", h + f"self_attn.{name}_proj.bias",
-                              linear_in_heads()))
-    if cfg.attn_bias:
-        table.append(Rule("layers/attn/o/bias", h + "self_attn.out_proj.bias"))
-    if cfg.mlp_bias:
-        table += [Rule("layers/mlp/wi/bias", h + "fc1.bias"),
-                  Rule("layers/mlp/wo/bias", h + "fc2.bias")]
+        table += linear(f"layers/attn/{name}", h + f"self_attn.{name}_proj", linear_in_heads(),
+                        cfg.attn_bias, linear_in_heads())
     if cfg.final_norm:
-        table += [Rule("final_norm/scale", p + "final_layer_norm.weight"),
-                  Rule("final_norm/bias", p + "final_layer_norm.bias")]
+        table += norm("final_norm", p + "final_layer_norm", cfg)
     if cfg.d_embed is not None:
-        table += [Rule("project_in/kernel", p + "project_in.weight", transpose),
-                  Rule("project_out/kernel", p + "project_out.weight", transpose)]
+        table += [*linear("project_in", p + "project_in", transpose),
+                  *linear("project_out", p + "project_out", transpose)]
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "lm_head.weight"))
     return table

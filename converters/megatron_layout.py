@@ -22,7 +22,7 @@ import re
 
 import numpy as np
 
-from converters.rules import Rule, apply_rules
+from converters.rules import Rule, apply_rules, linear, norm
 from converters.spec_shapes import split_axis, stored_shape
 from converters.transforms import linear_out_heads, transpose
 from ftjax.config import ModelConfig
@@ -143,33 +143,19 @@ def _norm(one_p: bool):
 def rules(cfg: ModelConfig, layernorm_1p: bool = False) -> list[Rule]:
     """The table from merged role names to canonical params."""
     n1 = _norm(layernorm_1p)
-    table = [Rule("embed", "embed.weight"), Rule("final_norm/scale", "final_norm.weight", n1)]
+    table = [Rule("embed", "embed.weight"), *norm("final_norm", "final_norm", cfg, n1),
+             *norm("layers/ln1", "layers.{i}.ln1", cfg, n1),
+             *norm("layers/ln2", "layers.{i}.ln2", cfg, n1),
+             *linear("layers/attn/o", "layers.{i}.proj", linear_out_heads, cfg.attn_bias),
+             *linear("layers/mlp/wi", "layers.{i}.fc1", transpose, cfg.mlp_bias),
+             *linear("layers/mlp/wo", "layers.{i}.fc2", transpose, cfg.mlp_bias)]
     if cfg.positions == "learned":
         table.append(Rule("pos_embed", "pos.weight"))
-    for ln in ("ln1", "ln2"):
-        table.append(Rule(f"layers/{ln}/scale", f"layers.{{i}}.{ln}.weight", n1))
-    table += [
-        Rule("layers/attn/o/kernel", "layers.{i}.proj.weight", linear_out_heads),
-        Rule("layers/mlp/wi/kernel", "layers.{i}.fc1.weight", transpose),
-        Rule("layers/mlp/wo/kernel", "layers.{i}.fc2.weight", transpose),
-    ]
     for part in "qkv":
-        table.append(Rule(f"layers/attn/{part}/kernel", "layers.{i}.qkv.weight", _part(part)))
+        table += linear(f"layers/attn/{part}", "layers.{i}.qkv", _part(part), cfg.attn_bias,
+                        _part(part))
     if cfg.glu:
-        table.append(Rule("layers/mlp/wg/kernel", "layers.{i}.fc1_gate.weight", transpose))
-    if cfg.norm == "layernorm":
-        table.append(Rule("final_norm/bias", "final_norm.bias"))
-        for ln in ("ln1", "ln2"):
-            table.append(Rule(f"layers/{ln}/bias", f"layers.{{i}}.{ln}.bias"))
-    if cfg.attn_bias:
-        table.append(Rule("layers/attn/o/bias", "layers.{i}.proj.bias"))
-        for part in "qkv":
-            table.append(Rule(f"layers/attn/{part}/bias", "layers.{i}.qkv.bias", _part(part)))
-    if cfg.mlp_bias:
-        table += [Rule("layers/mlp/wi/bias", "layers.{i}.fc1.bias"),
-                  Rule("layers/mlp/wo/bias", "layers.{i}.fc2.bias")]
-        if cfg.glu:
-            table.append(Rule("layers/mlp/wg/bias", "layers.{i}.fc1_gate.bias"))
+        table += linear("layers/mlp/wg", "layers.{i}.fc1_gate", transpose, cfg.mlp_bias)
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "head.weight"))
     return table

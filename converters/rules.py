@@ -31,6 +31,25 @@ class Rule:
     transform: Callable = _identity
 
 
+def norm(dst: str, src: str, cfg, scale: Callable = _identity) -> List[Rule]:
+    """A norm's rules: `dst/scale` from `src.weight` (through `scale`), and `dst/bias` from
+    `src.bias` when the config's norm has one (layernorm)."""
+    out = [Rule(f"{dst}/scale", f"{src}.weight", scale)]
+    if cfg.norm == "layernorm":
+        out.append(Rule(f"{dst}/bias", f"{src}.bias"))
+    return out
+
+
+def linear(dst: str, src: str, kernel: Callable = _identity, bias: bool = False,
+           bias_transform: Callable = _identity) -> List[Rule]:
+    """A projection's rules: `dst/kernel` from `src.weight` (through `kernel`), and
+    `dst/bias` from `src.bias` (through `bias_transform`) when `bias`."""
+    out = [Rule(f"{dst}/kernel", f"{src}.weight", kernel)]
+    if bias:
+        out.append(Rule(f"{dst}/bias", f"{src}.bias", bias_transform))
+    return out
+
+
 def apply_rules(tensors: Dict[str, np.ndarray], rules: Sequence[Rule], cfg, expected,
                 ignore: Sequence[str] = (), where: str = "checkpoint") -> dict:
     """Builds the canonical params pytree (numpy leaves) from checkpoint tensors.
