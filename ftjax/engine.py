@@ -31,6 +31,8 @@ from ftjax import processors
 from ftjax.config import ModelConfig
 from ftjax.model import KVCache, Transformer
 from ftjax.sampling import SamplingArrays, sample
+from ftjax.sharding import RULES
+from pallas_kernels import sharded
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
 KERNELS = ("xla", "pallas")
@@ -104,7 +106,12 @@ class Engine:
         self.dtype = dtype
         self.layout = layout
         self.kv_dtype = kv_dtype
+        # On a mesh the kernels run per shard (shard_map); XLA partitions its own path.
+        kernel_mesh = None
+        if layout is not None and kernels != "xla":
+            kernel_mesh = sharded.KernelMesh.of(layout.mesh, RULES)
         self.model = Transformer(cfg, dtype, scan_layers=scan_layers, kernels=kernels,
+                                 mesh=kernel_mesh,
                                  padded_vocab=layout.padded_vocab if layout else None)
         self.trace_counts = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "feat"),

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from ftjax import quant
 from ftjax.config import ModelConfig
-from pallas_kernels import decode_attention, prefill_attention
+from pallas_kernels import decode_attention, prefill_attention, sharded
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -81,11 +81,12 @@ class Linear(nn.Module):
     bias_shape: Optional[tuple]
     dtype: jnp.dtype
     kernels: str = "xla"  # "pallas": int8 weights go through pallas_kernels.int8_matmul
+    mesh: Optional[sharded.KernelMesh] = None   # the kernel runs per shard on this mesh
 
     @nn.compact
     def __call__(self, x):
         kernel = weight(self, "kernel", self.kernel_shape, self.dtype)
-        y = quant.einsum(self.spec, x, kernel, pallas=self.kernels == "pallas")
+        y = quant.einsum(self.spec, x, kernel, pallas=self.kernels == "pallas", mesh=self.mesh)
         if self.bias_shape is not None:
             y = y + self.param("bias", nn.initializers.zeros, self.bias_shape, self.dtype)
         return y
@@ -206,6 +207,7 @@ class Attention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     kernels: str = "xla"
+    mesh: Optional[sharded.KernelMesh] = None
 
     @nn.compact
     def __call__(self, x, positions, layer, cache: Optional[KVCache]):
@@ -213,9 +215,9 @@ class Attention(nn.Module):
         d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         bias = cfg.attn_bias
         dt, kn = self.dtype, self.kernels
-        q = Linear("btd,dnh->btnh", (d, n, h), (n, h) if bias else None, dt, kn, name="q")(x)
-        kk = Linear("btd,dkh->btkh", (d, k, h), (k, h) if bias else None, dt, kn, name="k")(x)
-        vv = Linear("btd,dkh->btkh", (d, k, h), (k, h) if bias else None, dt, kn, name="v")(x)
+        q = Linear("btd,dnh->btnh", (d, n, h), (n, h) if bias else None, dt, kn, self.mesh, name="q")(x)
+        kk = Linear("btd,dkh->btkh", (d, k, h), (k, h) if bias else None, dt, kn, self.mesh, name="k")(x)
+        vv = Linear("btd,dkh->btkh", (d, k, h), (k, h) if bias else None, dt, kn, self.mesh, name="v")(x)
         if cfg.positions == "rotary":
             q = rotate(q, positions, cfg.n_rotary, cfg.rope_theta)
             kk = rotate(kk, positions, cfg.n_rotary, cfg.rope_theta)
@@ -238,16 +240,18 @@ class Attention(nn.Module):
             # Pallas: the kernels read this layer of the whole cache in place (no slice
             # copy). The prefill kernel has no int8 cache path: XLA attends there.
             if self.kernels == "pallas" and (x.shape[1] == 1 or cache.k_scale is None):
-                interpret = jax.default_backend() != "gpu"
+                interpret = sharded.interpret(self.mesh)
                 if x.shape[1] == 1:
                     lengths = jnp.minimum(positions[:, 0] + 1, cache.max_len)
-                    out = decode_attention(q[:, 0], cache.k, cache.v, lengths,
-                                           alibi_slopes=slopes, k_scale=cache.k_scale,
-                                           v_scale=cache.v_scale, layer=layer, layout="BKSH",
-                                           interpret=interpret)[:, None]
+                    out = sharded.decode_attention(
+                        q[:, 0], cache.k, cache.v, lengths, mesh=self.mesh,
+                        kernel=decode_attention, alibi_slopes=slopes, k_scale=cache.k_scale,
+                        v_scale=cache.v_scale, layer=layer, layout="BKSH",
+                        interpret=interpret)[:, None]
                 else:
-                    out = prefill_attention(q, cache.k, cache.v, positions, alibi_slopes=slopes,
-                                            layer=layer, layout="BKSH", interpret=interpret)
+                    out = sharded.prefill_attention(
+                        q, cache.k, cache.v, positions, mesh=self.mesh, kernel=prefill_attention,
+                        alibi_slopes=slopes, layer=layer, layout="BKSH", interpret=interpret)
             else:
                 k_layer, v_layer, k_scale, v_scale = (
                     None if a is None else jax.lax.dynamic_index_in_dim(a, layer, 0,
@@ -255,7 +259,7 @@ class Attention(nn.Module):
                     for a in (cache.k, cache.v, cache.k_scale, cache.v_scale))
                 out = attend(q, k_layer, v_layer, positions, jnp.arange(cache.max_len), slopes,
                              heads_first=True, k_scale=k_scale, v_scale=v_scale)
-        y = Linear("btnh,nhd->btd", (n, h, d), (d,) if bias else None, dt, kn, name="o")(out)
+        y = Linear("btnh,nhd->btd", (n, h, d), (d,) if bias else None, dt, kn, self.mesh, name="o")(out)
         return y, cache
 
 
@@ -263,6 +267,7 @@ class Mlp(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     kernels: str = "xla"
+    mesh: Optional[sharded.KernelMesh] = None
 
     @nn.compact
     def __call__(self, x):
@@ -270,13 +275,13 @@ class Mlp(nn.Module):
         d, f = cfg.d_model, cfg.d_ff
         bias = cfg.mlp_bias
         dt, kn = self.dtype, self.kernels
-        hdn = Linear("btd,df->btf", (d, f), (f,) if bias else None, dt, kn, name="wi")(x)
+        hdn = Linear("btd,df->btf", (d, f), (f,) if bias else None, dt, kn, self.mesh, name="wi")(x)
         if cfg.glu:
-            gate = Linear("btd,df->btf", (d, f), (f,) if bias else None, dt, kn, name="wg")(x)
+            gate = Linear("btd,df->btf", (d, f), (f,) if bias else None, dt, kn, self.mesh, name="wg")(x)
             hdn = activation(cfg.activation, gate) * hdn
         else:
             hdn = activation(cfg.activation, hdn)
-        return Linear("btf,fd->btd", (f, d), (d,) if bias else None, dt, kn, name="wo")(hdn)
+        return Linear("btf,fd->btd", (f, d), (d,) if bias else None, dt, kn, self.mesh, name="wo")(hdn)
 
 
 class Block(nn.Module):
@@ -285,13 +290,14 @@ class Block(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     kernels: str = "xla"
+    mesh: Optional[sharded.KernelMesh] = None
 
     @nn.compact
     def __call__(self, carry, layer):
         x, positions, cache = carry
         cfg = self.cfg
-        attn = Attention(cfg, self.dtype, self.kernels, name="attn")
-        mlp = Mlp(cfg, self.dtype, self.kernels, name="mlp")
+        attn = Attention(cfg, self.dtype, self.kernels, self.mesh, name="attn")
+        mlp = Mlp(cfg, self.dtype, self.kernels, self.mesh, name="mlp")
         ln1 = Norm(cfg, self.dtype, name="ln1")
         ln2 = None if cfg.shared_norm else Norm(cfg, self.dtype, name="ln2")
         if cfg.norm_position == "post":      # norm(x + f(x))
@@ -325,6 +331,9 @@ class Transformer(nn.Module):
     # pallas_kernels (decode_attention for T == 1, prefill_attention for T > 1),
     # interpreted off GPU (for tests).
     kernels: str = "xla"
+    # A mesh the params and cache are sharded on: each kernel call runs per shard
+    # (`pallas_kernels.sharded`); None: one device.
+    mesh: Optional[sharded.KernelMesh] = None
     # Rows of embed / lm_head when padded past vocab_size (vocab-parallel sharding
     # pads to a multiple of the tensor size); the padded logits are sliced off.
     padded_vocab: Optional[int] = None
@@ -361,12 +370,14 @@ class Transformer(nn.Module):
             x = Norm(cfg, self.dtype, name="embed_norm")(x)
         if self.scan_layers:
             blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             length=cfg.n_layers)(cfg, self.dtype, self.kernels, name="layers")
+                             length=cfg.n_layers)(cfg, self.dtype, self.kernels, self.mesh,
+                                                  name="layers")
             (x, _, cache), _ = blocks((x, positions, cache), jnp.arange(cfg.n_layers))
         else:
             carry = (x, positions, cache)
             for i in range(cfg.n_layers):
-                carry, _ = Block(cfg, self.dtype, self.kernels, name=f"layers_{i}")(carry, i)
+                carry, _ = Block(cfg, self.dtype, self.kernels, self.mesh,
+                                 name=f"layers_{i}")(carry, i)
             x, _, cache = carry
         if last_index is not None:
             x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)

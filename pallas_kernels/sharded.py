@@ -71,6 +71,20 @@ class KernelMesh:
         return 1 if name is None else self.mesh.shape[name]
 
 
+def interpret(mesh: Optional[KernelMesh] = None) -> bool:
+    """Whether the kernels must run in the Pallas interpreter: they compile only for
+    GPUs. The platform is the mesh's (its devices, or an abstract mesh's device kind,
+    e.g. when lowering for CUDA without one), else jax's default backend."""
+    platform = jax.default_backend()
+    if mesh is not None:
+        m = mesh.mesh
+        if isinstance(m, Mesh):
+            platform = m.devices.flat[0].platform
+        elif getattr(m, "abstract_device", None) is not None:
+            platform = m.abstract_device.platform
+    return platform not in ("gpu", "cuda", "rocm")
+
+
 def _shard_map(fn, km: KernelMesh, in_specs, out_specs):
     used = {a for spec in jax.tree_util.tree_leaves(
         (in_specs, out_specs), is_leaf=lambda x: isinstance(x, P)) for a in spec if a}
