@@ -35,7 +35,7 @@ from ftjax.sharding import RULES
 from pallas_kernels import sharded
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
-KERNELS = ("xla", "pallas")
+KERNELS = ("xla", "pallas", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +96,7 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, dtype, scan_layers: bool = True, kernels: str = "xla",
                  layout=None, kv_dtype=None):
-        """kernels: "xla" or "pallas" (see `Transformer.kernels`). layout: an optional
+        """kernels: "xla", "pallas" or "mosaic" (see `Transformer.kernels`). layout: an optional
         `ftjax.sharding.Layout`; params and inputs then arrive sharded, and the KV cache
         is pinned to its sharding where it is made. kv_dtype: None (the model dtype)
         or "int8" (an int8 KV cache with per-token, per-head scales)."""

@@ -15,6 +15,7 @@ state stored on a module.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 
 from ftjax import quant
 from ftjax.config import ModelConfig
-from pallas_kernels import decode_attention, prefill_attention, sharded
+from pallas_kernels import prefill_attention, select, sharded
 
 _init = nn.initializers.normal(stddev=0.02)
 
@@ -80,13 +81,14 @@ class Linear(nn.Module):
     kernel_shape: tuple
     bias_shape: Optional[tuple]
     dtype: jnp.dtype
-    kernels: str = "xla"  # "pallas": int8 weights go through pallas_kernels.int8_matmul
+    kernels: str = "xla"  # "pallas" / "mosaic": int8 weights go through an int8_matmul kernel
     mesh: Optional[sharded.KernelMesh] = None   # the kernel runs per shard on this mesh
 
     @nn.compact
     def __call__(self, x):
         kernel = weight(self, "kernel", self.kernel_shape, self.dtype)
-        y = quant.einsum(self.spec, x, kernel, pallas=self.kernels == "pallas", mesh=self.mesh)
+        y = quant.einsum(self.spec, x, kernel, pallas=self.kernels != "xla" and self.kernels,
+                         mesh=self.mesh)
         if self.bias_shape is not None:
             y = y + self.param("bias", nn.initializers.zeros, self.bias_shape, self.dtype)
         return y
@@ -239,13 +241,14 @@ class Attention(nn.Module):
             cache = write_cache(cache, layer, rows, slots, kk, vv, mode)
             # Pallas: the kernels read this layer of the whole cache in place (no slice
             # copy). The prefill kernel has no int8 cache path: XLA attends there.
-            if self.kernels == "pallas" and (x.shape[1] == 1 or cache.k_scale is None):
+            if self.kernels != "xla" and (x.shape[1] == 1 or cache.k_scale is None):
                 interpret = sharded.interpret(self.mesh)
                 if x.shape[1] == 1:
                     lengths = jnp.minimum(positions[:, 0] + 1, cache.max_len)
                     out = sharded.decode_attention(
                         q[:, 0], cache.k, cache.v, lengths, mesh=self.mesh,
-                        kernel=decode_attention, alibi_slopes=slopes, k_scale=cache.k_scale,
+                        kernel=functools.partial(select.decode_attention, impl=self.kernels),
+                        alibi_slopes=slopes, k_scale=cache.k_scale,
                         v_scale=cache.v_scale, layer=layer, layout="BKSH",
                         interpret=interpret)[:, None]
                 else:
@@ -327,7 +330,8 @@ class Transformer(nn.Module):
     # `unstack_layers`): XLA:CPU copies each layer's weights out of the stacked array
     # before every matmul inside a scan, which costs ~1.6x per decode step.
     scan_layers: bool = True
-    # "xla": attention as einsums. "pallas": attention over a cache runs in
+    # "xla": attention as einsums. "pallas" (Triton) / "mosaic" (Mosaic GPU decode and
+    # int8 matmul where supported, see `pallas_kernels.select`): attention over a cache runs in
     # pallas_kernels (decode_attention for T == 1, prefill_attention for T > 1),
     # interpreted off GPU (for tests).
     kernels: str = "xla"

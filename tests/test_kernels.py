@@ -379,7 +379,8 @@ def test_kernels_value_is_checked():
     from ftjax.api import Model
 
     cfg, params = _tiny()
-    with pytest.raises(ValueError, match=r"kernels must be one of \('auto', 'xla', 'pallas'\)"):
+    with pytest.raises(ValueError, match=r"kernels must be one of \('auto', 'xla', 'pallas', "
+                                         r"'mosaic'\)"):
         Model(cfg, params, kernels="triton")
     with pytest.raises(ValueError, match="kernels must be one of"):
         ftjax.load("/nonexistent-checkpoint", kernels="cuda")   # checked before reading
