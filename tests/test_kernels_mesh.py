@@ -277,6 +277,9 @@ LOWER_CASES = {
     "gqa_k8": dict(cfg=dict(n_heads=16, n_kv_heads=8), mode=None, kv=None),
     "gqa_k2_replicated": dict(cfg=dict(n_heads=16, n_kv_heads=2), mode=None, kv=None),
     "int8_weights_int8_kv": dict(cfg=dict(n_heads=16, n_kv_heads=16), mode="int8", kv="int8"),
+    # Mosaic GPU decode attention and int8 matmuls (Triton prefill), K < TP.
+    "mosaic_gqa_k2_int8_weights": dict(cfg=dict(n_heads=16, n_kv_heads=2), mode="int8",
+                                       kv=None, kernels="mosaic"),
 }
 
 
@@ -293,8 +296,15 @@ def test_prefill_and_decode_lower_for_cuda_inside_shard_map(name):
     local_cache = _shape(cfg.n_layers, batch // dp, local_kv, max_len, h)
     global_cache = _shape(cfg.n_layers, batch, kv, max_len, h)
     for step_t in (t, 1):   # prefill, then one decode step
-        text = _lower_step(cfg, tp, dp, batch, max_len, step_t, case["mode"], case["kv"])
+        kernels = case.get("kernels", "pallas")
+        text = _lower_step(cfg, tp, dp, batch, max_len, step_t, case["mode"], case["kv"],
+                           kernels)
         inside, outside, regions = _manual_regions(text)
+        if kernels == "mosaic":   # decode and the int8 matmuls on Mosaic GPU
+            targets = {target for target, _ in inside}
+            assert any(t.startswith("mosaic_gpu") for t in targets), targets
+            if step_t == 1:
+                assert targets == {t for t in targets if t.startswith("mosaic_gpu")}
         assert not outside, f"kernel calls outside shard_map: {outside[:2]}"
         attn = [types for _, types in inside if local_cache in types]
         # Prefill with an int8 cache attends in XLA (no int8 prefill kernel).
@@ -306,7 +316,9 @@ def test_prefill_and_decode_lower_for_cuda_inside_shard_map(name):
         # the kv heads the rank reads ([B/DP, K/TP or 1, G, H]); prefill [B/DP, T, N/TP, H].
         if attn:
             groups = kv // tp if kv % tp == 0 else 1
-            q_local = (_shape(batch // dp, groups, n // tp // groups, h) if step_t == 1
+            # (Mosaic pads each group to the 64-row wgmma tile.)
+            rows = 64 if kernels == "mosaic" else n // tp // groups
+            q_local = (_shape(batch // dp, groups, rows, h) if step_t == 1
                        else _shape(batch // dp, step_t, n // tp, h))
             assert q_local + "x" in attn[0]
         if case["mode"]:
