@@ -10,6 +10,7 @@
    the sharding it already has, so XLA has nothing to gather around the kernel.
 """
 
+import os
 import re
 import warnings
 
@@ -35,10 +36,16 @@ from tiny import tiny_config, tiny_params
 
 NO_STOP = ftjax.SamplingParams(stop_token_ids=[])
 TRITON_CALL = "__gpu$xla.gpu.triton"
+# `python -m ftjax.gpu_check` sets FTJAX_GPU_CHECK=1: kernels run on the GPU for real.
+INTERPRET = os.environ.get("FTJAX_GPU_CHECK") != "1"
+# The mesh numerics use 8 devices: the virtual CPU devices of conftest (a one-GPU
+# machine has one: there the lowering tests below stand for the mesh).
+needs_8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices")
 
 
 # -- 1. numerics: the wrappers alone ----------------------------------------------
 
+@needs_8
 @pytest.mark.parametrize("kv", [4, 2, 1])   # kv heads split; replicated (K < TP): GQA, MQA
 def test_sharded_attention_kernels_match_reference(kv):
     """decode and prefill attention through shard_map on a TP=4 x DP=2 mesh (ALiBi, a
@@ -62,7 +69,7 @@ def test_sharded_attention_kernels_match_reference(kv):
     def decode(q, k, v, ks, vs, layer):
         return sharded.decode_attention(q, k, v, lengths, mesh=km, kernel=decode_attention,
                                         k_scale=ks, v_scale=vs, layer=layer, **kw,
-                                        block_s=16, interpret=True)
+                                        block_s=16, interpret=INTERPRET)
 
     for args in [(k, v, None, None), (kq, vq, ks, vs)]:
         out = decode(q, *args, jnp.int32(1))
@@ -75,7 +82,7 @@ def test_sharded_attention_kernels_match_reference(kv):
     positions = jnp.arange(t)[None] + jnp.asarray([[0], [3], [7], [19]])
     out = jax.jit(lambda q, k, v, layer: sharded.prefill_attention(
         q, k, v, positions, mesh=km, kernel=prefill_attention, layer=layer, **kw,
-        block_q=16, block_k=16, interpret=True))(qp, k, v, jnp.int32(0))
+        block_q=16, block_k=16, interpret=INTERPRET))(qp, k, v, jnp.int32(0))
     ref = prefill_attention_reference(qp, k, v, positions, layer=0, **kw)
     assert float(jnp.abs(out - ref).max()) <= 2e-6
 
@@ -90,17 +97,18 @@ def test_kernel_reads_one_kv_head_in_place():
     v = jnp.asarray(rng.standard_normal((b, kv, s, h)), jnp.float32)
     lengths = jnp.asarray([3, 20], jnp.int32)
     out = decode_attention(q, k, v, lengths, kv_head=jnp.int32(2), layout="BKSH",
-                           block_s=16, interpret=True)
+                           block_s=16, interpret=INTERPRET)
     ref = decode_attention_reference(q, k[:, 2:], v[:, 2:], lengths, layout="BKSH")
     assert float(jnp.abs(out - ref).max()) <= 2e-6
     qp = jnp.asarray(rng.standard_normal((b, 6, n, h)), jnp.float32)
     pos = jnp.arange(6)[None] + jnp.asarray([[0], [9]])
     out = prefill_attention(qp, k, v, pos, kv_head=jnp.int32(1), block_q=16, block_k=16,
-                            interpret=True)
+                            interpret=INTERPRET)
     ref = prefill_attention_reference(qp, k[:, 1:2], v[:, 1:2], pos)
     assert float(jnp.abs(out - ref).max()) <= 2e-6
 
 
+@needs_8
 def test_sharded_einsum_column_and_row_parallel():
     """Column-parallel (output split, local) and row-parallel (contraction split, local
     + psum) products = the plain einsum; a float 'weight' stands in for the kernel."""
@@ -121,6 +129,7 @@ def test_sharded_einsum_column_and_row_parallel():
     np.testing.assert_allclose(row, jnp.einsum("btnh,nhd->btd", xo, wo), rtol=1e-5, atol=1e-5)
 
 
+@needs_8
 def test_kernel_mesh_rejects_unknown_axes():
     with pytest.raises(ValueError, match=r"rules name mesh axes \['model'\]"):
         sharded.KernelMesh.of(make_mesh(tensor=2), {"heads": "model"})
@@ -140,6 +149,7 @@ MODEL_CASES = {
 }
 
 
+@needs_8
 @pytest.mark.parametrize("name", sorted(MODEL_CASES))
 def test_pallas_on_meshes_equals_one_device(name):
     """generate() with kernels="pallas" on a mesh = one device with XLA's path (which

@@ -7,6 +7,7 @@
    running on a real Hopper are left to `python -m ftjax.gpu_check`.
 """
 
+import os
 import warnings
 
 import jax
@@ -22,7 +23,9 @@ from pallas_kernels import (
     select,
 )
 
-needs_interpreter = pytest.mark.skipif(not mosaic.has_interpreter(),
+# `python -m ftjax.gpu_check` sets FTJAX_GPU_CHECK=1: the kernels run on the GPU for real.
+INTERPRET = os.environ.get("FTJAX_GPU_CHECK") != "1"
+needs_interpreter = pytest.mark.skipif(INTERPRET and not mosaic.has_interpreter(),
                                        reason="no Mosaic GPU interpreter in this jax (< 0.12)")
 TRITON_CALL = "__gpu$xla.gpu.triton"
 # As test_kernels (bf16 / fp16 rows): the probabilities meet V in the input dtype and the
@@ -51,7 +54,7 @@ def test_mosaic_decode_attention_matches_reference(dtype, n, kv, alibi, splits):
     lengths = jnp.asarray([1, 70, s], jnp.int32)
     slopes = jnp.asarray(rng.uniform(0.05, 0.3, n), jnp.float32) if alibi else None
     out = mosaic.decode_attention(q, k, v, lengths, alibi_slopes=slopes, layer=jnp.int32(1),
-                                  num_splits=splits, interpret=True)
+                                  num_splits=splits, interpret=INTERPRET)
     ref = decode_attention_reference(q, k, v, lengths, alibi_slopes=slopes, layer=1,
                                      layout="BKSH")
     assert out.dtype == dtype and out.shape == q.shape
@@ -67,7 +70,7 @@ def test_mosaic_decode_attention_reads_one_kv_head():
     q = _rand(rng, (b, n, h), jnp.bfloat16)
     k, v = _rand(rng, (b, kv, s, h), jnp.bfloat16), _rand(rng, (b, kv, s, h), jnp.bfloat16)
     lengths = jnp.asarray([9, 64], jnp.int32)
-    out = mosaic.decode_attention(q, k, v, lengths, kv_head=jnp.int32(2), interpret=True)
+    out = mosaic.decode_attention(q, k, v, lengths, kv_head=jnp.int32(2), interpret=INTERPRET)
     ref = decode_attention_reference(q, k[:, 2:], v[:, 2:], lengths, layout="BKSH")
     assert float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max()) <= 1.6e-2
 
@@ -79,7 +82,7 @@ def test_mosaic_int8_matmul_matches_reference(m, k, n, dtype):
     rng = np.random.default_rng(2)
     x = _rand(rng, (m, k), dtype)
     w_q, scale = quantize_int8(rng.standard_normal((k, n)))
-    out = mosaic.int8_matmul(x, w_q, scale, interpret=True)
+    out = mosaic.int8_matmul(x, w_q, scale, interpret=INTERPRET)
     ref = int8_matmul_reference(x, w_q, scale)
     assert out.dtype == dtype and out.shape == (m, n)
     err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
