@@ -36,9 +36,12 @@ import shutil
 import numpy as np
 
 from converters import hf_gpt2
+from converters.hf_export import hf_gpt2_config, hf_gpt2_tensors
+from converters.native import TOKENIZER_FILES
 from converters.rules import apply_rules
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
+from ftjax.specs import shapes as param_shapes
 
 CONFIG = "config.ini"
 _DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -160,8 +163,6 @@ def _read_bin(path: str, dtype, shape) -> np.ndarray:
 
 def load_fastertransformer(directory: str):
     """Reads a c-model directory. Returns (ModelConfig, params of numpy arrays)."""
-    from ftjax.model import param_shapes
-
     where, hf, dtype, tp = _read_config(directory)
     tp = tp or _detect_tp(directory, where)
     d, f, v = hf["n_embd"], hf["n_inner"], hf["vocab_size"]
@@ -218,9 +219,6 @@ def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1
       ValueError: `cfg` has a feature FT's GPT c-model lacks (message names the field),
         or a bad tp / dtype.
     """
-    from converters.hf_export import hf_gpt2_config, hf_gpt2_tensors
-    from converters.native import TOKENIZER_FILES
-
     names = {"float32": "fp32", "float16": "fp16"}
     if dtype not in names:
         raise ValueError(f"dtype must be 'float32' or 'float16' for FasterTransformer, "

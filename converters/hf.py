@@ -12,6 +12,7 @@ from converters import (hf_bigcode, hf_bloom, hf_gpt2, hf_gpt_neox, hf_gptj, hf_
                         hf_opt)
 from converters.rules import apply_rules
 from converters.tensors import read_checkpoint_tensors
+from ftjax.specs import shapes as param_shapes
 
 # model_type -> module with config_from_hf, rules, IGNORE, IGNORE_TIED and optionally
 # PREFIXES (key prefixes to try, in order; default ("transformer.", "")) and EMBED (the
@@ -53,8 +54,6 @@ def read_hf_config(directory: str) -> dict:
 
 def load_hf(directory: str):
     """Reads a HuggingFace directory. Returns (ModelConfig, params pytree of numpy arrays)."""
-    from ftjax.model import param_shapes
-
     hf = read_hf_config(directory)
     where = directory
     model_type = hf.get("model_type")

@@ -26,6 +26,7 @@ from converters.rules import Rule, apply_rules
 from converters.transforms import linear_out_heads, transpose
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
+from ftjax.specs import shapes as param_shapes
 
 _STACK = r"(?:language_model\.)?(?:transformer|encoder|decoder)\."
 _LAYER = re.compile(_STACK + r"layers\.(\d+)\.(.+)")
@@ -250,8 +251,6 @@ def _merge_role(name, tensors, keys, cfg, tp, version) -> dict[str, np.ndarray]:
 def to_params(merged: dict[str, np.ndarray], cfg: ModelConfig, vocab: int, where: str,
               layernorm_1p: bool = False) -> dict:
     """Canonical params from the merged dict, dropping padded vocabulary rows past `vocab`."""
-    from ftjax.model import param_shapes
-
     tensors = dict(merged)
     for name in ("embed.weight", "head.weight", "head_copy.weight"):
         if name in tensors:

@@ -20,6 +20,7 @@ import jax
 from converters.native import CONFIG_NAME, copy_tokenizer, read_meta
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
+from ftjax.specs import shapes as param_shapes
 
 FORMAT = "ftjax-orbax"
 VERSION = 1
@@ -56,8 +57,6 @@ def load_orbax(directory: str, shardings=None, dtype=None):
       dtype: optional dtype to restore as (cast while reading).
     """
     import orbax.checkpoint as ocp
-
-    from ftjax.model import param_shapes
 
     directory = os.path.abspath(directory)
     meta, cfg = read_meta(directory, FORMAT, VERSION)

@@ -55,6 +55,7 @@ def _convert(args) -> int:
     from converters import load_checkpoint, save_native, save_orbax, tokenizer_dir
     from converters.fastertransformer import save_fastertransformer
     from ftjax.api import DTYPES
+    from ftjax.specs import n_params
 
     if args.dtype not in DTYPES:
         print(f"ftjax convert: --dtype must be one of {sorted(DTYPES)}", file=sys.stderr)
@@ -95,33 +96,16 @@ def _convert(args) -> int:
         save = save_orbax if args.to == "orbax" else save_native
         save(args.dst, cfg, params, args.dtype, source=source)
     n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-    print(f"wrote {args.dst} ({args.to}): {cfg.n_params / 1e6:.1f}M params, {args.dtype}"
+    print(f"wrote {args.dst} ({args.to}): {n_params(cfg) / 1e6:.1f}M params, {args.dtype}"
           f"{', ' + args.quant if args.quant else ''}, {n_bytes / 2**20:.1f} MiB")
     return 0
 
 
-def use_devices(n: int) -> None:
-    """Makes n virtual CPU devices available (for --tp/--dp on a CPU-only machine).
-
-    Only possible before jax's backends start; a no-op when XLA_FLAGS already asks
-    for host devices or when there are enough devices anyway."""
-    import jax
-
-    if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:  # backends already running: make_mesh reports a shortage
-        pass
-
-
 def mesh_from_args(args):
     """The mesh --tp / --dp ask for, or None for one device."""
-    if args.tp == 1 and args.dp == 1:
-        return None
-    import ftjax
+    from ftjax.sharding import mesh_for
 
-    return ftjax.make_mesh(tensor=args.tp, data=args.dp)
+    return mesh_for(tensor=args.tp, data=args.dp)
 
 
 def _plan(args) -> int:
@@ -248,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    use_devices(getattr(args, "tp", 1) * getattr(args, "dp", 1) * getattr(args, "pp", 1))
+    n_devices = getattr(args, "tp", 1) * getattr(args, "dp", 1) * getattr(args, "pp", 1)
+    if n_devices > 1:
+        from ftjax.sharding import use_cpu_devices
+
+        use_cpu_devices(n_devices)
     from ftjax.errors import CheckpointError
 
     try:

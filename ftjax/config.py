@@ -138,17 +138,6 @@ class ModelConfig:
     def n_rotary(self) -> int:
         return self.rotary_dim or self.head_dim
 
-    @property
-    def n_params(self) -> int:
-        """Parameter count, from the model's own param shapes (tied head counted once)."""
-        import math
-
-        import jax
-
-        from ftjax.model import param_shapes
-
-        return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(param_shapes(self)))
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -20,6 +20,9 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from ftjax.specs import n_params
+from ftjax.tokenizer import encode_long
+
 BATCH = 8  # windows per forward call
 
 
@@ -127,17 +130,6 @@ def lambada(forward: Callable, encode: Callable, path: str, bucket: int = 64) ->
     return hits / max(n, 1), n
 
 
-def encode_long(tokenizer, text: str) -> List[int]:
-    """Token ids of a text longer than the tokenizer's model_max_length, without HF's
-    warning: the windows, not the tokenizer, bound what the model sees."""
-    saved = tokenizer.model_max_length
-    tokenizer.model_max_length = max(saved, len(text) + 1)
-    try:
-        return tokenizer.encode(text)
-    finally:
-        tokenizer.model_max_length = saved
-
-
 def hf_scorer(model) -> Callable:
     """A forward function running HF transformers on `model`'s checkpoint (float32).
 
@@ -206,7 +198,7 @@ def run_eval(args) -> int:
     label = model.quant or "float"
     if model.kv_cache_dtype:
         label += f", kv {model.kv_cache_dtype}"
-    print(f"model {model.path}: {model.config.n_params / 1e6:.2f}M params, {args.dtype}, "
+    print(f"model {model.path}: {n_params(model.config) / 1e6:.2f}M params, {args.dtype}, "
           f"{label}, parameter bytes {model.param_bytes:,}")
     print(f"texts {len(texts)}, {sum(map(len, texts)):,} tokens; windows of {width} tokens, "
           f"stride {stride}")

@@ -27,11 +27,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ftjax.numerics import MASK, attend
+
 LAYOUTS = ("BSKH", "BKSH")
 # tl.dot needs every operand dimension >= 16: query-head groups and head widths
 # are padded up to this inside the block (masked loads, nothing copied in HBM).
 _MIN_DOT = 16
-_NEG = float(jnp.finfo(jnp.float32).min)
+_NEG = MASK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,7 +275,8 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale
 def decode_attention_reference(q, k_cache, v_cache, lengths, *, alibi_slopes=None,
                                k_scale=None, v_scale=None, layer=None, kv_head=None,
                                layout: str = "BSKH"):
-    """Plain-jnp decode attention with `decode_attention`'s arguments (float32 math)."""
+    """`decode_attention`'s arguments through the model's own attention
+    (`ftjax.numerics.attend`, float32 math): the one reference."""
     if layer is not None:
         k_cache, v_cache = k_cache[layer], v_cache[layer]
         if k_scale is not None:
@@ -285,27 +288,11 @@ def decode_attention_reference(q, k_cache, v_cache, lengths, *, alibi_slopes=Non
         k_cache, v_cache = pick(k_cache), pick(v_cache)
         if k_scale is not None:
             k_scale, v_scale = pick(k_scale), pick(v_scale)
-    if layout == "BKSH":
-        k_cache, v_cache = jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2)
-        if k_scale is not None:
-            k_scale, v_scale = jnp.swapaxes(k_scale, 1, 2), jnp.swapaxes(v_scale, 1, 2)
-    k = k_cache.astype(jnp.float32)
-    v = v_cache.astype(jnp.float32)
-    if k_scale is not None:
-        k = k * k_scale[..., None]
-        v = v * v_scale[..., None]
-    b, n, h = q.shape
-    s, kv = k.shape[1], k.shape[2]
+    heads_first = layout == "BKSH"
+    s = k_cache.shape[2] if heads_first else k_cache.shape[1]
     lengths = jnp.minimum(lengths, s)
-    qg = q.astype(jnp.float32).reshape(b, kv, n // kv, h)
-    scores = jnp.einsum("bkgh,bskh->bkgs", qg, k, precision="highest") / math.sqrt(h)
-    slots = jnp.arange(s)
-    if alibi_slopes is not None:
-        dist = (slots[None, :] - (lengths[:, None] - 1)).astype(jnp.float32)   # [B, S]
-        slopes = alibi_slopes.astype(jnp.float32).reshape(kv, n // kv)
-        scores = scores + slopes[None, :, :, None] * dist[:, None, None, :]
-    valid = slots[None, :] < lengths[:, None]
-    scores = jnp.where(valid[:, None, None, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgs,bskh->bkgh", probs, v, precision="highest")
-    return out.reshape(b, n, h).astype(q.dtype)
+    k, v = k_cache.astype(jnp.float32), v_cache.astype(jnp.float32)
+    out = attend(q.astype(jnp.float32)[:, None], k, v, (lengths - 1)[:, None], jnp.arange(s),
+                 alibi_slopes, heads_first=heads_first, k_scale=k_scale, v_scale=v_scale,
+                 k_len=lengths)
+    return out[:, 0].astype(q.dtype)

@@ -25,10 +25,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ftjax.numerics import MASK, attend
 from pallas_kernels.decode_attention import LAYOUTS
 
 _MIN_DOT = 16
-_NEG = float(jnp.finfo(jnp.float32).min)
+_NEG = MASK
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,32 +194,17 @@ def prefill_attention(q, k_cache, v_cache, positions, lengths=None, *, alibi_slo
 def prefill_attention_reference(q, k_cache, v_cache, positions, lengths=None, *,
                                 alibi_slopes=None, layer=None, kv_head=None,
                                 layout: str = "BKSH"):
-    """Plain-jnp `prefill_attention` (float32 math)."""
+    """`prefill_attention`'s arguments through the model's own attention
+    (`ftjax.numerics.attend`, float32 math): the one reference."""
     if layer is not None:
         k_cache, v_cache = k_cache[layer], v_cache[layer]
     if kv_head is not None:
         axis = 2 if layout == "BSKH" else 1
         k_cache = jax.lax.dynamic_slice_in_dim(k_cache, kv_head, 1, axis)
         v_cache = jax.lax.dynamic_slice_in_dim(v_cache, kv_head, 1, axis)
-    if layout == "BKSH":
-        k_cache, v_cache = jnp.swapaxes(k_cache, 1, 2), jnp.swapaxes(v_cache, 1, 2)
-    b, t, n, h = q.shape
-    s, kv = k_cache.shape[1], k_cache.shape[2]
-    qg = q.astype(jnp.float32).reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k_cache.astype(jnp.float32),
-                        precision="highest") / math.sqrt(h)
-    slots = jnp.arange(s)
-    if alibi_slopes is not None:
-        dist = (slots[None, None, :] - positions[:, :, None]).astype(jnp.float32)   # [B, T, S]
-        slopes = alibi_slopes.astype(jnp.float32).reshape(kv, n // kv)
-        scores = scores + slopes[None, :, :, None, None] * dist[:, None, None]
-    visible = slots[None, None, :] <= positions[:, :, None]
-    if lengths is not None:
-        visible = visible & (slots[None, None, :] < lengths[:, None, None])
-    visible = visible[:, None, None]
-    scores = jnp.where(visible, scores, -jnp.inf)
-    probs = jnp.where(visible, jax.nn.softmax(scores, axis=-1), 0.0)
-    probs = jnp.nan_to_num(probs)   # rows that see nothing: zeros, as the kernel
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_cache.astype(jnp.float32),
-                     precision="highest")
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    heads_first = layout == "BKSH"
+    s = k_cache.shape[2] if heads_first else k_cache.shape[1]
+    out = attend(q.astype(jnp.float32), k_cache.astype(jnp.float32),
+                 v_cache.astype(jnp.float32), positions, jnp.arange(s), alibi_slopes,
+                 heads_first=heads_first, k_len=lengths)
+    return out.astype(q.dtype)

@@ -13,7 +13,7 @@ from converters.hf_export import save_hf_gpt2
 from converters.rules import flatten_tree
 from converters.tensors import read_safetensors
 from ftjax.config import ModelConfig
-from ftjax.model import init_params
+from ftjax.specs import init_params
 
 # d_ff != 4 * d_model and distinct V / P so a mixed-up axis shows as a shape error.
 CFG = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8,

@@ -1,6 +1,6 @@
 """Pallas kernels, proven without a GPU two ways:
 
-1. numerics: the kernel runs in the Pallas interpreter (`interpret=INTERPRET`) and is
+1. numerics: the kernel runs in the Pallas interpreter (`interpret=True`) and is
    compared with its plain-jnp reference (float32 math);
 2. CUDA lowering: `jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))` runs the
    real Triton lowering (power-of-two blocks, supported ops, dot shapes) and the module
@@ -312,7 +312,7 @@ def _tiny(n_layers=1, **overrides):
     """A tiny config and random params (shapes by eval_shape: nothing compiled)."""
     from tiny import tiny_config
 
-    from ftjax.model import param_shapes
+    from ftjax.specs import shapes as param_shapes
 
     cfg = tiny_config(n_layers=n_layers, **overrides)
     rng = np.random.default_rng(3)
@@ -369,7 +369,7 @@ def test_scanned_layers_through_pallas_match_xla():
     sp = ftjax.SamplingParams(stop_token_ids=[])
     ref = Model(cfg, params, kernels="xla").generate([ids[0].tolist()], max_new_tokens=6,
                                                      sampling=sp)
-    scan = Engine(cfg, jax.numpy.float32, scan_layers=True, kernels="pallas")
+    scan = Engine(cfg, jax.numpy.float32, kernels="pallas")
     batch = batching.build([batching.Request(ids[0].tolist(), sp, 6)], [1], cfg, 6)
     state, _ = scan.prefill(params, **batch.prefill_args, sp=batch.sp, max_len=batch.max_len,
                             width=batch.width, feat=batch.feat)
@@ -408,7 +408,7 @@ def test_quantized_model_through_pallas_matches_xla(quant, kv):
     cfg, params = _tiny(n_layers=2, n_kv_heads=2, d_model=128, d_ff=256, head_dim=32)
     params = jax.tree_util.tree_map(jax.numpy.asarray, params)
     if quant:
-        params = q.quantize_params(params, 128 if quant == "int8-g128" else 0)
+        params = q.quantize_params(cfg, params, 128 if quant == "int8-g128" else 0)
     sp = ftjax.SamplingParams(stop_token_ids=[])
     prompts = [[5, 1, 7], [9, 2, 4, 4, 8]]
     a = Model(cfg, params, kernels="xla", kv_cache_dtype=kv).generate(prompts, 5, sp)

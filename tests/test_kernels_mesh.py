@@ -23,8 +23,10 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import ftjax
 from ftjax import quant
 from ftjax.api import Model
-from ftjax.model import KVCache, Transformer, param_shapes
-from ftjax.sharding import RULES, Layout, make_mesh, param_axes
+from ftjax.cache import KVCache
+from ftjax.model import Transformer
+from ftjax.sharding import RULES, Layout, make_mesh
+from ftjax.specs import flatten, shapes, unflatten
 from pallas_kernels import (
     decode_attention,
     decode_attention_reference,
@@ -159,7 +161,7 @@ def test_pallas_on_meshes_equals_one_device(name):
     cfg = tiny_config(n_layers=1, vocab_size=97, **overrides)
     params = jax.tree_util.tree_map(np.asarray, tiny_params(cfg))
     if mode:
-        params = quant.quantize_params(params)
+        params = quant.quantize_params(cfg, params)
     prompts = [[5, 1, 7], [9, 2, 4, 4, 8, 1, 3], [42], [3, 3]]
     ref = Model(cfg, params, kernels="xla", kv_cache_dtype=kv_dtype).generate(prompts, 4,
                                                                               NO_STOP)
@@ -243,23 +245,21 @@ def _lower_step(cfg, tp, dp, batch, max_len, t, mode=None, kv_dtype=None,
                                      axis_types=(AxisType.Auto,) * 3, abstract_device=H100)
     layout = Layout(mesh, cfg)
     km = sharded.KernelMesh.of(mesh, RULES)
-    model = Transformer(cfg, jnp.bfloat16, scan_layers=True, kernels=kernels, mesh=km,
-                        padded_vocab=layout.padded_vocab)
-    shapes = param_shapes(cfg, jnp.bfloat16)
-    shapes = {k: (jax.ShapeDtypeStruct((layout.padded_vocab,) + x.shape[1:], x.dtype)
-                  if k in ("embed", "lm_head") else x) for k, x in shapes.items()}
+    model = Transformer(cfg, jnp.bfloat16, kernels=kernels, vocab=layout.padded_vocab, mesh=km)
+    abstract = shapes(cfg, jnp.bfloat16, layout.padded_vocab)
     if mode:
-        shapes = jax.eval_shape(quant.quantize_params, shapes)
+        abstract = jax.eval_shape(lambda p: quant.quantize_params(cfg, p), abstract)
 
-    def place(path, x):
-        if isinstance(path[-1], jax.tree_util.GetAttrKey):   # q / scale of an Int8Weight
-            path = path[:-1]
-        name = "/".join(str(p.key) for p in path)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype,
-                                    sharding=layout.sharding(param_axes(name), x.shape))
+    def place(path, x):   # as Layout.place_params: an int8 scale shards with its weight
+        def one(a):
+            return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=layout.sharding(
+                layout.spec_of(path).axes, a.shape))
+        return jax.tree_util.tree_map(one, x)
 
-    params = jax.tree_util.tree_map_with_path(place, shapes)
-    cache = jax.eval_shape(lambda: KVCache.zeros(cfg, batch, max_len, jnp.bfloat16, kv_dtype))
+    params = unflatten({p: place(p, x) for p, x in
+                        flatten(abstract, is_leaf=quant.is_quantized).items()})
+    cache = jax.eval_shape(lambda: KVCache.zeros(cfg, batch, max_len, jnp.bfloat16, kv_dtype,
+                                                 kernels, km))
     spec = layout.cache_sharding(batch, max_len).spec
     cache = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(
         x.shape, x.dtype, sharding=NamedSharding(mesh, P(*spec[:x.ndim]))), cache)
@@ -267,7 +267,7 @@ def _lower_step(cfg, tp, dp, batch, max_len, t, mode=None, kv_dtype=None,
     tokens = jax.ShapeDtypeStruct((batch, t), jnp.int32, sharding=rows)
 
     def step(params, tokens, positions, cache):
-        return model.apply({"params": params}, tokens, positions, cache)
+        return model(params, tokens, positions, cache)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # Triton backend, jax >= 0.11

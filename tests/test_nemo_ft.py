@@ -245,7 +245,7 @@ def test_ft_round_trip_without_torch(tmp_path):
     """ftjax -> FT (TP=2, fp32) -> ftjax is bit-exact (runs on 3.12, where torch is absent)."""
     import jax
 
-    from ftjax.model import param_shapes
+    from ftjax.specs import shapes as param_shapes
 
     cfg = tiny_config(d_ff=48, bos_token_id=1, eos_token_id=2)
     rng = np.random.default_rng(0)
