@@ -25,6 +25,7 @@ from ftjax import quant
 from ftjax.api import Model
 from ftjax.cache import KVCache
 from ftjax.model import Transformer
+from ftjax.numerics import quantize_vectors
 from ftjax.sharding import RULES, Layout, make_mesh
 from ftjax.specs import flatten, shapes, unflatten
 from pallas_kernels import (
@@ -63,8 +64,8 @@ def test_sharded_attention_kernels_match_reference(kv):
     q, k, v = rand(b, n, h), rand(n_layers, b, kv, s, h), rand(n_layers, b, kv, s, h)
     slopes = jnp.asarray(rng.uniform(0.1, 0.5, n), jnp.float32)
     lengths = jnp.asarray([1, 5, 17, 24], jnp.int32)
-    kq, ks = quant.quantize_vectors(k)
-    vq, vs = quant.quantize_vectors(v)
+    kq, ks = quantize_vectors(k)
+    vq, vs = quantize_vectors(v)
     kw = dict(alibi_slopes=slopes, layout="BKSH")
 
     @jax.jit
