@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 from converters.hf_export import save_hf_gpt2  # noqa: E402
 from ftjax.config import ModelConfig  # noqa: E402
-from ftjax.model import Transformer, init_params  # noqa: E402
+from ftjax.model import Transformer  # noqa: E402
+from ftjax.specs import init_params, n_params  # noqa: E402
 
 EOT = "<|endoftext|>"
 EVAL_WINDOWS = 256  # fixed windows of --seq-len tokens for the train / validation losses
@@ -159,7 +160,7 @@ def build(cfg, params):
     def loss_fn(params, batch):
         x, y = batch[:, :-1], batch[:, 1:]
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape)
-        logits, _ = model.apply({"params": params}, x, positions)
+        logits, _ = model(params, x, positions)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     def train_step(params, opt_state, batch, lr):
@@ -218,7 +219,7 @@ def main(argv=None):
     val_batches = fixed_batches(val, length)
     train_eval_batches = fixed_batches(train, length)
     rng = np.random.default_rng(args.seed)
-    print(f"model: {cfg.n_params:,} params (d_model {cfg.d_model}, {cfg.n_layers} layers, "
+    print(f"model: {n_params(cfg):,} params (d_model {cfg.d_model}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads); batch {args.batch} x {args.seq_len}; peak lr {args.lr}",
           flush=True)
 
@@ -259,7 +260,7 @@ def main(argv=None):
     sample = check_saved(out, tok)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     rows = [
-        ("parameters", f"{cfg.n_params:,}"),
+        ("parameters", f"{n_params(cfg):,}"),
         ("config", f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
                    f"d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, n_positions {cfg.max_positions}"),
         ("data", f"Python {platform.python_version()} stdlib .py files: {len(train):,} train "
