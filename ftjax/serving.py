@@ -36,6 +36,7 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ftjax import paged_kv, processors
 from ftjax.batching import _alternatives, first_stop_hit
@@ -119,7 +120,7 @@ class LLMEngine:
     """A serving engine over one loaded `ftjax.Model` (see the module docstring).
 
     Args:
-      model: an `ftjax.Model` (no mesh).
+      model: an `ftjax.Model` (on a mesh: kv heads of the pools split on "tensor").
       max_slots: rows of the running batch (sequences decoded at once).
       page_size: tokens per KV page (a power of two).
       num_pages: pool pages incl. the null page; None sizes it from `kv_memory`, or
@@ -140,8 +141,6 @@ class LLMEngine:
                  kv_memory: Optional[int] = None, chunk: int = 8, prefill_budget: int = 256,
                  prefill_rows: int = 4, max_logprobs: int = MAX_LOGPROBS,
                  processors: bool = True):
-        if getattr(model, "layout", None) is not None:
-            raise ValueError("LLMEngine does not support models loaded with a mesh yet")
         for name, v, lo in (("max_slots", max_slots, 1), ("chunk", chunk, 1),
                             ("prefill_rows", prefill_rows, 1),
                             ("prefill_budget", prefill_budget, prefill_rows)):
@@ -176,9 +175,11 @@ class LLMEngine:
                              top_n=min(max_logprobs, vocab), prompt_top_n=-1)
         self.trace_counts = collections.Counter()
         self._jit()
-        self.state = self._init_state(paged_kv.zeros(cfg, self.num_pages, page_size, dtype,
-                                                     kv_dtype))
-        self.sp = self._pad_rows(SamplingArrays.build([], max_slots, vocab, (), []))
+        self.layout = getattr(model, "layout", None)
+        self.state = self._pin(self._init_state(
+            paged_kv.zeros(cfg, self.num_pages, page_size, dtype, kv_dtype)), put=True)
+        self.sp = self._pin(self._pad_rows(SamplingArrays.build([], max_slots, vocab, (), [])),
+                            put=True)
         self._requests: Dict[str, _Request] = {}
         self._queue: collections.deque = collections.deque()
         self._ready: List[RequestOutput] = []
@@ -218,6 +219,25 @@ class LLMEngine:
         self.state, self.sp = self._admit_fn(self.state, self.sp, np.int32(slot), hist, row,
                                              np.int32(1))
 
+    def _pin(self, tree, put: bool = False):
+        """On a mesh: the pools' kv heads on "tensor" (when they divide), all else
+        replicated, so every function keeps one sharding (no retrace). The pools are
+        shared by all slots, so the data axis replicates the engine (no DP split)."""
+        if self.layout is None:
+            return tree
+        mesh = self.layout.mesh
+        heads = "tensor" if self.cfg.n_kv_heads % self.layout.tensor == 0 else None
+
+        def spec(path, x):
+            pool = any(getattr(k, "name", None) == "cache" for k in path)
+            return NamedSharding(mesh, PartitionSpec(None, None, heads) if pool and x.ndim >= 3
+                                 else PartitionSpec())
+
+        shardings = jax.tree_util.tree_map_with_path(spec, tree)
+        if put:
+            return jax.device_put(tree, shardings)
+        return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, tree, shardings)
+
     def _init_state(self, kv) -> DecodeState:
         s, w, v = self.max_slots, self.width, self.cfg.vocab_size if self.feat.processors else 0
         top = self.feat.top_n
@@ -247,7 +267,7 @@ class LLMEngine:
             pos=state.pos.at[slot].set(prompt_len - 1), n_gen=state.n_gen.at[slot].set(0),
             finish=state.finish.at[slot].set(FINISH_NONE))
         sp = jax.tree_util.tree_map(lambda a, r: a.at[slot].set(r), sp, sp_row)
-        return state, sp
+        return self._pin(state), self._pin(sp)
 
     def _advance(self, state: DecodeState, logits, sp, mask):
         """The engine's token step for the rows in `mask` `[S]` only (the others are
@@ -265,7 +285,7 @@ class LLMEngine:
         logits, cache = self.engine.model(params, tokens, positions, cache,
                                           last_index=last_index)
         state = state.replace(cache=cache.kv)
-        return self._advance(state, logits[jnp.maximum(src, 0), 0], sp, src >= 0)
+        return self._pin(self._advance(state, logits[jnp.maximum(src, 0), 0], sp, src >= 0))
 
     def _decode_dev(self, params, state: DecodeState, sp, table, active):
         """`chunk` decode steps of the slots in `active` `[S]`; the others write nothing."""
@@ -278,11 +298,11 @@ class LLMEngine:
             logits, cache = self.engine.model(params, s.last[:, None], pos[:, None], cache)
             return self._advance(s.replace(cache=cache.kv), logits[:, 0], sp, active), None
 
-        return jax.lax.scan(body, state, None, length=self.chunk)[0]
+        return self._pin(jax.lax.scan(body, state, None, length=self.chunk)[0])
 
     def _copy_dev(self, state: DecodeState, src, dst):
         self.trace_counts["copy"] += 1
-        return state.replace(cache=paged_kv.copy_pages(state.cache, src, dst))
+        return self._pin(state.replace(cache=paged_kv.copy_pages(state.cache, src, dst)))
 
     def _window_dev(self, state: DecodeState, start):
         """Per slot the tokens from index `start` (chunk + 1 of them), and the counters."""

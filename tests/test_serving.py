@@ -255,3 +255,24 @@ def test_pallas_paged_decode_kernel_gives_the_same_results():
         # interpreted kernels vs the contiguous ones: measured <= 4e-7
         np.testing.assert_allclose(got[rid][0]["lps"], ref.log_probs[i], atol=1e-5, rtol=0)
     _idle(eng)
+
+
+@pytest.mark.slow
+def test_tensor2_data2_mesh_gives_the_same_results():
+    """On a TP=2 x DP=2 mesh of virtual devices (tests/conftest.py): pools split by kv
+    head on "tensor"; results as `generate` on the same mesh model."""
+    import jax
+    from ftjax.api import Model
+    from tiny import tiny_config, tiny_params
+
+    cfg = tiny_config(max_positions=POSITIONS, eos_token_id=EOS)
+    m = Model(cfg, jax.tree_util.tree_map(np.asarray, tiny_params(cfg, 4)), "float32",
+              mesh=ftjax.make_mesh(tensor=2, data=2))
+    eng = ftjax.LLMEngine(m, max_slots=4, page_size=8, chunk=4, prefill_budget=16,
+                          prefill_rows=4, max_logprobs=4)
+    work = _workload(9, 12)
+    ids, got, _ = _drive(eng, work, seed=10)
+    _check_against_generate(m, work, ids, got)
+    assert eng.state.cache.k.sharding.spec[2] == "tensor"
+    assert max(eng.trace_counts.values()) == 1
+    _idle(eng)
