@@ -85,22 +85,9 @@ def _dtype(name: str):
 
 
 def _load_tokenizer(path: str):
-    names = ("tokenizer.json", "vocab.json", "tokenizer.model")
-    if not any(os.path.exists(os.path.join(path, n)) for n in names):
-        return None
-    from transformers import AutoTokenizer, GPT2TokenizerFast
+    from ftjax.hf_compat import load_tokenizer  # no torch import for generic fast tokenizers
 
-    try:
-        bare = not any(os.path.exists(os.path.join(path, n))
-                       for n in ("tokenizer_config.json", "config.json", "tokenizer.json"))
-        if bare and os.path.exists(os.path.join(path, "merges.txt")):
-            # A bare GPT-2 BPE pair (Megatron's --vocab-file/--merge-file): nothing tells
-            # AutoTokenizer the class.
-            return GPT2TokenizerFast(os.path.join(path, "vocab.json"),
-                                     os.path.join(path, "merges.txt"))
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # transformers raises many types for broken tokenizer files
-        raise CheckpointError(f"{path}: tokenizer files present but unreadable ({e})") from e
+    return load_tokenizer(path)
 
 
 def _kernels(name: str) -> str:

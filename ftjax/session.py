@@ -25,8 +25,10 @@ class Session:
 
     def __init__(self, model, max_len: int):
         if not isinstance(max_len, int) or not 2 <= max_len <= model.config.max_positions:
-            raise ValueError(f"session max_len must be an int in [2, max_positions="
-                             f"{model.config.max_positions}], got {max_len!r}")
+            limit = model.config.max_positions
+            raise ValueError(f"session max_len must be an int in [2, max_positions={limit}], "
+                             f"got {max_len!r}: this model has {limit} positions, so use "
+                             f"model.session(max_len={limit}) or less (or max_len=None for all)")
         self.model = model
         self.max_len = max_len
         self.history: List[int] = []  # every token of the conversation, in order
