@@ -52,7 +52,7 @@ PROMPT = "def fibonacci(n):"
 # The decoding written to generation_config.json (the default of `ftjax generate`): greedy
 # decoding of a model this small loops on one phrase; sampling at a moderate temperature
 # with a repetition penalty reads as code.
-GENERATION = {"temperature": 0.7, "top_p": 0.95, "repetition_penalty": 1.2}
+GENERATION = {"temperature": 0.7, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.2}
 
 
 def parse_args(argv=None):
