@@ -36,13 +36,16 @@ import shutil
 import numpy as np
 
 from converters import hf_gpt2
+from converters.activations import FT as FT_ACTIVATIONS
+from converters.hf_export import hf_gpt2_config, hf_gpt2_tensors
+from converters.native import TOKENIZER_FILES
 from converters.rules import apply_rules
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
+from ftjax.specs import shapes as param_shapes
 
 CONFIG = "config.ini"
 _DTYPES = {"fp32": np.float32, "fp16": np.float16}
-_ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu"}  # FT activation_type -> ftjax
 # config.ini variant keys that change the math: the values FT's plain GPT has.
 _DEFAULTS = {"layernorm_type": "pre_layernorm", "has_positional_encoding": "true",
              "has_pre_decoder_layernorm": "false", "has_post_decoder_layernorm": "true",
@@ -102,9 +105,14 @@ def _read_config(directory: str):
                 return default
             raise CheckpointError(f"{path}: [gpt] lacks required key {key!r}")
         try:
-            return int(sec[key])
+            value = int(sec[key])
         except ValueError as e:
             raise CheckpointError(f"{path}: [gpt] {key} = {sec[key]!r} is not an int") from e
+        low = 0 if key in ("start_id", "end_id", "tensor_para_size") else 1
+        if value < low:
+            raise CheckpointError(f"{path}: [gpt] {key} = {value} is out of range (must be "
+                                  f">= {low})")
+        return value
 
     unknown = sorted(set(sec) - _KNOWN - set(_DEFAULTS))
     if unknown:
@@ -116,18 +124,23 @@ def _read_config(directory: str):
                                   f"(supported: {want!r}); refusing to load with different "
                                   "numerics")
     act = sec.get("activation_type", "gelu").strip().lower()
-    if act not in _ACTIVATIONS:
+    if act not in FT_ACTIVATIONS:
         raise CheckpointError(f"{path}: [gpt] activation_type = {act!r} is not supported "
-                              f"(supported: {sorted(_ACTIVATIONS)})")
+                              f"(supported: {sorted(FT_ACTIVATIONS)})")
     dtype = sec.get("weight_data_type", "fp32").strip().lower()
     if dtype not in _DTYPES:
         raise CheckpointError(f"{path}: [gpt] weight_data_type = {dtype!r} is not supported "
                               f"(supported: {sorted(_DTYPES)})")
     n, h = integer("head_num"), integer("size_per_head")
+    try:
+        eps = float(sec.get("layernorm_eps", 1e-5))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: [gpt] layernorm_eps = {sec['layernorm_eps']!r} is not "
+                              "a number") from e
     hf = {"n_head": n, "n_embd": n * h, "n_inner": integer("inter_size"),
           "n_positions": integer("max_pos_seq_len"), "n_layer": integer("num_layer"),
-          "vocab_size": integer("vocab_size"), "activation_function": _ACTIVATIONS[act],
-          "layer_norm_epsilon": float(sec.get("layernorm_eps", 1e-5))}
+          "vocab_size": integer("vocab_size"), "activation_function": FT_ACTIVATIONS[act],
+          "layer_norm_epsilon": eps}
     for src, dst in (("start_id", "bos_token_id"), ("end_id", "eos_token_id")):
         if src in sec:
             hf[dst] = integer(src)
@@ -160,8 +173,6 @@ def _read_bin(path: str, dtype, shape) -> np.ndarray:
 
 def load_fastertransformer(directory: str):
     """Reads a c-model directory. Returns (ModelConfig, params of numpy arrays)."""
-    from ftjax.model import param_shapes
-
     where, hf, dtype, tp = _read_config(directory)
     tp = tp or _detect_tp(directory, where)
     d, f, v = hf["n_embd"], hf["n_inner"], hf["vocab_size"]
@@ -218,9 +229,6 @@ def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1
       ValueError: `cfg` has a feature FT's GPT c-model lacks (message names the field),
         or a bad tp / dtype.
     """
-    from converters.hf_export import hf_gpt2_config, hf_gpt2_tensors
-    from converters.native import TOKENIZER_FILES
-
     names = {"float32": "fp32", "float16": "fp16"}
     if dtype not in names:
         raise ValueError(f"dtype must be 'float32' or 'float16' for FasterTransformer, "
@@ -228,10 +236,10 @@ def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1
     if not isinstance(tp, int) or tp < 1 or cfg.n_heads % tp or cfg.d_ff % tp:
         raise ValueError(f"tp must be a positive int dividing n_heads ({cfg.n_heads}) and "
                          f"d_ff ({cfg.d_ff}), got {tp!r}")
-    act = {v: k.capitalize() for k, v in _ACTIVATIONS.items()}.get(cfg.activation)
+    act = {v: k.capitalize() for k, v in FT_ACTIVATIONS.items()}.get(cfg.activation)
     if act is None:
         raise ValueError(f"ModelConfig.activation = {cfg.activation!r} cannot be expressed in "
-                         f"a FasterTransformer GPT c-model (supported: {sorted(_ACTIVATIONS.values())})")
+                         f"a FasterTransformer GPT c-model (supported: {sorted(FT_ACTIVATIONS.values())})")
     if len(cfg.eos_token_ids) > 1:
         raise ValueError(f"ModelConfig.eos_token_id = {cfg.eos_token_id!r}: a FasterTransformer "
                          "c-model has one end_id")

@@ -20,10 +20,12 @@ import shutil
 import jax
 import numpy as np
 
-from converters.rules import Rule, _set_path, apply_rules, flatten_tree
+from converters.rules import Rule, apply_rules
 from converters.tensors import read_safetensors, write_safetensors
+from ftjax import quant
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
+from ftjax.specs import flatten, shapes as param_shapes, unflatten
 
 CONFIG_NAME = "ftjax_config.json"
 PARAMS_NAME = "params.safetensors"
@@ -37,8 +39,6 @@ def is_native(directory: str) -> bool:
 
 
 def save_native(directory: str, cfg: ModelConfig, params, dtype_name: str, source: str = None):
-    from ftjax import quant
-
     os.makedirs(directory, exist_ok=True)
     meta = {"format": "ftjax", "version": FORMAT_VERSION, "dtype": dtype_name,
             "config": cfg.to_dict()}
@@ -85,30 +85,25 @@ def read_meta(directory: str, fmt: str = "ftjax", version: int = FORMAT_VERSION)
 
 def load_native(directory: str):
     """Returns (ModelConfig, params pytree of memory-mapped numpy arrays, stored dtype name)."""
-    from ftjax.model import param_shapes
-
     meta, cfg = read_meta(directory)
     params_path = os.path.join(directory, PARAMS_NAME)
     if not os.path.exists(params_path):
         raise CheckpointError(f"{params_path}: not found")
     tensors = read_safetensors(params_path)
-    expected = flatten_tree(param_shapes(cfg))
+    expected = flatten(param_shapes(cfg))
     quantized = _quantized_params(tensors, expected, meta, os.path.join(directory, CONFIG_NAME),
                                   params_path)
     rules = [Rule(path, path) for path in expected if path not in quantized]
-    params = apply_rules(tensors, rules, cfg,
+    floats = apply_rules(tensors, rules, cfg,
                          {p: v for p, v in expected.items() if p not in quantized},
                          where=params_path)
-    for path, w in quantized.items():
-        _set_path(params, path, w)
+    params = unflatten({**flatten(floats), **quantized})
     return cfg, params, meta.get("dtype", "float32")
 
 
 def _quantized_params(tensors: dict, expected: dict, meta: dict, where: str,
                       params_path: str) -> dict:
     """Pops the parts of every quantized weight out of `tensors`: {param path: weight}."""
-    from ftjax import quant
-
     q = meta.get("quant")
     if q is None:
         return {}

@@ -20,6 +20,7 @@ import jax
 from converters.native import CONFIG_NAME, copy_tokenizer, read_meta
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
+from ftjax.specs import flatten, shapes as param_shapes
 
 FORMAT = "ftjax-orbax"
 VERSION = 1
@@ -57,8 +58,6 @@ def load_orbax(directory: str, shardings=None, dtype=None):
     """
     import orbax.checkpoint as ocp
 
-    from ftjax.model import param_shapes
-
     directory = os.path.abspath(directory)
     meta, cfg = read_meta(directory, FORMAT, VERSION)
     stored = meta.get("dtype", "float32")
@@ -74,9 +73,10 @@ def load_orbax(directory: str, shardings=None, dtype=None):
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(target, abstract)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except Exception as e:  # orbax raises bare Exception around tensorstore's errors
         raise CheckpointError(f"{target}: cannot restore the canonical params of the "
-                              f"config in {CONFIG_NAME} ({type(e).__name__}: {e})") from e
+                              f"config in {CONFIG_NAME} ({_brief(e)})"
+                              ) from e
     return cfg, params, stored
 
 
@@ -85,20 +85,32 @@ def _check_stored_shapes(target: str, shapes) -> None:
     mismatch is reported by name before any read starts."""
     import orbax.checkpoint as ocp
 
-    from converters.rules import flatten_tree
-
     try:
         with ocp.StandardCheckpointer() as ckpt:
             meta = ckpt.metadata(target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{target}: not a readable orbax checkpoint ({e})") from e
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"{target}: not a readable orbax checkpoint "
+                              f"({_brief(e)})") from e
     tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
     if not isinstance(tree, dict):
         return  # another orbax metadata layout: restore reports problems itself
-    stored = {k: tuple(getattr(v, "shape", ())) for k, v in flatten_tree(tree).items()}
-    expected = {k: tuple(v.shape) for k, v in flatten_tree(shapes).items()}
+    stored = {k: tuple(getattr(v, "shape", ())) for k, v in flatten(tree).items()}
+    expected = {k: tuple(v.shape) for k, v in flatten(shapes).items()}
     for key in sorted(set(stored) | set(expected)):
         if stored.get(key) != expected.get(key):
             raise CheckpointError(
                 f"{target}: tensor {key!r} is stored as {stored.get(key)} but the config in "
                 f"{CONFIG_NAME} needs {expected.get(key)}: cannot restore")
+
+
+def _brief(e: Exception, limit: int = 300) -> str:
+    """The gist of a tensorstore error: its first line, shortened (the full text, a
+    C++ status with a stack of contexts, runs to 150 lines)."""
+    seen = []
+    while e is not None and e not in seen:  # the innermost error says what broke
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    e = seen[-1]
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."

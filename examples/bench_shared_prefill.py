@@ -14,7 +14,7 @@ import numpy as np
 
 import ftjax
 from ftjax.api import Model
-from ftjax.model import init_params
+from ftjax.specs import init_params
 
 
 def timed(fn, repeats):

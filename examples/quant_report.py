@@ -22,7 +22,9 @@ import time
 import numpy as np
 
 import ftjax
-from ftjax.evaluate import encode_long, evaluate_texts
+from ftjax.evaluate import evaluate_texts
+from ftjax.specs import n_params
+from ftjax.tokenizer import encode_long
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "data")
@@ -72,9 +74,9 @@ def main():
     stream = texts[0]
     step = (len(stream) - PROMPT_LEN) // N_PROMPTS
     prompts = [stream[i * step:i * step + PROMPT_LEN] for i in range(N_PROMPTS)]
-    bf16_bytes = base.config.n_params * 2
+    bf16_bytes = n_params(base.config) * 2
 
-    print(f"model {args.model}: {base.config.n_params:,} params; bf16 bytes {bf16_bytes:,}")
+    print(f"model {args.model}: {n_params(base.config):,} params; bf16 bytes {bf16_bytes:,}")
     print(f"texts {args.text}: {sum(map(len, texts)):,} tokens, windows {width}, "
           f"stride {width // 2}")
     print(f"{'mode':<17}{'ppl':>9}{'d ppl':>8}{'acc':>8}{'bytes':>12}{'/bf16':>7}"

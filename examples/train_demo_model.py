@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 from converters.hf_export import save_hf_gpt2  # noqa: E402
 from ftjax.config import ModelConfig  # noqa: E402
-from ftjax.model import Transformer, init_params  # noqa: E402
+from ftjax.model import Transformer  # noqa: E402
+from ftjax.specs import init_params, n_params  # noqa: E402
 
 EOT = "<|endoftext|>"
 EVAL_WINDOWS = 256  # fixed windows of --seq-len tokens for the train / validation losses
@@ -166,7 +167,7 @@ def build(cfg, params):
     def loss_fn(params, batch):
         x, y = batch[:, :-1], batch[:, 1:]
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape)
-        logits, _ = model.apply({"params": params}, x, positions)
+        logits, _ = model(params, x, positions)
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     def train_step(params, opt_state, batch, lr):
@@ -225,7 +226,7 @@ def main(argv=None):
     val_batches = fixed_batches(val, length)
     train_eval_batches = fixed_batches(train, length)
     rng = np.random.default_rng(args.seed)
-    print(f"model: {cfg.n_params:,} params (d_model {cfg.d_model}, {cfg.n_layers} layers, "
+    print(f"model: {n_params(cfg):,} params (d_model {cfg.d_model}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads); batch {args.batch} x {args.seq_len}; peak lr {args.lr}",
           flush=True)
 
@@ -274,7 +275,7 @@ def main(argv=None):
     sample, sampled = check_saved(out, tok)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     rows = [
-        ("parameters", f"{cfg.n_params:,}"),
+        ("parameters", f"{n_params(cfg):,}"),
         ("config", f"d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads, "
                    f"d_ff {cfg.d_ff}, vocab {cfg.vocab_size}, n_positions {cfg.max_positions}"),
         ("data", f"Python {platform.python_version()} stdlib .py files: {len(train):,} train "

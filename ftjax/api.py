@@ -2,80 +2,42 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ftjax import buckets, sharding
+from converters import load_checkpoint, tokenizer_files
+from converters.checks import check_finite as check_values
+from converters.native import read_meta
+from converters.orbax_ckpt import FORMAT, VERSION, is_orbax, load_orbax
+from ftjax import quant as q
+from ftjax import sharding
+from ftjax.batching import Request, check_ids
+from ftjax.buckets import next_pow2
+from ftjax.cache import KERNELS, KV_DTYPES
 from ftjax.config import ModelConfig
-from ftjax import batching
-from ftjax.batching import Request, Sequences
-from ftjax.beam import BeamSearch
-from ftjax.engine import FINISH_STOP, KERNELS, Engine
+from ftjax.engine import Engine
 from ftjax.errors import CheckpointError
-from ftjax.model import stack_layers, unstack_layers
+from ftjax.fits import call_bytes, check_fits
+from ftjax.generation import GenerateOutput, Generator, StreamEvent
+from ftjax.model import split_layers, stack_layers
 from ftjax.sampling import SamplingParams
+from ftjax.session import Session
+from ftjax.smoothquant import quantize_w8a8
+from ftjax.tokenizer import encode_long, load_tokenizer
+from ftjax.specs import n_params, shapes
+from pallas_kernels import select as kernel_select
 
-if TYPE_CHECKING:
-    from ftjax.session import Session
+__all__ = ["DTYPES", "GenerateOutput", "Model", "StreamEvent", "load"]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-DECODE_CHUNK = 8  # decode steps per while-loop iteration
-STREAM_CHUNK = 1  # decode steps between streamed events
+# "auto": split the stacked layers per layer on CPU (see `ftjax.model`), scan elsewhere.
+LAYER_LOOPS = ("auto", "scan", "unrolled")
 
 Prompts = Union[Sequence[str], Sequence[Sequence[int]]]
-
-
-@dataclasses.dataclass
-class GenerateOutput:
-    """Result of `Model.generate`, one entry per prompt, in prompt order.
-
-    A request with n > 1 samples (or beams returning n > 1 sequences) has a list
-    of n values in every per-request field below instead of one value.
-
-    Attributes:
-      tokens: generated token ids (the prompt excluded; a stop token that ended
-        the request is included, as HuggingFace `generate` does).
-      finish_reasons: "stop" (a stop token, sequence or string) or "length" (the
-        max_new_tokens budget or the model's positions ran out).
-      log_probs: log-probability of each generated token under the model's
-        unmodified distribution (before penalties, temperature, top-k / top-p).
-      texts: the decoded continuations when the model has a tokenizer, else None.
-      cum_log_probs: the sum of log_probs (FasterTransformer's cum_log_probs); for
-        beam search, the beam's length-penalized score (HF's sequences_scores).
-      top_logprobs: for requests with logprobs=N: per generated token a dict
-        {token: log-prob} of the chosen token and the N most likely (else None).
-      prompt_logprobs: for requests with prompt_logprobs=N: per prompt token a
-        dict {token: log-prob} of that token and the N most likely given the
-        tokens before it (None for the first token and soft-prompt rows).
-    """
-
-    tokens: List
-    finish_reasons: List
-    log_probs: List
-    texts: Optional[List] = None
-    cum_log_probs: Optional[List] = None
-    top_logprobs: Optional[List] = None
-    prompt_logprobs: Optional[List] = None
-
-
-@dataclasses.dataclass
-class StreamEvent:
-    """One generated token of request `index` (sample `sample` when n > 1).
-
-    `text` is its newly decoded text, if a tokenizer exists; `finish_reason` is
-    set on a sequence's last event.
-    """
-
-    index: int
-    token: int
-    text: Optional[str] = None
-    finish_reason: Optional[str] = None
-    sample: int = 0
 
 
 def _dtype(name: str):
@@ -84,19 +46,13 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
-def _load_tokenizer(path: str):
-    from ftjax.hf_compat import load_tokenizer  # no torch import for generic fast tokenizers
-
-    return load_tokenizer(path)
-
-
 def _kernels(name: str) -> str:
-    """"auto" -> "pallas" on a GPU backend, "xla" elsewhere; checks the name."""
+    """"auto" -> "mosaic" on sm90+ GPUs, "pallas" on other GPUs, "xla" elsewhere."""
     allowed = ("auto",) + KERNELS
     if name not in allowed:
         raise ValueError(f"kernels must be one of {allowed}, got {name!r}")
     if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return kernel_select.auto()
     return name
 
 
@@ -104,7 +60,7 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
          quant: Optional[str] = None, calibration: Optional[Prompts] = None,
          smoothquant_alpha: float = 0.5, w8a8_activations: str = "per_token",
          kv_cache_dtype: Optional[str] = None, kernels: str = "auto",
-         megatron_args: Optional[dict] = None) -> "Model":
+         megatron_args: Optional[dict] = None, check_finite: bool = False) -> "Model":
     """Loads a checkpoint, optionally quantizing it.
 
     Args:
@@ -124,21 +80,22 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
       smoothquant_alpha: SmoothQuant's migration strength a in [0, 1].
       w8a8_activations: "per_token" (dynamic scales) or "per_tensor" (static, calibrated).
       kv_cache_dtype: None (the model dtype) or "int8" (per token and kv head scales).
-      kernels: "auto" (Pallas on a GPU backend, XLA elsewhere), "pallas" (the Pallas
+      kernels: "auto" (Mosaic GPU on sm90+, Triton Pallas on older GPUs, XLA elsewhere),
+        "mosaic" (Mosaic GPU decode attention and int8 matmul where they apply, else
+        Triton; interpreted off GPU on jax >= 0.12), "pallas" (the Pallas
         kernels; interpreted off GPU: slow, for tests) or "xla".
       megatron_args: for Megatron-LM checkpoints saved without args, the Megatron
         argument values they need (e.g. {"num_layers": 24, "hidden_size": 1024,
         "num_attention_heads": 16, "max_position_embeddings": 1024}), and "vocab_size"
         (the tokenizer's) when there is no vocab.json next to the checkpoint.
+      check_finite: read every weight and refuse NaN / Inf values (CheckpointError
+        naming the tensor); off by default because it reads every byte.
     Raises:
       CheckpointError: the checkpoint is unreadable or in an unsupported layout.
       ValueError: an unknown dtype, quant mode, kv_cache_dtype or kernels value, w8a8
         without calibration, a mesh the model's shapes do not fit, or megatron_args for
         a checkpoint that is not Megatron-LM.
     """
-    from converters import load_checkpoint, tokenizer_dir
-    from ftjax import quant as q
-
     jdtype = _dtype(dtype)
     _kernels(kernels)
     q.check_mode(quant)
@@ -153,8 +110,10 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
         cfg, params_np = _restore_onto_mesh(path, mesh, jdtype)
     if params_np is None:
         cfg, params_np = load_checkpoint(path, megatron_args=megatron_args)
-    tok = tokenizer_dir(path)
-    tokenizer = tok and _load_tokenizer(tok)
+    if check_finite:
+        check_values(params_np, path)
+    with tokenizer_files(path) as tok:
+        tokenizer = tok and load_tokenizer(tok)
     if mesh is not None and quant is None and q.mode_of(params_np) is None:
         params = params_np  # Model places them shard by shard, straight from the host arrays
     else:
@@ -166,13 +125,11 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
         if stored is not None:
             raise ValueError(f"{path} already holds {stored} weights; load it with quant=None")
         if quant == "w8a8":
-            from ftjax.smoothquant import quantize_w8a8
-
             seqs = _calibration_ids(calibration, tokenizer, cfg)
             params = quantize_w8a8(cfg, params, seqs, smoothquant_alpha, w8a8_activations,
                                    jdtype)
         else:
-            params = q.quantize_params(params, 128 if quant == "int8-g128" else 0)
+            params = q.quantize_params(cfg, params, 128 if quant == "int8-g128" else 0)
     return Model(cfg, params, dtype, tokenizer=tokenizer, path=path, mesh=mesh,
                  kv_cache_dtype=kv_cache_dtype, kernels=kernels)
 
@@ -180,24 +137,17 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
 def _restore_onto_mesh(path: str, mesh, jdtype):
     """An orbax checkpoint restored straight onto the mesh (each process reads only its
     shards); (None, None) for other formats."""
-    from converters.native import read_meta
-    from converters.orbax_ckpt import FORMAT, VERSION, is_orbax, load_orbax
-    from ftjax.model import param_shapes
-
     if not is_orbax(path):
         return None, None
     _, cfg = read_meta(path, FORMAT, VERSION)
-    shardings = sharding.Layout(mesh, cfg).stored_shardings(param_shapes(cfg))
+    shardings = sharding.Layout(mesh, cfg).stored_shardings(shapes(cfg))
     cfg, params, _ = load_orbax(path, shardings, dtype=jdtype)
     return cfg, params
 
 
-KV_CACHE_DTYPES = (None, "int8")
-
-
 def _check_kv_dtype(kv_cache_dtype):
-    if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, "
+    if kv_cache_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {list(KV_DTYPES)}, "
                          f"got {kv_cache_dtype!r}")
 
 
@@ -210,8 +160,6 @@ def _calibration_ids(calibration, tokenizer, cfg: ModelConfig) -> List[List[int]
             if tokenizer is None:
                 raise ValueError(f"calibration[{i}] is text but the model has no tokenizer; "
                                  "pass token ids")
-            from ftjax.evaluate import encode_long
-
             item = encode_long(tokenizer, item)
         ids = [int(t) for t in item]
         if any(not 0 <= t < cfg.vocab_size for t in ids):
@@ -222,69 +170,66 @@ def _calibration_ids(calibration, tokenizer, cfg: ModelConfig) -> List[List[int]
 
 
 class Model:
-    """A loaded model: teacher-forced `forward`, batched `generate`, token `stream`."""
+    """A loaded model: teacher-forced `forward`, batched `generate`, token `stream`,
+    interactive `session`s."""
 
     def __init__(self, config: ModelConfig, params, dtype: str = "float32", tokenizer=None,
                  path: Optional[str] = None, mesh: Optional[jax.sharding.Mesh] = None,
-                 kv_cache_dtype: Optional[str] = None, kernels: str = "auto"):
+                 kv_cache_dtype: Optional[str] = None, kernels: str = "auto",
+                 layer_loop: Optional[str] = None):
         """`params`: canonical (stacked) params, numpy or jax arrays (int8 weights as
-        `ftjax.quant` weight types). `mesh`, `kv_cache_dtype`, `kernels`: see `load`."""
-        from ftjax.quant import mode_of, param_bytes
+        `ftjax.quant` weight types). `mesh`, `kv_cache_dtype`, `kernels`: see `load`.
 
+        layer_loop: "scan" (one `lax.scan` over the stacked layers: what accelerators
+        run), "unrolled" (the stack split per layer once, here, and an unrolled loop:
+        XLA:CPU copies a layer's weights out of the stack before every matmul inside a
+        scan, ~1.6-2.8x slower decode) or "auto" (unrolled on CPU, scan elsewhere).
+        None reads the environment variable FTJAX_LAYER_LOOP (default "auto")."""
         _check_kv_dtype(kv_cache_dtype)
+        layer_loop = layer_loop or os.environ.get("FTJAX_LAYER_LOOP", "auto")
+        if layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
+        if layer_loop == "auto":
+            layer_loop = "unrolled" if jax.default_backend() == "cpu" else "scan"
         self.config = config
         self.dtype = dtype
         self.tokenizer = tokenizer
         self.path = path
         self.kv_cache_dtype = kv_cache_dtype
-        self.quant = mode_of(params)
-        self.param_bytes = param_bytes(params)
-        # On CPU the layers run as a Python loop over per-layer weights (see
-        # `Transformer.scan_layers`); elsewhere one scan over the stacked weights.
-        scan = jax.default_backend() != "cpu"
+        self.layer_loop = layer_loop
+        self.quant = q.mode_of(params)
+        self.param_bytes = q.param_bytes(params)
         self.layout = None
         if mesh is not None:
             if mesh.shape.get("pipe", 1) > 1:
                 raise ValueError("pipeline parallelism (pipe > 1) is not implemented for running "
                                  "models; the pipe axis is used by `ftjax plan` only")
             self.layout = sharding.Layout(mesh, config)
-        self.engine = Engine(config, _dtype(dtype), scan_layers=scan, kernels=_kernels(kernels),
-                             layout=self.layout, kv_dtype=kv_cache_dtype)
-        self.beams = BeamSearch(self.engine)
-        self._run_params = params if scan else unstack_layers(params, config.n_layers)
-        if self.layout is not None:
-            self._run_params = self.layout.place_params(self._run_params, _dtype(dtype))
+            params = self.layout.place_params(params, _dtype(dtype))
+        self.engine = Engine(config, _dtype(dtype), kernels=_kernels(kernels), layout=self.layout,
+                             kv_dtype=kv_cache_dtype)
+        if layer_loop == "unrolled":
+            params = dict(params, layers=split_layers(params["layers"], config.n_layers))
+        self._gen = Generator(self.engine, params, tokenizer)
 
     @property
     def params(self):
-        """The canonical params pytree (layers stacked). On CPU the model holds per-layer
-        weights, so this builds a stacked copy on each access: read it once, not per call."""
-        params = self._run_params
-        if not self.engine.model.scan_layers:
-            params = stack_layers(params, self.config.n_layers)
+        """The canonical params pytree (layers stacked), as placed. With
+        layer_loop="unrolled" the model holds per-layer weights, so this builds a stacked
+        copy on each access: read it once, not per call."""
+        params = self._gen.params
+        if isinstance(params["layers"], tuple):
+            params = dict(params, layers=stack_layers(params["layers"]))
         return params if self.layout is None else self.layout.unpad_params(params)
 
     def __repr__(self):
         c = self.config
         extra = "".join(f", {k}={v}" for k, v in (("quant", self.quant),
                                                    ("kv_cache_dtype", self.kv_cache_dtype)) if v)
-        return (f"ftjax.Model({self.path or 'in-memory'}, {c.n_params / 1e6:.1f}M params, "
+        return (f"ftjax.Model({self.path or 'in-memory'}, {n_params(c) / 1e6:.1f}M params, "
                 f"{c.n_layers} layers, d_model={c.d_model}, dtype={self.dtype}{extra})")
 
     # -- input checking -------------------------------------------------------
-
-    def _check_ids(self, ids, what: str, limit: int) -> List[int]:
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise ValueError(f"{what} is empty; it needs at least one token")
-        if len(ids) > limit:
-            raise ValueError(f"{what} has {len(ids)} tokens; the limit is {limit} "
-                             f"(model max_positions={self.config.max_positions})")
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"{what} has token ids {bad[:5]} outside the vocabulary "
-                             f"[0, {self.config.vocab_size})")
-        return ids
 
     def _encode(self, prompts: Prompts, limit: int) -> List[List[int]]:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
@@ -293,12 +238,15 @@ class Model:
             raise ValueError("prompts is empty; give at least one prompt")
         out = []
         for i, p in enumerate(prompts):
+            if isinstance(p, (int, np.integer)):
+                raise ValueError(f"prompts[{i}] = {p!r} is a single token id: prompts is a list of "
+                                 "prompts, so one prompt of ids is [[id, id, ...]]")
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise ValueError(f"prompts[{i}] is a string but this model has no tokenizer; "
                                      "pass token ids")
                 p = self.tokenizer.encode(p)
-            out.append(self._check_ids(p, f"prompts[{i}]", limit))
+            out.append(check_ids(self.config, p, f"prompts[{i}]", limit))
         return out
 
     # -- teacher forcing ------------------------------------------------------
@@ -313,10 +261,10 @@ class Model:
             raise ValueError(f"input_ids must be an int array [batch, length], got "
                              f"shape {ids.shape} dtype {ids.dtype}")
         for i, row in enumerate(ids):
-            self._check_ids(row, f"input_ids[{i}]", self.config.max_positions)
+            check_ids(self.config, row, f"input_ids[{i}]", self.config.max_positions)
         ids = np.asarray(ids, np.int32)
         ids = jnp.asarray(ids) if self.layout is None else self.layout.shard_batch(ids)
-        return self.engine.forward(self._run_params, ids)
+        return self.engine.forward(self._gen.params, ids)
 
     # -- generation -----------------------------------------------------------
 
@@ -332,10 +280,16 @@ class Model:
             sampling = SamplingParams()
         if isinstance(sampling, SamplingParams):
             sampling = [sampling] * n
+        if isinstance(sampling, (str, bytes)) or not isinstance(sampling, Sequence):
+            raise ValueError(f"sampling must be a SamplingParams or a list of {n} of them "
+                             f"(one per prompt), got {type(sampling).__name__}")
         sampling = list(sampling)
-        if len(sampling) != n or not all(isinstance(s, SamplingParams) for s in sampling):
+        if len(sampling) != n:
             raise ValueError(f"sampling must be a SamplingParams or a list of {n} of them "
                              f"(one per prompt), got {len(sampling)} items")
+        for i, s in enumerate(sampling):
+            if not isinstance(s, SamplingParams):
+                raise ValueError(f"sampling[{i}] is a {type(s).__name__}, not a SamplingParams")
         softs = self._soft_prompts(soft_prompts, n)
         out = []
         for i, (p, sp, soft) in enumerate(zip(ids, sampling, softs)):
@@ -347,8 +301,21 @@ class Model:
             if r.length > self.config.max_positions - 1:
                 raise ValueError(f"prompts[{i}] with its soft prompt has {r.length} positions; "
                                  f"the limit is {self.config.max_positions - 1}")
+            # Output never passes the model's positions: size every buffer to that.
+            r.max_new = min(r.max_new, self.config.max_positions - r.length)
             out.append(r)
+        self._check_fits(out)
         return out
+
+    def _check_fits(self, reqs: List[Request]) -> None:
+        """ValueError with the estimate when a call's cache and buffers cannot fit."""
+        rows = next_pow2(sum(r.sp.n * r.sp.num_beams for r in reqs))
+        cache = min(next_pow2(max(r.length + r.max_new for r in reqs)),
+                    self.config.max_positions)
+        nbytes = call_bytes(self.config, rows, cache, cache,
+                            jnp.dtype(_dtype(self.dtype)).itemsize,
+                            1 if self.kv_cache_dtype == "int8" else None)
+        check_fits(nbytes, f"this call ({rows} rows x {cache} positions)")
 
     def _soft_prompts(self, soft_prompts, n: int):
         if soft_prompts is None:
@@ -392,92 +359,7 @@ class Model:
           of n sequences in each field instead of one.
         """
         reqs = self._requests(prompts, max_new_tokens, sampling, soft_prompts)
-        results: List[Optional[Sequences]] = [None] * len(reqs)
-        groups: dict = {}
-        for i, r in enumerate(reqs):
-            sp = r.sp
-            key = None if sp.num_beams == 1 else (sp.num_beams, sp.length_penalty,
-                                                  sp.early_stopping, r.max_new)
-            groups.setdefault(key, []).append(i)
-        for key, idx in groups.items():
-            group = [reqs[i] for i in idx]
-            done = self._run_sampling(group)[0] if key is None else self._run_beams(group)
-            for i, seqs in zip(idx, done):
-                results[i] = seqs
-        return self._output(reqs, results)
-
-    def _run_sampling(self, reqs: List[Request], session=None, cache=None):
-        """Prefill + decode of sampled / greedy requests.
-
-        Returns (Sequences per request, final DecodeState, {row: tokens kept} for stop strings).
-        """
-        batch = batching.build(reqs, [r.sp.n for r in reqs], self.config, DECODE_CHUNK,
-                               session=session, layout=self.layout)
-        state, prompt_lp = self.engine.prefill(
-            self._run_params, **batch.prefill_args, sp=batch.sp, cache=cache,
-            max_len=batch.max_len, width=batch.width, feat=batch.feat)
-        stops = batching.StopStrings(batch, reqs, self.tokenizer)
-        if stops:
-            # Text is only known on the host: decode chunk by chunk and check between chunks.
-            state = stops.check(state)
-            while stops.running(state) and int(state.step) < batch.width:
-                state = self.engine.decode_chunk(self._run_params, state, batch.sp,
-                                                 feat=batch.feat, chunk=DECODE_CHUNK)
-                state = stops.check(state)
-        else:
-            state = self.engine.decode(self._run_params, state, batch.sp, feat=batch.feat,
-                                       chunk=DECODE_CHUNK)
-        return batching.collect(batch, reqs, state, prompt_lp, stops.cut), state, stops.cut
-
-    def _run_beams(self, reqs: List[Request]) -> List[Sequences]:
-        sp0 = reqs[0].sp
-        for i, r in enumerate(reqs):
-            if r.sp.stop_strings or r.sp.stop_sequences or r.sp.logprobs or (
-                    r.sp.prompt_logprobs is not None):
-                raise ValueError("num_beams > 1 does not support stop_strings, stop_sequences, "
-                                 "logprobs or prompt_logprobs")
-        nb, rpad = sp0.num_beams, buckets.next_pow2(len(reqs))
-        if self.layout is not None:
-            rpad = self.layout.batch_size(rpad)
-        batch = batching.build(reqs, [nb] * len(reqs), self.config, 1, batch_size=rpad * nb,
-                               layout=self.layout)
-        live = jnp.arange(rpad) < len(reqs)
-        st = self.beams.run(self._run_params, **batch.prefill_args, sp=batch.sp, live=live,
-                            num_beams=nb, max_new=reqs[0].max_new,
-                            early_stopping=sp0.early_stopping,
-                            length_penalty=float(sp0.length_penalty), max_len=batch.max_len,
-                            width=batch.width, feat=batch.feat)
-        fin, fin_lp, fin_len, fin_stop, scores = sharding.fetch(
-            (st.fin, st.fin_lp, st.fin_len, st.fin_stop, st.fin_scores))
-        out = []
-        for i, r in enumerate(reqs):
-            keep = range(r.sp.n)
-            out.append(Sequences(
-                tokens=[fin[i, j, :fin_len[i, j]].tolist() for j in keep],
-                finish_reasons=["stop" if fin_stop[i, j] else "length" for j in keep],
-                log_probs=[fin_lp[i, j, :fin_len[i, j]].tolist() for j in keep],
-                cum_log_probs=[float(scores[i, j]) for j in keep]))
-        return out
-
-    def _output(self, reqs: List[Request], results: List[Sequences]) -> GenerateOutput:
-        def pick(r, values):
-            return values if r.sp.n > 1 else values[0]
-
-        texts = None
-        if self.tokenizer is not None:
-            texts = [pick(r, [self.tokenizer.decode(t) for t in s.tokens])
-                     for r, s in zip(reqs, results)]
-        tops = [s.top_logprobs for s in results]
-        return GenerateOutput(
-            tokens=[pick(r, s.tokens) for r, s in zip(reqs, results)],
-            finish_reasons=[pick(r, s.finish_reasons) for r, s in zip(reqs, results)],
-            log_probs=[pick(r, s.log_probs) for r, s in zip(reqs, results)],
-            texts=texts,
-            cum_log_probs=[pick(r, s.cum_log_probs) for r, s in zip(reqs, results)],
-            top_logprobs=None if all(t is None for t in tops) else
-            [None if t is None else pick(r, t) for r, t in zip(reqs, tops)],
-            prompt_logprobs=None if all(s.prompt_logprobs is None for s in results) else
-            [s.prompt_logprobs for s in results])
+        return self._gen.output(reqs, self._gen.generate(reqs))
 
     def stream(self, prompts: Prompts, max_new_tokens: int = 32,
                sampling: Union[SamplingParams, Sequence[SamplingParams], None] = None,
@@ -490,44 +372,8 @@ class Model:
         `sample` tells which of the request's samples the token belongs to.
         """
         reqs = self._requests(prompts, max_new_tokens, sampling, soft_prompts)
-        if any(r.sp.num_beams > 1 for r in reqs):
-            raise ValueError("stream does not support num_beams > 1: beams are only final "
-                             "when the search ends; use generate")
-        batch = batching.build(reqs, [r.sp.n for r in reqs], self.config, STREAM_CHUNK,
-                               layout=self.layout)
-        state, _ = self.engine.prefill(self._run_params, **batch.prefill_args, sp=batch.sp,
-                                       max_len=batch.max_len, width=batch.width, feat=batch.feat)
-        stops = batching.StopStrings(batch, reqs, self.tokenizer)
-        rows = batch.rows
-        seen = [0] * len(rows)
-        shown = [""] * len(rows)
-        while True:
-            state = stops.check(state)
-            tokens, n_gen, finish = sharding.fetch((state.tokens, state.n_gen, state.finish))
-            for b, (i, j) in enumerate(rows):
-                end = stops.cut.get(b, int(n_gen[b]))
-                for k in range(seen[b], end):
-                    last = k + 1 == end and finish[b] != 0
-                    text = None
-                    if self.tokenizer is not None:
-                        full = self.tokenizer.decode(tokens[b, :k + 1].tolist())
-                        if full.endswith("\ufffd") and not last:
-                            text = ""  # an incomplete multi-byte character: wait for more
-                        else:
-                            text, shown[b] = full[len(shown[b]):], full
-                    reason = None
-                    if last:
-                        reason = "stop" if finish[b] == FINISH_STOP else "length"
-                    yield StreamEvent(index=i, token=int(tokens[b, k]), text=text,
-                                      finish_reason=reason, sample=j)
-                seen[b] = max(seen[b], end)
-            if all(finish[:len(rows)] != 0) or int(state.step) >= batch.width:
-                return
-            state = self.engine.decode_chunk(self._run_params, state, batch.sp, feat=batch.feat,
-                                             chunk=STREAM_CHUNK)
+        return self._gen.stream(reqs)
 
-    def session(self, max_len: Optional[int] = None) -> "Session":
+    def session(self, max_len: Optional[int] = None) -> Session:
         """An interactive conversation that keeps its KV cache between turns (see `Session`)."""
-        from ftjax.session import Session
-
-        return Session(self, max_len or self.config.max_positions)
+        return Session(self._gen, max_len or self.config.max_positions)

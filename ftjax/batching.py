@@ -20,6 +20,30 @@ from ftjax.engine import FINISH_NONE, FINISH_STOP, Features
 from ftjax.sampling import SamplingArrays, SamplingParams
 
 
+def check_ids(cfg: ModelConfig, ids, what: str, limit: int) -> List[int]:
+    """Token ids as a list of ints, checked: not empty, at most `limit` long, inside the
+    vocabulary. Raises ValueError naming `what` and the limit."""
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, (Sequence, np.ndarray)):
+        raise ValueError(f"{what} must be a string or a list of token ids, got "
+                         f"{type(ids).__name__} {ids!r:.60}")
+    for j, t in enumerate(ids):
+        # Exact ints only: int() would truncate 1.9 to 1 and read "2" or True as ids.
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise ValueError(f"{what}[{j}] = {t!r:.40} is a {type(t).__name__}, not an int "
+                             "token id")
+    ids = [int(t) for t in ids]
+    if not ids:
+        raise ValueError(f"{what} is empty; it needs at least one token")
+    if len(ids) > limit:
+        raise ValueError(f"{what} has {len(ids)} tokens; the limit is {limit} "
+                         f"(model max_positions={cfg.max_positions})")
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"{what} has token ids {bad[:5]} outside the vocabulary "
+                         f"[0, {cfg.vocab_size})")
+    return ids
+
+
 @dataclasses.dataclass
 class Request:
     """One prompt of a call: its ids, options, token budget and optional soft prompt `[P, E]`."""
@@ -198,20 +222,21 @@ class StopStrings:
     def __bool__(self):
         return bool(self.watch)
 
-    def check(self, state):
-        """Marks rows whose output now contains a stop string; returns the updated state."""
+    def check(self, state) -> List[int]:
+        """Rows whose output now contains a stop string (newly found; their cut is kept
+        in `self.cut`). The caller marks them stopped through the engine."""
         if not self.watch:
-            return state
-        tokens, n_gen, finish = fetch((state.tokens, state.n_gen, state.finish))
-        finish = np.array(finish)
+            return []
+        tokens, n_gen = fetch((state.tokens, state.n_gen))
+        hits = []
         for b, strings in self.watch.items():
             if b in self.cut:
                 continue
             k = self._first_hit(tokens[b, :n_gen[b]].tolist(), strings)
             if k is not None:
                 self.cut[b] = k
-                finish[b] = FINISH_STOP
-        return state.replace(finish=jnp.asarray(finish))
+                hits.append(b)
+        return hits
 
     def _first_hit(self, toks: List[int], strings) -> Optional[int]:
         text = self.tokenizer.decode(toks)

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 
 from ftjax import processors
 from ftjax.engine import Engine, Features
-from ftjax.model import KVCache
+from ftjax.numerics import MASK
+from ftjax.cache import KVCache
 from ftjax.sampling import SamplingArrays
 
-NEG = -1.0e9
 
 
 @flax.struct.dataclass
@@ -86,7 +86,7 @@ class BeamSearch:
         cand_lp = _gather(s.gen_lp, parent).at[:, :, s.step].set(tok_raw_lp)
 
         # The nb best continuations that did not end keep running.
-        run_lp = top_lp + hits * NEG
+        run_lp = top_lp + hits * MASK
         run_scores, nxt = jax.lax.top_k(run_lp, nb)                        # [R, nb]
         new_parent = _gather(parent, nxt)
         new_tok = _gather(tok, nxt)
@@ -95,7 +95,7 @@ class BeamSearch:
         did = hits & (jnp.arange(k) < nb)[None, :]
         fin_cand = top_lp / ((s.step + 1.0) ** length_penalty)
         full = jnp.all(s.is_fin, axis=-1, keepdims=True) & (early_stopping is True)
-        fin_cand = fin_cand + full * NEG + (~s.unsat)[:, None] * NEG + (~did) * NEG
+        fin_cand = fin_cand + full * MASK + (~s.unsat)[:, None] * MASK + (~did) * MASK
         merged = jnp.concatenate([s.fin_scores, fin_cand], axis=1)
         fin_scores, pick = jax.lax.top_k(merged, nb)
         fin = _gather(jnp.concatenate([s.fin, cand], 1), pick)
@@ -106,7 +106,7 @@ class BeamSearch:
 
         # Reorder the running beams' rows (cache, history) to follow their parents.
         flat = (new_parent + jnp.arange(r)[:, None] * nb).reshape(-1)
-        cache = jax.tree_util.tree_map(lambda a: jnp.take(a, flat, axis=1), s.cache)
+        cache = s.cache.take_rows(flat)
         new_pos = s.pos[flat]
         tok_flat = new_tok.reshape(-1)
         rows = jnp.arange(rb)
@@ -125,13 +125,13 @@ class BeamSearch:
         else:
             best_len = step.astype(jnp.float32)
         best = run_scores[:, 0] / best_len ** length_penalty
-        worst = jnp.where(is_fin, jnp.min(fin_scores, axis=-1, keepdims=True), NEG)
+        worst = jnp.where(is_fin, jnp.min(fin_scores, axis=-1, keepdims=True), MASK)
         unsat = s.unsat & jnp.any(best[:, None] > worst, axis=-1)
         open_beam = ~(jnp.all(is_fin) & (early_stopping is True))
         go_on = jnp.any(unsat & live) & open_beam & ~jnp.all(hits | ~live[:, None])
 
-        logits, cache = self.engine.model.apply({"params": params}, tok_flat[:, None],
-                                                new_pos[:, None], cache)
+        logits, cache = self.engine.step_logits(params, tok_flat[:, None], new_pos[:, None],
+                                                cache)
         return BeamState(cache=cache, logits=logits[:, 0], hist=hist, seen=seen, counts=counts,
                          pos=new_pos + 1, gen=gen, gen_lp=gen_lp, scores=run_scores, fin=fin,
                          fin_lp=fin_lp, fin_len=fin_len, fin_stop=fin_stop,
@@ -158,10 +158,10 @@ class BeamSearch:
             cache=cache, logits=logits, hist=hist, seen=seen,
             counts=jnp.zeros((rb, vocab), jnp.int32), pos=pos, gen=zeros,
             gen_lp=zeros.astype(jnp.float32),
-            scores=jnp.zeros((r, num_beams)).at[:, 1:].set(NEG), fin=zeros,
+            scores=jnp.zeros((r, num_beams)).at[:, 1:].set(MASK), fin=zeros,
             fin_lp=zeros.astype(jnp.float32), fin_len=jnp.zeros((r, num_beams), jnp.int32),
             fin_stop=jnp.zeros((r, num_beams), bool),
-            fin_scores=jnp.full((r, num_beams), NEG), is_fin=jnp.zeros((r, num_beams), bool),
+            fin_scores=jnp.full((r, num_beams), MASK), is_fin=jnp.zeros((r, num_beams), bool),
             unsat=jnp.ones((r,), bool), go_on=jnp.asarray(max_new > 0),
             step=jnp.zeros((), jnp.int32))
         body = functools.partial(self._step, params, sp=sp, live=live, num_beams=num_beams,

@@ -18,6 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import ftjax
+from ftjax.api import DTYPES, Model
+from ftjax.config import preset
+from ftjax.sharding import mesh_for
+from ftjax.specs import init_params, n_params
+
 
 def measure_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """Memory read bandwidth (bytes/s) of a jitted reduction over a large array."""
@@ -60,17 +66,11 @@ def _time(fn, repeats: int) -> float:
 
 
 def _load(args):
-    import ftjax
-    from ftjax.api import Model
-    from ftjax.cli import mesh_from_args
-    from ftjax.config import preset
-    from ftjax.model import init_params
-
-    mesh = mesh_from_args(args)
+    mesh = mesh_for(tensor=args.tp, data=args.dp)
     if args.model:
         return ftjax.load(args.model, dtype=args.dtype, mesh=mesh)
     cfg = preset(args.preset or "gpt2-124m")
-    params = init_params(cfg, seed=0, dtype=ftjax.api.DTYPES[args.dtype])
+    params = init_params(cfg, seed=0, dtype=DTYPES[args.dtype])
     if mesh is not None:  # placed shard by shard from host copies
         params = jax.tree_util.tree_map(np.asarray, params)
     return Model(cfg, params, args.dtype, path=f"preset:{args.preset or 'gpt2-124m'}", mesh=mesh)
@@ -84,8 +84,6 @@ def _hf_model(model, dtype: str):
 
 
 def run_bench(args) -> int:
-    import ftjax
-
     model = _load(args)
     cfg = model.config
     if args.input_len + args.output_len > cfg.max_positions:
@@ -94,7 +92,7 @@ def run_bench(args) -> int:
     rng = np.random.default_rng(0)
     sp = ftjax.SamplingParams(temperature=0.0, stop_token_ids=[])  # exactly output_len tokens
     bandwidth = measure_bandwidth()
-    print(f"model: {model.path}  ({cfg.n_params / 1e6:.1f}M params, {args.dtype}); "
+    print(f"model: {model.path}  ({n_params(cfg) / 1e6:.1f}M params, {args.dtype}); "
           f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
           f"tp={args.tp} dp={args.dp}")
     print(f"measured memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")

@@ -1,4 +1,4 @@
-"""The `ftjax` command: generate, convert, bench, plan, eval."""
+"""The `ftjax` command: generate, convert, bench, plan, eval, lm-eval."""
 
 from __future__ import annotations
 
@@ -85,13 +85,18 @@ def _convert(args) -> int:
     import jax
     import numpy as np
 
-    from converters import load_checkpoint, save_native, save_orbax, tokenizer_dir
+    from converters import load_checkpoint, save_native, save_orbax, tokenizer_files
+    from converters.checks import check_finite
     from converters.fastertransformer import save_fastertransformer
+    from converters.staging import check_destination, staged_dir
     from ftjax.api import DTYPES
+    from ftjax.evaluate import read_text
+    from ftjax.specs import n_params
 
-    if os.path.exists(args.dst) and os.listdir(args.dst) and not args.force:
-        print(f"ftjax convert: {args.dst} exists and is not empty (use --force to overwrite)",
-              file=sys.stderr)
+    try:
+        check_destination(args.src, args.dst, args.force)
+    except ValueError as e:
+        print(f"ftjax convert: {e}", file=sys.stderr)
         return 2
     if args.tp != 1 and args.to != "ft":
         print("ftjax convert: --tp applies to --to ft only", file=sys.stderr)
@@ -100,66 +105,49 @@ def _convert(args) -> int:
         print("ftjax convert: --quant writes int8 weights in the native format: add --to native",
               file=sys.stderr)
         return 2
-    from ftjax.progress import stages
+    from ftjax.progress import bar
 
     megatron = {k: getattr(args, k) for k in MEGATRON_FLAGS if getattr(args, k) is not None}
-    first = f"read + {args.quant}" if args.quant else "read"
-    with stages(first, "cast", "write", desc="ftjax convert") as step:
-        if args.quant:
-            import ftjax
+    progress = bar(total=2, desc="ftjax convert: read, write", unit="step")
+    if args.quant:
+        import ftjax
 
-            calibration = None
-            if args.calibration:
-                calibration = []
-                for path in args.calibration:
-                    with open(path, encoding="utf-8") as f:
-                        calibration.append(f.read())
-            model = ftjax.load(args.src, dtype=args.dtype, quant=args.quant,
-                               calibration=calibration, megatron_args=megatron or None)
-            cfg, params = model.config, jax.device_get(model.params)
-            step()
-        else:
-            cfg, params = load_checkpoint(args.src, megatron_args=megatron or None)
-            step()
-            target = np.dtype(DTYPES[args.dtype])
-            params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(target), params)
-        step()
-        source = tokenizer_dir(args.src)
+        calibration = [read_text(p, "--calibration") for p in args.calibration or ()] or None
+        model = ftjax.load(args.src, dtype=args.dtype, quant=args.quant, calibration=calibration,
+                           megatron_args=megatron or None,
+                           check_finite=not args.no_check_finite)
+        cfg, params = model.config, jax.device_get(model.params)
+    else:
+        cfg, params = load_checkpoint(args.src, megatron_args=megatron or None)
+        if not args.no_check_finite:
+            check_finite(params, args.src)
+        target = np.dtype(DTYPES[args.dtype])
+        params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(target), params)
+        if not args.no_check_finite and target != np.float32:
+            check_finite(params, f"{args.src} cast to {args.dtype} (values out of its range)")
+    progress.update(1)
+    # Written beside DST and renamed into place at the end: a killed convert leaves DST
+    # as it was, and --force replaces it whole.
+    with tokenizer_files(args.src) as source, staged_dir(args.dst, args.force) as out:
         if args.to == "ft":
-            save_fastertransformer(args.dst, cfg, params, tp=args.tp, dtype=args.dtype,
+            save_fastertransformer(out, cfg, params, tp=args.tp, dtype=args.dtype,
                                    source=source)
         else:
             save = save_orbax if args.to == "orbax" else save_native
-            save(args.dst, cfg, params, args.dtype, source=source)
-        step()
+            save(out, cfg, params, args.dtype, source=source)
+    progress.update(1)
+    progress.close()
     n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-    print(f"wrote {args.dst} ({args.to}): {cfg.n_params / 1e6:.1f}M params, {args.dtype}"
+    print(f"wrote {args.dst} ({args.to}): {n_params(cfg) / 1e6:.1f}M params, {args.dtype}"
           f"{', ' + args.quant if args.quant else ''}, {n_bytes / 2**20:.1f} MiB")
     return 0
 
 
-def use_devices(n: int) -> None:
-    """Makes n virtual CPU devices available (for --tp/--dp on a CPU-only machine).
-
-    Only possible before jax's backends start; a no-op when XLA_FLAGS already asks
-    for host devices or when there are enough devices anyway."""
-    if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
-        return  # before importing jax: one device needs no setup (and --help stays fast)
-    import jax
-
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:  # backends already running: make_mesh reports a shortage
-        pass
-
-
 def mesh_from_args(args):
     """The mesh --tp / --dp ask for, or None for one device."""
-    if args.tp == 1 and args.dp == 1:
-        return None
-    import ftjax
+    from ftjax.sharding import mesh_for
 
-    return ftjax.make_mesh(tensor=args.tp, data=args.dp)
+    return mesh_for(tensor=args.tp, data=args.dp)
 
 
 def _plan(args) -> int:
@@ -170,6 +158,9 @@ def _plan(args) -> int:
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
     cfg = preset(args.preset)
+    if cfg.n_layers % args.pp:
+        raise ValueError(f"--pp {args.pp} must divide the model's {cfg.n_layers} layers "
+                         "(each pipeline stage holds whole layers)")
     max_len = min(args.max_len or cfg.max_positions, cfg.max_positions)
     p = plan_memory(cfg, tensor=args.tp, pipe=args.pp, data=args.dp, batch=args.batch,
                     max_len=max_len, dtype=DTYPES[args.dtype], compile=not args.no_compile)
@@ -192,25 +183,52 @@ def _eval(args) -> int:
 
 def _ints(text: str) -> List[int]:
     try:
-        return [int(x) for x in text.split(",") if x]
+        values = [int(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+    return values
 
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")  # ftjax.api.DTYPES, without importing jax
-QUANT_CHOICES = ("int8", "int8-g128", "w8a8")
+def _int_at_least(low: int):
+    """An argparse type: an int >= low (the message names the limit)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
+DTYPE_NAMES = ["float32", "bfloat16", "float16"]  # ftjax.api.DTYPES, without importing jax
 
 
 def _mesh_args(p) -> None:
-    p.add_argument("--tp", type=int, default=1,
+    p.add_argument("--tp", type=_positive, default=1,
                    help="tensor-parallel size: devices per model copy (default: 1; virtual CPU "
                         "devices are made when there is no accelerator)")
-    p.add_argument("--dp", type=int, default=1,
+    p.add_argument("--dp", type=_positive, default=1,
                    help="data-parallel size: batch shards (default: 1)")
 
 
 def _dtype_arg(p, default: str, what: str) -> None:
-    p.add_argument("--dtype", default=default, choices=DTYPE_CHOICES,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=default,
                    help=f"{what} (default: {default})")
 
 
@@ -232,8 +250,7 @@ def _generate_epilog() -> str:
     from ftjax.generation_config import FALLBACK, decoding_defaults
 
     try:
-        demo, _ = decoding_defaults(demo_model_path())
-        demo_text = _describe_decoding(demo)
+        demo_text = _describe_decoding(decoding_defaults(demo_model_path())[0])
     except Exception:  # a broken install still gets its --help
         demo_text = "(unreadable)"
     return ("Default decoding: the model's generation_config.json, read as HF generate() "
@@ -254,28 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_generate_epilog())
     g.add_argument("prompt", nargs="*", help="prompt text(s); stdin when none")
     g.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
-    g.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+    g.add_argument("--max-new-tokens", type=_non_negative, default=None, metavar="N",
                    help="tokens to generate per prompt at most (default: the model's "
                         f"generation_config.json max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS})")
-    g.add_argument("--temperature", type=float, default=None, metavar="T",
+    g.add_argument("--temperature", type=_finite_float, default=None, metavar="T",
                    help="sampling temperature; 0 = greedy (default: see below)")
-    g.add_argument("--top-k", type=int, default=None, metavar="K",
+    g.add_argument("--top-k", type=_non_negative, default=None, metavar="K",
                    help="sample from the K most likely tokens; 0 = all (default: see below)")
-    g.add_argument("--top-p", type=float, default=None, metavar="P",
+    g.add_argument("--top-p", type=_finite_float, default=None, metavar="P",
                    help="nucleus sampling: the smallest set of tokens with probability >= P, "
                         "in (0, 1]; 1 = off (default: see below)")
-    g.add_argument("--min-p", type=float, default=None, metavar="P",
+    g.add_argument("--min-p", type=_finite_float, default=None, metavar="P",
                    help="drop tokens less likely than P x the most likely one; 0 = off "
                         "(default: see below)")
-    g.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+    g.add_argument("--repetition-penalty", type=_finite_float, default=None, metavar="R",
                    help="HF repetition penalty on tokens already in prompt or output; 1 = off "
                         "(default: see below)")
-    g.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+    g.add_argument("--no-repeat-ngram-size", type=_non_negative, default=None, metavar="N",
                    help="never repeat an N-gram (prompt included); 0 = off "
                         "(default: see below)")
     g.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop when the output contains TEXT (repeatable)")
-    g.add_argument("--seed", type=int, default=None,
+    g.add_argument("--seed", type=_non_negative, default=None,
                    help="sampling seed: the same seed gives the same text (default: random)")
     _dtype_arg(g, "float32", "weights and activations dtype")
     _mesh_args(g)
@@ -290,13 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="orbax: tensorstore checkpoint restored shard by shard onto a mesh "
                         "(default); native: one memory-mapped safetensors file; ft: a "
                         "FasterTransformer c-model directory")
-    c.add_argument("--force", action="store_true", help="overwrite a non-empty dst")
-    c.add_argument("--tp", type=int, default=1,
+    c.add_argument("--force", action="store_true", help="replace a non-empty dst whole")
+    c.add_argument("--no-check-finite", action="store_true",
+                   help="skip the check that every weight is finite (NaN / Inf refused)")
+    c.add_argument("--tp", type=_positive, default=1,
                    help="with --to ft: tensor-parallel ranks to split into (default: 1)")
     for flag in MEGATRON_FLAGS:  # only for Megatron-LM checkpoints saved without args
-        c.add_argument("--" + flag.replace("_", "-"), type=int, dest=flag, metavar="N",
+        c.add_argument("--" + flag.replace("_", "-"), type=_positive, dest=flag, metavar="N",
                        help=f"Megatron-LM {flag} for a checkpoint saved without args")
-    c.add_argument("--quant", choices=QUANT_CHOICES,
+    c.add_argument("--quant", choices=["int8", "int8-g128", "w8a8"],
                    help="store quantized weights (with --to native; see ftjax.load's quant)")
     c.add_argument("--calibration", nargs="+", metavar="FILE",
                    help="w8a8: text files to calibrate activation scales on")
@@ -309,12 +328,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "gpt2-350m, gpt2-774m, gpt2-1.5b, gpt3-175b")
     b.add_argument("--batch", type=_ints, default=[1, 8], metavar="B[,B...]",
                    help="comma-separated batch sizes, one table row each (default: 1,8)")
-    b.add_argument("--input-len", type=int, default=128, metavar="N",
+    b.add_argument("--input-len", type=_positive, default=128, metavar="N",
                    help="prompt tokens per row (default: 128)")
-    b.add_argument("--output-len", type=int, default=32, metavar="N",
+    b.add_argument("--output-len", type=_positive, default=32, metavar="N",
                    help="generated tokens per row (default: 32)")
     _dtype_arg(b, "float32", "weights and activations dtype")
-    b.add_argument("--repeats", type=int, default=3, metavar="N",
+    b.add_argument("--repeats", type=_positive, default=3, metavar="N",
                    help="timed runs per measurement; the median is reported (default: 3)")
     b.add_argument("--compare", choices=["hf"],
                    help="also time HuggingFace generate() on the same weights")
@@ -323,12 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="per-device memory of a sharded model (nothing allocated)")
     pl.add_argument("--preset", required=True, help="a named model shape, e.g. gpt3-175b")
-    pl.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default: 1)")
-    pl.add_argument("--pp", type=int, default=1,
-                    help="pipeline size: shards the layers axis (default: 1)")
-    pl.add_argument("--dp", type=int, default=1, help="data-parallel size (default: 1)")
-    pl.add_argument("--batch", type=int, default=1, help="sequences in flight (default: 1)")
-    pl.add_argument("--max-len", type=int, default=None,
+    pl.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size")
+    pl.add_argument("--pp", type=_positive, default=1,
+                    help="pipeline size (shards the layers axis)")
+    pl.add_argument("--dp", type=_positive, default=1, help="data-parallel size")
+    pl.add_argument("--batch", type=_positive, default=1, help="sequences in flight (default: 1)")
+    pl.add_argument("--max-len", type=_positive, default=None,
                     help="KV cache length per sequence (default: the model's positions)")
     _dtype_arg(pl, "float16", "weights, activations and KV cache dtype")
     pl.add_argument("--no-compile", action="store_true",
@@ -338,10 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity / next-token accuracy (and LAMBADA) of a model")
     e.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
     e.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files to score")
-    e.add_argument("--quant", choices=QUANT_CHOICES, help="quantize at load")
+    e.add_argument("--quant", choices=["int8", "int8-g128", "w8a8"], help="quantize at load")
     e.add_argument("--calibration", nargs="+", metavar="FILE",
                    help="w8a8: text files to calibrate activation scales on")
-    e.add_argument("--smoothquant-alpha", type=float, default=0.5, metavar="A",
+    e.add_argument("--smoothquant-alpha", type=_finite_float, default=0.5, metavar="A",
                    help="w8a8: SmoothQuant migration strength in [0, 1] (default: 0.5)")
     e.add_argument("--kv-cache-dtype", choices=["int8"], help="quantize the KV cache")
     e.add_argument("--compare", choices=["hf"],
@@ -349,19 +368,57 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lambada", metavar="FILE.jsonl",
                    help="LAMBADA-format jsonl ({\"text\": ...} per line): last-word accuracy")
     _dtype_arg(e, "float32", "weights and activations dtype")
-    e.add_argument("--window", type=int, metavar="N",
-                   help="tokens per window (default: the model's max_positions)")
-    e.add_argument("--stride", type=int, metavar="N",
-                   help="window stride (default: window // 2)")
-    e.add_argument("--max-tokens", type=int, metavar="N",
+    e.add_argument("--window", type=_int_at_least(2),
+                   help="tokens per window (default: max_positions)")
+    e.add_argument("--stride", type=_positive, help="window stride (default: window // 2)")
+    e.add_argument("--max-tokens", type=_int_at_least(2),
                    help="score only the first N tokens of each text")
     e.set_defaults(func=_eval)
+
+    # Parsed by lm-eval itself (main() hands it every argument after "lm-eval").
+    sub.add_parser("lm-eval", add_help=False,
+                   help="EleutherAI lm-evaluation-harness on ftjax: lm-eval's own arguments "
+                        "(--model_args pretrained=DIR,quant=int8 --tasks T [--include_path D]); "
+                        "needs the eval extra")
     return p
 
 
+def _lm_eval(argv: List[str]) -> int:
+    # tp / dp in --model_args: virtual CPU devices, made before jax starts its backend.
+    # (lm-eval takes "a=1,b=2" or "a=1 b=2" after --model_args / -a.)
+    kv, in_args = {}, False
+    for a in argv:
+        in_args = a in ("--model_args", "-a") or (in_args and not a.startswith("-"))
+        if in_args:
+            kv.update(x.split("=", 1) for x in a.split(",") if "=" in x)
+    n_devices = int(kv.get("tp", 1)) * int(kv.get("dp", 1))
+    if n_devices > 1:
+        from ftjax.sharding import use_cpu_devices
+
+        use_cpu_devices(n_devices)
+    try:
+        from ftjax.lm_eval import run_cli
+    except ImportError as e:
+        print(f"ftjax lm-eval: needs lm-evaluation-harness: pip install 'ftjax[eval]' ({e})",
+              file=sys.stderr)
+        return 2
+    return run_cli(argv)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:
+        try:
+            return _lm_eval(argv[1:])
+        except ValueError as e:
+            print(f"ftjax lm-eval: error: {e}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
-    use_devices(getattr(args, "tp", 1) * getattr(args, "dp", 1) * getattr(args, "pp", 1))
+    n_devices = getattr(args, "tp", 1) * getattr(args, "dp", 1) * getattr(args, "pp", 1)
+    if n_devices > 1:
+        from ftjax.sharding import use_cpu_devices
+
+        use_cpu_devices(n_devices)
     from ftjax.errors import CheckpointError
 
     try:

@@ -1,7 +1,8 @@
 """Prefill and the decode loop: pure jitted functions over an explicit state.
 
-The model is only ever called through `Transformer.apply`; the loop never sees
-its internals. Shapes are bucketed by the caller (`ftjax.api`) so that repeated
+The model is only ever called as `Transformer(params, tokens, positions, cache)`;
+the loop never sees its internals, and the cache (`ftjax.cache`) decides how
+attention reads it. Shapes are bucketed by the caller (`ftjax.api`) so that repeated
 calls inside a bucket reuse the compiled functions; `Engine.trace_counts`
 counts how often each function was traced (= compiled) so tests can assert it.
 
@@ -28,12 +29,15 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import processors
+from ftjax.cache import KERNELS, KVCache
 from ftjax.config import ModelConfig
-from ftjax.model import KVCache, Transformer
+from ftjax.model import Transformer
 from ftjax.sampling import SamplingArrays, sample
+from ftjax.sharding import RULES
+from pallas_kernels import sharded
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
-KERNELS = ("xla", "pallas")
+DECODE_CHUNK = 8  # decode steps per while-loop iteration
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,20 +96,30 @@ def _log_probs_and_top(logits, tokens, top_n: int):
 class Engine:
     """Jitted prefill / decode functions for one model config and dtype."""
 
-    def __init__(self, cfg: ModelConfig, dtype, scan_layers: bool = True, kernels: str = "xla",
-                 layout=None, kv_dtype=None):
-        """kernels: "xla" or "pallas" (see `Transformer.kernels`). layout: an optional
+    def __init__(self, cfg: ModelConfig, dtype, kernels: str = "xla", layout=None,
+                 kv_dtype=None):
+        """kernels: "xla", "pallas" or "mosaic" (attention over the cache and int8 weight
+        matmuls through pallas_kernels, interpreted off GPU). layout: an optional
         `ftjax.sharding.Layout`; params and inputs then arrive sharded, and the KV cache
         is pinned to its sharding where it is made. kv_dtype: None (the model dtype)
-        or "int8" (an int8 KV cache with per-token, per-head scales)."""
+        or "int8" (an int8 KV cache with per-token, per-head scales).
+
+        Params passed to the jitted functions are canonical, their "layers" stacked or
+        split per layer (`ftjax.model.split_layers`; see `ftjax.model`)."""
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
         self.cfg = cfg
         self.dtype = dtype
         self.layout = layout
         self.kv_dtype = kv_dtype
-        self.model = Transformer(cfg, dtype, scan_layers=scan_layers, kernels=kernels,
-                                 padded_vocab=layout.padded_vocab if layout else None)
+        self.kernels = kernels
+        # On a mesh the kernels run per shard (shard_map); XLA partitions its own path.
+        self.kernel_mesh = None
+        if layout is not None and kernels != "xla":
+            self.kernel_mesh = sharded.KernelMesh.of(layout.mesh, RULES)
+        self.model = Transformer(cfg, dtype, kernels=kernels,
+                                 vocab=layout.padded_vocab if layout else None,
+                                 mesh=self.kernel_mesh)
         self.trace_counts = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "feat"),
                                donate_argnames=("cache",))
@@ -114,6 +128,7 @@ class Engine:
         self.decode_chunk = jax.jit(self._decode_chunk, static_argnames=("feat", "chunk"),
                                     donate_argnames=("state",))
         self.forward = jax.jit(self._forward)
+        self.stop_rows = jax.jit(self._stop_rows, donate_argnames=("state",))
 
     def _forward(self, params, tokens):
         self.trace_counts["forward"] += 1
@@ -122,10 +137,26 @@ class Engine:
         if self.kv_dtype is not None:
             # Attend through a cache of the chosen dtype, so teacher-forced logits
             # (e.g. `ftjax eval` perplexity) see the same rounding generation sees.
-            cache = KVCache.zeros(self.cfg, tokens.shape[0], tokens.shape[1], self.dtype,
-                                  self.kv_dtype)
-        logits, _ = self.model.apply({"params": params}, tokens, positions, cache)
+            cache = self.new_cache(tokens.shape[0], tokens.shape[1])
+        logits, _ = self.model(params, tokens, positions, cache)
         return logits
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty cache of this engine's dtype, kernels and sharding."""
+        return self._constrain(KVCache.zeros(self.cfg, batch, max_len, self.dtype,
+                                             self.kv_dtype, self.kernels, self.kernel_mesh))
+
+    def step_logits(self, params, tokens, positions, cache):
+        """One model call over a cache (traced inside callers' jitted functions, e.g.
+        beam search): (logits float32 `[B, T, V]`, cache pinned to its sharding)."""
+        logits, cache = self.model(params, tokens, positions, cache)
+        return logits, self._constrain(cache)
+
+    def _stop_rows(self, state: "DecodeState", hit) -> "DecodeState":
+        """Marks the rows where bool `hit` `[B]` is set finished (a stop string found on
+        the host)."""
+        self.trace_counts["stop_rows"] += 1
+        return state.replace(finish=jnp.where(hit, FINISH_STOP, state.finish))
 
     def _constrain(self, cache: KVCache) -> KVCache:
         return cache if self.layout is None else self.layout.constrain_cache(cache)
@@ -175,20 +206,18 @@ class Engine:
         Returns (last-token logits `[B, V]`, cache with B rows, PromptLogprobs or None).
         """
         if cache is None:
-            cache = self._constrain(KVCache.zeros(self.cfg, tokens.shape[0], max_len,
-                                                  self.dtype, self.kv_dtype))
+            cache = self.new_cache(tokens.shape[0], max_len)
         positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
         prompt_lp = None
         if prompt_top_n >= 0:
-            logits, cache = self.model.apply({"params": params}, tokens, positions, cache,
-                                             soft=soft)
+            logits, cache = self.model(params, tokens, positions, cache, soft=soft)
             nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
             prompt_lp = PromptLogprobs(*_log_probs_and_top(logits, nxt, prompt_top_n))
             logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
         else:
-            logits, cache = self.model.apply({"params": params}, tokens, positions, cache,
-                                             last_index=lengths - 1, soft=soft)
-        cache = jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=1), cache)
+            logits, cache = self.model(params, tokens, positions, cache,
+                                       last_index=lengths - 1, soft=soft)
+        cache = cache.take_rows(rows)
         return logits[rows, 0], self._constrain(cache), prompt_lp
 
     def _prefill(self, params, tokens, start, lengths, rows, hist, sp: SamplingArrays,
@@ -227,9 +256,9 @@ class Engine:
         return self._advance(state, logits, sp, feat), prompt_lp
 
     def _step(self, params, state: DecodeState, sp: SamplingArrays, feat: Features):
-        logits, cache = self.model.apply({"params": params}, state.last[:, None],
-                                         state.pos[:, None], state.cache)
-        return self._advance(state.replace(cache=self._constrain(cache)), logits[:, 0], sp, feat)
+        logits, cache = self.step_logits(params, state.last[:, None], state.pos[:, None],
+                                         state.cache)
+        return self._advance(state.replace(cache=cache), logits[:, 0], sp, feat)
 
     def _scan(self, params, state, sp, feat, chunk):
         def body(s, _):

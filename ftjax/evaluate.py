@@ -20,6 +20,9 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from ftjax.specs import n_params
+from ftjax.tokenizer import encode_long
+
 BATCH = 8  # windows per forward call
 
 
@@ -127,17 +130,6 @@ def lambada(forward: Callable, encode: Callable, path: str, bucket: int = 64) ->
     return hits / max(n, 1), n
 
 
-def encode_long(tokenizer, text: str) -> List[int]:
-    """Token ids of a text longer than the tokenizer's model_max_length, without HF's
-    warning: the windows, not the tokenizer, bound what the model sees."""
-    saved = tokenizer.model_max_length
-    tokenizer.model_max_length = max(saved, len(text) + 1)
-    try:
-        return tokenizer.encode(text)
-    finally:
-        tokenizer.model_max_length = saved
-
-
 def hf_scorer(model) -> Callable:
     """A forward function running HF transformers on `model`'s checkpoint (float32).
 
@@ -166,16 +158,29 @@ def evaluate_texts(forward: Callable, texts: List[List[int]], width: int,
     return score
 
 
+def read_text(path: str, flag: str) -> str:
+    """A UTF-8 text file's contents; ValueError naming the flag and file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{flag} {path}: is a directory, not a text file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot be read ({e.strerror})") from None
+
+
 def run_eval(args) -> int:
     """`ftjax eval`: prints one row per scorer (ftjax, and HF with --compare hf)."""
     import ftjax
     from ftjax.progress import bar, stages
 
-    def read(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-
-    calibration = [read(p) for p in args.calibration] if args.calibration else None
+    calibration = [read_text(p, "--calibration") for p in args.calibration] \
+        if args.calibration else None
+    raw = [read_text(p, "--text") for p in args.text]  # bad files named before loading
     with stages("load" + (f" + {args.quant}" if args.quant else ""), desc="ftjax eval") as step:
         model = ftjax.load(args.model or ftjax.demo_model_path(), dtype=args.dtype,
                            quant=args.quant, calibration=calibration,
@@ -185,9 +190,13 @@ def run_eval(args) -> int:
     if model.tokenizer is None:
         raise ValueError(f"{model.path} has no tokenizer; ftjax eval reads text files")
     texts = []
-    for p in args.text:
-        ids = encode_long(model.tokenizer, read(p))
-        texts.append(ids[:args.max_tokens] if args.max_tokens else ids)
+    for p, text in zip(args.text, raw):
+        ids = encode_long(model.tokenizer, text)
+        ids = ids if args.max_tokens is None else ids[:args.max_tokens]
+        if len(ids) < 2:  # the first token has no context: nothing would be scored
+            raise ValueError(f"--text {p}: {len(ids)} token(s); perplexity needs at least 2 "
+                             "(nothing to score)")
+        texts.append(ids)
     width = args.window or model.config.max_positions
     if width > model.config.max_positions:
         raise ValueError(f"--window {width} exceeds the model's max_positions "
@@ -201,7 +210,7 @@ def run_eval(args) -> int:
     label = model.quant or "float"
     if model.kv_cache_dtype:
         label += f", kv {model.kv_cache_dtype}"
-    print(f"model {model.path}: {model.config.n_params / 1e6:.2f}M params, {args.dtype}, "
+    print(f"model {model.path}: {n_params(model.config) / 1e6:.2f}M params, {args.dtype}, "
           f"{label}, parameter bytes {model.param_bytes:,}")
     print(f"texts {len(texts)}, {sum(map(len, texts)):,} tokens; windows of {width} tokens, "
           f"stride {stride}")

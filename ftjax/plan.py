@@ -2,7 +2,7 @@
 
 Two sources, both per device:
   1. arithmetic on the sharded abstract shapes: every param's
-     `jax.ShapeDtypeStruct` (`jax.eval_shape` of the model's init) and its
+     `jax.ShapeDtypeStruct` (from the parameter spec table) and its
      NamedSharding give the shard each device holds; the same for the KV cache;
   2. XLA's own `memory_analysis()` of prefill and decode, compiled for the mesh
      from ShapeDtypeStructs (nothing is allocated; on a CPU-only machine the
@@ -19,7 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.config import ModelConfig
+from ftjax.engine import DECODE_CHUNK, Engine, Features
+from ftjax.sampling import SamplingArrays, SamplingParams
 from ftjax.sharding import Layout, make_mesh, nbytes_per_device
+from ftjax.specs import n_params, shapes as param_shapes
 
 
 @dataclasses.dataclass
@@ -69,17 +72,12 @@ def plan_memory(cfg: ModelConfig, tensor: int = 1, pipe: int = 1, data: int = 1,
     Raises:
       ValueError: fewer devices than data * pipe * tensor, or shapes that do not divide.
     """
-    from ftjax.api import DECODE_CHUNK
-    from ftjax.engine import Engine, Features
-    from ftjax.model import param_shapes
-    from ftjax.sampling import SamplingArrays, SamplingParams
-
     max_len = min(max_len or cfg.max_positions, cfg.max_positions)
     layout = Layout(make_mesh(tensor=tensor, data=data, pipe=pipe), cfg)
     b = layout.batch_size(batch)
-    abstract = param_shapes(cfg, dtype)  # jax.eval_shape: nothing allocated
-    shapes = layout.param_shapes(abstract)
-    shardings = layout.param_shardings(abstract)
+    abstract = param_shapes(cfg, dtype, layout.padded_vocab)  # from the spec table
+    shapes = layout.param_shapes()
+    shardings = layout.param_shardings()
     itemsize = np.dtype(dtype).itemsize
     weights = nbytes_per_device(shapes, shardings, dtype)
     weights_total = sum(int(np.prod(s)) * itemsize for s in jax.tree_util.tree_leaves(
@@ -93,7 +91,7 @@ def plan_memory(cfg: ModelConfig, tensor: int = 1, pipe: int = 1, data: int = 1,
     if not compile:
         return result
 
-    engine = Engine(cfg, dtype, scan_layers=True, layout=layout)
+    engine = Engine(cfg, dtype, layout=layout)
     params = jax.tree_util.tree_map(
         lambda s, x, sh: _sds(s, x.dtype, sh), shapes, abstract, shardings,
         is_leaf=lambda x: isinstance(x, tuple))
@@ -126,7 +124,7 @@ def _gib(n: Optional[int]) -> str:
 
 def format_plan(name: str, cfg: ModelConfig, p: MemoryPlan, tensor: int, pipe: int, data: int,
                 batch: int, max_len: int, dtype_name: str) -> str:
-    lines = [f"plan: {name} ({cfg.n_params / 1e9:.1f}B params, {dtype_name}), "
+    lines = [f"plan: {name} ({n_params(cfg) / 1e9:.1f}B params, {dtype_name}), "
              f"tp={tensor} pp={pipe} dp={data} ({tensor * pipe * data} devices), "
              f"batch={batch} max_len={max_len}",
              f"{'per device':<34} {'bytes':>16} {'':>12}",

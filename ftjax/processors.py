@@ -15,9 +15,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ftjax.numerics import NEG_INF
 from ftjax.sampling import SamplingArrays
 
-NEG_INF = -jnp.inf
 
 
 def token_counts(hist, start, end, vocab: int):

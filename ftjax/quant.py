@@ -25,9 +25,10 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-QMAX = 127.0
-# Kernels whose contraction spans more than their first axis (o: heads and head width).
-CONTRACT_DIMS = {"o": 2}
+from ftjax.config import ModelConfig
+from ftjax.numerics import QMAX, quantize_int8, round_int8
+from ftjax.specs import ParamSpec, flatten, param_specs, unflatten
+from pallas_kernels import select, sharded
 
 
 @flax.struct.dataclass
@@ -98,11 +99,6 @@ def is_leaf(x) -> bool:
 # -- quantize / dequantize -------------------------------------------------------
 
 
-def round_int8(x, scale):
-    """`x / scale` rounded and clipped to [-127, 127], as int8."""
-    return jnp.clip(jnp.round(x / scale), -QMAX, QMAX).astype(jnp.int8)
-
-
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def quantize(w, n_contract: int = 1, group_size: int = 0) -> Int8Weight:
     """Symmetric int8 quantization of one (unstacked) kernel.
@@ -113,7 +109,6 @@ def quantize(w, n_contract: int = 1, group_size: int = 0) -> Int8Weight:
       group_size: 0: one scale per output channel; else one per `group_size`
         input rows (K = prod(contraction dims) must divide by it).
     """
-    w = w.astype(jnp.float32)
     k_dims, out_dims = w.shape[:n_contract], w.shape[n_contract:]
     if group_size:
         k = 1
@@ -122,35 +117,15 @@ def quantize(w, n_contract: int = 1, group_size: int = 0) -> Int8Weight:
         if k % group_size:
             raise ValueError(f"group_size {group_size} does not divide the {k} input rows "
                              f"of a weight of shape {w.shape}")
-        wg = w.reshape(k // group_size, group_size, *out_dims)
-        scale = jnp.max(jnp.abs(wg), axis=1, keepdims=True) / QMAX
-        scale = jnp.where(scale == 0, 1.0, scale)
-        return Int8Weight(round_int8(wg, scale).reshape(w.shape), scale, group_size,
-                          len(out_dims))
-    scale = jnp.max(jnp.abs(w), axis=tuple(range(n_contract)), keepdims=True) / QMAX
-    scale = jnp.where(scale == 0, 1.0, scale)  # an all-zero channel stays zero
-    return Int8Weight(round_int8(w, scale), scale)
+        q, scale = quantize_int8(w.reshape(k // group_size, group_size, *out_dims), (1,))
+        return Int8Weight(q.reshape(w.shape), scale, group_size, len(out_dims))
+    return Int8Weight(*quantize_int8(w, tuple(range(n_contract))))
 
 
 @jax.jit
 def quantize_rows(table) -> Int8Weight:
     """Per-row int8 of an embedding table `[V, E]` (scale `[V, 1]`)."""
-    t = table.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(t), axis=-1, keepdims=True) / QMAX
-    scale = jnp.where(scale == 0, 1.0, scale)
-    return Int8Weight(round_int8(t, scale), scale)
-
-
-def quantize_vectors(x):
-    """Per-vector int8 over the last axis (the int8 KV cache: one scale per token and head).
-
-    Returns:
-      (int8 array of x's shape, float32 scales of shape `x.shape[:-1]`).
-    """
-    xf = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(xf), axis=-1) / QMAX
-    scale = jnp.where(scale == 0, 1.0, scale)
-    return round_int8(xf, scale[..., None]), scale
+    return Int8Weight(*quantize_int8(table, (-1,)))
 
 
 def dequantize(w) -> jax.Array:
@@ -207,11 +182,14 @@ def _w8a8_matmul(x, w: W8A8Weight, n: int):
     return y.reshape(*lead, *w.q.shape[n:]).astype(x.dtype)
 
 
-def einsum(spec: str, x, w, pallas: bool = False):
+def einsum(spec: str, x, w, pallas=False, mesh=None):
     """`jnp.einsum(spec, x, w)` for a float, `Int8Weight` or `W8A8Weight` w.
 
-    pallas: an `Int8Weight` contracted over x's last axes goes through
-    `pallas_kernels.int8_matmul` (dequantized inside the kernel; interpreted off GPU).
+    pallas: True / "pallas" (Triton) or "mosaic" (Mosaic GPU where it applies): an
+    `Int8Weight` contracted over x's last axes goes through that int8 matmul kernel
+    (dequantized inside the kernel; interpreted off GPU).
+    mesh: a `pallas_kernels.sharded.KernelMesh` x and w are sharded on: the kernel then
+    runs per shard (column-parallel local, row-parallel local + psum).
 
     Returns:
       the product in x's dtype (float weights: the promoted dtype, as jnp.einsum).
@@ -225,21 +203,28 @@ def einsum(spec: str, x, w, pallas: bool = False):
     if isinstance(w, Int8Weight):
         n = _trailing_leading(spec)
         if pallas and n and w.q.ndim == len(_split_spec(spec)[1]):  # one layer's weight
-            from pallas_kernels import int8_matmul
+            def local(x, w):
+                q2, scale2 = _as_matrix(w, n)
+                lead = x.shape[:x.ndim - n]
+                y = select.int8_matmul(x.reshape(-1, q2.shape[0]), q2, scale2,
+                                       impl="mosaic" if pallas == "mosaic" else "pallas",
+                                       group_size=w.group_size or None,
+                                       interpret=sharded.interpret(mesh))
+                return y.reshape(*lead, *w.q.shape[n:])
 
-            q2, scale2 = _as_matrix(w, n)
-            lead = x.shape[:x.ndim - n]
-            y = int8_matmul(x.reshape(-1, q2.shape[0]), q2, scale2,
-                            group_size=w.group_size or None,
-                            interpret=jax.default_backend() != "gpu")
-            return y.reshape(*lead, *w.q.shape[n:])
+            return local(x, w) if mesh is None else sharded.einsum(spec, x, w, local, mesh)
         # XLA: dequantize then dot (XLA fuses the convert into the dot on GPU; not on CPU).
         w = dequantize(w).astype(x.dtype)
-    if spec == "btnh,nhd->btd":
-        # Contract (n, h) as one axis: XLA:CPU otherwise picks a layout that
-        # transposes the whole weight (not the small activation) on every call.
-        n, h, d = w.shape
-        return x.reshape(*x.shape[:2], n * h) @ w.reshape(n * h, d)
+    n = _trailing_leading(spec)
+    if n:
+        # x [..., *K] @ w [*K, *out] as one 2-D matmul over the flattened contraction
+        # axes: for a multi-axis contraction (o: heads x head width) XLA:CPU otherwise
+        # picks a layout that transposes the whole weight on every call.
+        k = 1
+        for d in w.shape[:n]:
+            k *= d
+        lead, out = x.shape[:x.ndim - n], w.shape[n:]
+        return (x.reshape(*lead, k) @ w.reshape(k, -1)).reshape(*lead, *out)
     return jnp.einsum(spec, x, w)
 
 
@@ -264,10 +249,6 @@ def logits(x, head):
 # -- whole params pytrees -----------------------------------------------------------
 
 MODES = ("int8", "int8-g128", "w8a8")
-# Quantized weights: every block matmul kernel, plus the embedding tables (per row).
-# Norms, biases and OPT's project_in / project_out stay float.
-BLOCK_KERNELS = ("q", "k", "v", "o", "wi", "wg", "wo")
-TABLES = ("embed", "pos_embed", "lm_head")
 
 
 def check_mode(mode):
@@ -275,24 +256,22 @@ def check_mode(mode):
         raise ValueError(f"quant must be one of {[None, *MODES]}, got {mode!r}")
 
 
-def map_kernels(layers: dict, fn) -> dict:
-    """Applies fn(name, kernel) to every block kernel in a (stacked or one-layer) tree."""
+def map_quantizable(cfg: ModelConfig, params: dict, kernel_fn, table_fn) -> dict:
+    """Applies `kernel_fn(path, weight, spec)` to every param the spec table marks
+    "channel" (block matmul kernels, stacked) and `table_fn(weight)` to every "rows"
+    param (embedding tables); everything else (norms, biases, project_in/out) is kept.
+    A weight that is quantized already is kept as it is."""
+    flat_specs = flatten(param_specs(cfg))
     out = {}
-    for group, mods in layers.items():
-        out[group] = {}
-        for name, leaves in mods.items():
-            if name in BLOCK_KERNELS and hasattr(leaves, "items") and "kernel" in leaves:
-                leaves = dict(leaves, kernel=fn(name, leaves["kernel"]))
-            out[group][name] = leaves
-    return out
-
-
-def quantize_tables(params: dict) -> dict:
-    out = dict(params)
-    for name in TABLES:
-        if name in out and not is_quantized(out[name]):
-            out[name] = quantize_rows(out[name])
-    return out
+    for path, w in flatten(params, is_leaf=is_quantized).items():
+        spec: ParamSpec = flat_specs.get(path)
+        if spec is None or is_quantized(w) or spec.quant is None:
+            out[path] = w
+        elif spec.quant == "rows":
+            out[path] = table_fn(w)
+        else:
+            out[path] = kernel_fn(path, w, spec)
+    return unflatten(out)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -300,17 +279,12 @@ def _quantize_stacked(w, n_contract: int, group_size: int) -> Int8Weight:
     return jax.vmap(lambda x: quantize(x, n_contract, group_size))(w)  # over the layers axis
 
 
-def quantize_params(params: dict, group_size: int = 0) -> dict:
+def quantize_params(cfg: ModelConfig, params: dict, group_size: int = 0) -> dict:
     """Weight-only int8 of canonical (stacked) params: block kernels per output channel
     (or per group of input rows), embedding tables per row."""
-    def one(name, w):
-        if is_quantized(w):
-            return w
-        return _quantize_stacked(w, CONTRACT_DIMS.get(name, 1), group_size)
-
-    out = quantize_tables(params)
-    out["layers"] = map_kernels(params["layers"], one)
-    return out
+    return map_quantizable(
+        cfg, params, lambda path, w, spec: _quantize_stacked(w, spec.contract, group_size),
+        quantize_rows)
 
 
 def mode_of(params) -> Optional[str]:

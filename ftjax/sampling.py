@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ftjax.buckets import next_pow2
+from ftjax.numerics import NEG_INF
+
 MAX_LOGPROBS = 20  # the most alternatives `logprobs` / `prompt_logprobs` may ask for
 
 
@@ -106,6 +109,11 @@ class SamplingParams:
         def fail(field, rule):
             raise ValueError(f"SamplingParams.{field} {rule}, got {getattr(self, field)!r}")
 
+        for f in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "length_penalty"):
+            # NaN passes no comparison test and Inf passes "> 0": refuse both first.
+            if _is_num(getattr(self, f)) and not np.isfinite(getattr(self, f)):
+                fail(f, "must be a finite number")
         if not _is_num(self.temperature) or not self.temperature >= 0:
             fail("temperature", "must be >= 0")
         if not _is_int(self.top_k) or self.top_k < 0:
@@ -174,16 +182,10 @@ class SamplingParams:
                 or self.min_new_tokens > 0 or bool(self.bad_words))
 
 
-def _bucket(n: int, least: int) -> int:
-    """Rounds a width up to a power of two (at least `least`) so shapes rarely change."""
-    n = max(n, least)
-    return 1 << (n - 1).bit_length()
-
-
 def _pack_sequences(rows: Sequence[Tuple[Tuple[int, ...], ...]], batch: int):
     """Ragged lists of token sequences -> (ids i32 [B, W, L] padded with -1, lengths [B, W])."""
-    width = _bucket(max([0] + [len(r) for r in rows]), 2)
-    length = _bucket(max([0] + [len(s) for r in rows for s in r]), 4)
+    width = next_pow2(max([0] + [len(r) for r in rows]), 2)
+    length = next_pow2(max([0] + [len(s) for r in rows for s in r]), 4)
     ids = np.full((batch, width, length), -1, np.int32)
     lens = np.zeros((batch, width), np.int32)
     for b, r in enumerate(rows):
@@ -239,7 +241,8 @@ class SamplingArrays:
                 if bad:
                     raise ValueError(f"sampling[{i}].{field} has token ids {bad[:5]} outside "
                                      f"the vocabulary (size {vocab_size})")
-        stop_ids = np.full((batch, _bucket(max([0] + [len(s) for s in stops]), 1)), -1, np.int32)
+        width = next_pow2(max([0] + [len(s) for s in stops]), 1)
+        stop_ids = np.full((batch, width), -1, np.int32)
         for i, s in enumerate(stops):
             stop_ids[i, :len(s)] = s
 
@@ -287,13 +290,13 @@ def warp(logits, temperature, top_k, top_p, min_p):
     sorted_logits = scaled[order]
     rank = jnp.arange(vocab)
     keep = rank < jnp.where(top_k > 0, top_k, vocab)
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
+    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, NEG_INF))
     # Keep a token if the mass before it is below top_p (the first token always stays).
     before = jnp.cumsum(probs) - probs
     keep = keep & (before < top_p)
     # min-p: probability >= min_p x the top probability, i.e. in log space.
     keep = keep & ((sorted_logits >= sorted_logits[0] + jnp.log(min_p)) | (rank == 0))
-    return jnp.where(keep, sorted_logits, -jnp.inf), order
+    return jnp.where(keep, sorted_logits, NEG_INF), order
 
 
 def _sample_row(logits, temperature, top_k, top_p, min_p, key):

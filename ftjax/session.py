@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
-from ftjax.batching import Request
+from ftjax.batching import Request, check_ids
+from ftjax.generation import GenerateOutput, Generator
 from ftjax.sampling import SamplingParams
 
 
@@ -18,18 +19,19 @@ class Session:
     """A conversation with a model: `append` tokens, `generate` a reply, repeat.
 
     Args:
-      model: an `ftjax.Model`.
+      gen: the model's `ftjax.generation.Generator` (`Model.session()` passes it).
       max_len: the most positions the conversation may use (prompt and replies);
         the KV cache holds this many slots.
     """
 
-    def __init__(self, model, max_len: int):
-        if not isinstance(max_len, int) or not 2 <= max_len <= model.config.max_positions:
-            limit = model.config.max_positions
-            raise ValueError(f"session max_len must be an int in [2, max_positions={limit}], "
-                             f"got {max_len!r}: this model has {limit} positions, so use "
-                             f"model.session(max_len={limit}) or less (or max_len=None for all)")
-        self.model = model
+    def __init__(self, gen: Generator, max_len: int):
+        limit = gen.cfg.max_positions
+        if not isinstance(max_len, int) or not 2 <= max_len <= limit:
+            raise ValueError(f"session max_len must be an int in [2, {limit}] (the model's "
+                             f"max_positions), got {max_len!r}: this model has {limit} "
+                             f"positions, so use model.session(max_len={limit}) or less "
+                             "(or max_len=None for all)")
+        self.gen = gen
         self.max_len = max_len
         self.history: List[int] = []  # every token of the conversation, in order
         self._cached = 0              # how many of them the cache holds
@@ -41,17 +43,18 @@ class Session:
     def append(self, ids: Union[str, Sequence[int]]) -> None:
         """Adds user tokens (or text, with a tokenizer) to the conversation."""
         if isinstance(ids, str):
-            if self.model.tokenizer is None:
+            if self.gen.tokenizer is None:
                 raise ValueError("append got text but this model has no tokenizer; pass token ids")
-            ids = self.model.tokenizer.encode(ids)
-        ids = self.model._check_ids(ids, "session.append ids", self.model.config.max_positions)
+            ids = self.gen.tokenizer.encode(ids)
+        ids = check_ids(self.gen.cfg, ids, "session.append ids", self.gen.cfg.max_positions)
         if len(self.history) + len(ids) > self.max_len - 1:
             raise ValueError(f"session length exceeded: {len(self.history)} tokens + "
                              f"{len(ids)} appended leaves no room to generate within "
                              f"max_len={self.max_len}")
         self.history += ids
 
-    def generate(self, max_new_tokens: int = 16, sampling: Optional[SamplingParams] = None):
+    def generate(self, max_new_tokens: int = 16,
+                 sampling: Optional[SamplingParams] = None) -> GenerateOutput:
         """Generates a reply to the conversation so far; the reply joins the conversation.
 
         Returns a `GenerateOutput` with one entry.
@@ -71,7 +74,7 @@ class Session:
             raise ValueError(f"session length exceeded: {len(self.history)} tokens + "
                              f"max_new_tokens={budget} > max_len={self.max_len}")
         req = Request(pending, sp, budget)
-        seqs, state, _ = self.model._run_sampling(
+        seqs, state = self.gen.run_sampling(
             [req], session={"start": self._cached, "max_len": self.max_len,
                             "history": self.history[:self._cached]},
             cache=self._cache)
@@ -81,4 +84,4 @@ class Session:
         self._cached = len(self.history) + max(len(reply) - 1, 0)
         self.history += reply
         self._cache = state.cache
-        return self.model._output([req], seqs)
+        return self.gen.output([req], seqs)

@@ -2,8 +2,8 @@
 
 The model names no mesh axes. Every array it reads or writes has *logical* axes
 (vocab, embed, heads, kv_heads, ffn, layers, batch, cache_seq, ...); ONE rules
-table (`RULES`) maps them to the mesh axes ("data", "pipe", "tensor"), and
-`PARAM_AXES` gives the logical axes of each canonical param. XLA's partitioner
+table (`RULES`) maps them to the mesh axes ("data", "pipe", "tensor"), and the
+parameter spec table (`ftjax.specs`) gives the logical axes of each param. XLA's partitioner
 then inserts the collectives: with q/k/v/wi/wg split on heads/ffn (column
 parallel) and o/wo split on their input axis (row parallel) that is Megatron's
 two all-reduces per layer; embedding and LM head are split on the vocabulary.
@@ -23,14 +23,18 @@ Rules that need a decision:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 from typing import Mapping, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ftjax import quant
 from ftjax.config import ModelConfig
+from ftjax.specs import ParamSpec, flatten, param_specs, unflatten
 
 MESH_AXES = ("data", "pipe", "tensor")
 
@@ -49,35 +53,8 @@ RULES: Mapping[str, Optional[str]] = {
     "seq": None,
 }
 
-# Logical axes of each canonical param (block params without their leading "layers").
-PARAM_AXES: Mapping[str, Tuple[str, ...]] = {
-    "embed": ("vocab", "embed"),
-    "lm_head": ("vocab", "embed"),
-    "lm_head_bias": ("vocab",),
-    "pos_embed": ("positions", "embed"),
-    "project_in/kernel": ("embed", "embed"),
-    "project_out/kernel": ("embed", "embed"),
-    "norm/scale": ("embed",),
-    "norm/bias": ("embed",),
-    "attn/q/kernel": ("embed", "heads", "head_dim"),
-    "attn/q/bias": ("heads", "head_dim"),
-    "attn/k/kernel": ("embed", "kv_heads", "head_dim"),
-    "attn/k/bias": ("kv_heads", "head_dim"),
-    "attn/v/kernel": ("embed", "kv_heads", "head_dim"),
-    "attn/v/bias": ("kv_heads", "head_dim"),
-    "attn/o/kernel": ("heads", "head_dim", "embed"),
-    "attn/o/bias": ("embed",),
-    "mlp/wi/kernel": ("embed", "ffn"),
-    "mlp/wi/bias": ("ffn",),
-    "mlp/wg/kernel": ("embed", "ffn"),
-    "mlp/wg/bias": ("ffn",),
-    "mlp/wo/kernel": ("ffn", "embed"),
-    "mlp/wo/bias": ("embed",),
-}
-
 # KVCache k/v `[L, B, K, S, H]`.
 CACHE_AXES = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
-VOCAB_PARAMS = ("embed", "lm_head", "lm_head_bias")
 
 
 def make_mesh(tensor: int = 1, data: int = 1, pipe: int = 1, devices=None) -> Mesh:
@@ -114,52 +91,30 @@ def make_mesh(tensor: int = 1, data: int = 1, pipe: int = 1, devices=None) -> Me
     return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
+def mesh_for(tensor: int = 1, data: int = 1) -> Optional[Mesh]:
+    """`make_mesh(tensor, data)`, or None for one device (the command line's --tp / --dp)."""
+    if tensor == 1 and data == 1:
+        return None
+    return make_mesh(tensor=tensor, data=data)
+
+
+def use_cpu_devices(n: int) -> None:
+    """Makes n virtual CPU devices available (for --tp/--dp on a CPU-only machine).
+
+    Only possible before jax's backends start; a no-op when XLA_FLAGS already asks
+    for host devices or when there are enough devices anyway."""
+    if n <= 1 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # backends already running: make_mesh reports a shortage
+        pass
+
+
 def allowed_tensor_sizes(cfg: ModelConfig, limit: int = 1024) -> list:
     """Tensor-parallel sizes this config supports (heads and ffn both divide)."""
     return [t for t in range(1, min(cfg.n_heads, limit) + 1)
             if cfg.n_heads % t == 0 and cfg.d_ff % t == 0]
-
-
-def _flatten(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, key + "/"))
-        else:
-            out[key] = v
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
-def param_axes(path: str) -> Tuple[str, ...]:
-    """Logical axes of a param by its "/" path, in either layer layout.
-
-    "layers/attn/q/kernel" (stacked) -> ("layers", "embed", "heads", "head_dim");
-    "layers_3/attn/q/kernel" (per layer) -> ("embed", "heads", "head_dim").
-    """
-    head, _, rest = path.partition("/")
-    lead: Tuple[str, ...] = ()
-    if head == "layers":
-        lead = ("layers",)
-    elif not head.startswith("layers_"):
-        rest = path
-    module, _, leaf = rest.rpartition("/")
-    # Every norm (ln1, ln2, embed_norm, final_norm) shares one entry.
-    key = f"norm/{leaf}" if module.startswith("ln") or module.endswith("norm") else rest
-    if key not in PARAM_AXES:
-        raise ValueError(f"no sharding rule for param {path!r}")
-    return lead + PARAM_AXES[key]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,27 +173,29 @@ class Layout:
     def sharding(self, axes, shape) -> NamedSharding:
         return NamedSharding(self.mesh, self.spec(axes, shape))
 
-    def param_shapes(self, params) -> dict:
-        """Global shapes of `params` (any layer layout) once the vocabulary is padded."""
-        shapes = {}
-        for path, x in _flatten(params).items():
-            shape = tuple(x.shape)
-            if path in VOCAB_PARAMS:
-                shape = (self.padded_vocab,) + shape[1:]
-            shapes[path] = shape
-        return _unflatten(shapes)
+    @functools.cached_property
+    def specs(self) -> dict:
+        """The flat spec table with the vocabulary padded: {"a/b/c": ParamSpec}."""
+        return flatten(param_specs(self.cfg, self.padded_vocab))
+
+    def spec_of(self, path: str) -> ParamSpec:
+        if path not in self.specs:
+            raise ValueError(f"no parameter {path!r} in this model's spec table")
+        return self.specs[path]
+
+    def param_shapes(self) -> dict:
+        """Global shapes of the params once the vocabulary is padded."""
+        return unflatten({p: s.shape for p, s in self.specs.items()})
 
     def stored_shardings(self, shapes) -> dict:
         """Shardings for params of the canonical (unpadded) shapes, e.g. to restore a
         checkpoint onto the mesh; a vocabulary that does not divide stays replicated."""
-        flat = _flatten(shapes)
-        return _unflatten({p: self.sharding(param_axes(p), tuple(x.shape))
-                           for p, x in flat.items()})
+        return unflatten({p: self.sharding(self.spec_of(p).axes, tuple(x.shape))
+                          for p, x in flatten(shapes).items()})
 
-    def param_shardings(self, params) -> dict:
-        """NamedSharding of every param (stacked or per-layer layout), padded shapes."""
-        flat = _flatten(self.param_shapes(params))
-        return _unflatten({p: self.sharding(param_axes(p), s) for p, s in flat.items()})
+    def param_shardings(self) -> dict:
+        """NamedSharding of every param (padded shapes)."""
+        return unflatten({p: self.sharding(s.axes, s.shape) for p, s in self.specs.items()})
 
     def cache_sharding(self, batch: int, max_len: int) -> NamedSharding:
         c = self.cfg
@@ -251,50 +208,49 @@ class Layout:
     # -- placing and fetching -------------------------------------------------
 
     def place_params(self, params, dtype) -> dict:
-        """Host params (numpy / memory-mapped, any layer layout) -> sharded jax arrays.
+        """Host params (numpy / memory-mapped, canonical layout) -> sharded jax arrays.
 
         Each device's shard is read from the host array by its index slice and
         cast on its own (`jax.make_array_from_callback`): no device, and no
         host buffer, ever holds a whole split param. Vocabulary params are padded
         with zero rows to `padded_vocab`.
         """
-        from ftjax.quant import Int8Weight, is_quantized
-
-        def place(path, x, x_dtype):
-            shape = tuple(x.shape)
-            if path in VOCAB_PARAMS:
-                shape = (self.padded_vocab,) + shape[1:]
+        def place(spec: ParamSpec, x, x_dtype):
+            shape = spec.shape if x.shape[1:] == spec.shape[1:] else tuple(x.shape)
             # A size-1 axis (an int8 scale's contraction axis) does not divide: replicated.
-            return _place(x, shape, self.sharding(param_axes(path), shape), x_dtype)
+            return _place(x, shape, self.sharding(spec.axes, shape), x_dtype)
 
         out = {}
-        for path, x in _flatten(params).items():
-            if not is_quantized(x):
-                out[path] = place(path, x, dtype)
-            elif isinstance(x, Int8Weight) and not x.group_size:
+        for path, x in flatten(params, is_leaf=quant.is_quantized).items():
+            spec = self.spec_of(path)
+            if not quant.is_quantized(x):
+                out[path] = place(spec, x, dtype)
+            elif isinstance(x, quant.Int8Weight) and not x.group_size:
                 # Per-channel int8: the scale keeps the weight's axes (contraction axes
                 # of size 1), so it shards with its weight's output axes.
-                out[path] = x.replace(q=place(path, x.q, np.int8),
-                                      scale=place(path, x.scale, np.float32))
+                scale_shape = (spec.shape[0],) + tuple(x.scale.shape[1:])
+                out[path] = x.replace(
+                    q=place(spec, x.q, np.int8),
+                    scale=_place(x.scale, scale_shape, self.sharding(spec.axes, scale_shape),
+                                 np.float32))
             else:
                 raise ValueError(f"{path}: {type(x).__name__} with groups or W8A8 cannot be "
                                  "placed on a mesh yet; use quant='int8' (per channel)")
-        return _unflatten(out)
+        return unflatten(out)
 
     def unpad_params(self, params) -> dict:
         """Slices the vocabulary padding off (the canonical shapes again)."""
-        from ftjax.quant import is_quantized
-
         v = self.cfg.vocab_size
 
-        def unpad(k, x):
-            if k not in VOCAB_PARAMS:
+        def unpad(path, x):
+            if self.spec_of(path).axes[0] != "vocab":
                 return x
-            if is_quantized(x):
+            if quant.is_quantized(x):
                 return x.replace(q=x.q[:v], scale=x.scale[:v])
             return x[:v]
 
-        return {k: unpad(k, x) for k, x in params.items()}
+        return unflatten({p: unpad(p, x)
+                          for p, x in flatten(params, is_leaf=quant.is_quantized).items()})
 
     def shard_batch(self, tree):
         """Host or device arrays with a leading batch axis -> global arrays on "data"."""

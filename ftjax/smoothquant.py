@@ -27,20 +27,22 @@ import numpy as np
 
 from ftjax import quant
 from ftjax.config import ModelConfig
-from ftjax.model import Linear, Transformer, stack_layers, unstack_layers
+from ftjax.model import Block, Linear, Transformer, split_layers
+from ftjax.specs import flatten
 
 ACTIVATIONS = ("per_token", "per_tensor")
 
 
 def _record_inputs(next_fun, args, kwargs, context):
-    """flax interceptor: sows max|x| over tokens at every block Linear's input."""
+    """flax interceptor: sows max|x| over tokens at the input of every quantizable Linear."""
     module = context.module
-    if isinstance(module, Linear) and context.method_name == "__call__" and (
-            module.name in quant.BLOCK_KERNELS):
-        x = args[0]
-        n = quant.CONTRACT_DIMS.get(module.name, 1)
-        amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(x.ndim - n)))
-        module.sow("intermediates", "absmax", amax)
+    if isinstance(module, Linear) and context.method_name == "__call__":
+        spec = module.params_spec["kernel"]
+        if spec.quant == "channel":
+            x = args[0]
+            n = spec.contract
+            amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(x.ndim - n)))
+            module.sow("intermediates", "absmax", amax)
     return next_fun(*args, **kwargs)
 
 
@@ -51,21 +53,26 @@ def calibrate(cfg: ModelConfig, params, sequences: Sequence[Sequence[int]], dtyp
       params: canonical float params (layers stacked).
       sequences: token-id lists; each is cut to the model's max_positions.
     Returns:
-      {"layers_<i>": {"attn": {"q": absmax [D], ..., "o": [N, H]}, "mlp": {...}}}
+      {"layers/attn/q/kernel": absmax [L, D], ..., "layers/attn/o/kernel": [L, N, H], ...}
     """
     if not sequences:
         raise ValueError("calibration is empty; give at least one text or token-id list")
-    model = Transformer(cfg, dtype, scan_layers=False)
-    flat = unstack_layers(params, cfg.n_layers)
+    model = Transformer(cfg, dtype)
+    block = Block(cfg, dtype)
+    layers = split_layers(params["layers"], cfg.n_layers)
 
     @jax.jit
     def run(tokens):
         positions = jnp.arange(tokens.shape[1])[None]
-        with nn.intercept_methods(_record_inputs):
-            _, state = model.apply({"params": flat}, tokens, positions,
-                                   mutable=["intermediates"])
-        return jax.tree_util.tree_map(lambda t: t[0], state["intermediates"],
-                                      is_leaf=lambda t: isinstance(t, tuple))
+        x = model.embed(params, tokens, positions)
+        per_layer = []
+        for p in layers:
+            with nn.intercept_methods(_record_inputs):
+                (x, _), state = block.apply({"params": p}, x, positions, 0, None,
+                                            mutable=["intermediates"])
+            per_layer.append({k.replace("/absmax", "/kernel"): v[0] for k, v in
+                              flatten(state["intermediates"]).items()})
+        return {f"layers/{k}": jnp.stack([d[k] for d in per_layer]) for k in per_layer[0]}
 
     stats = None
     for seq in sequences:
@@ -76,8 +83,7 @@ def calibrate(cfg: ModelConfig, params, sequences: Sequence[Sequence[int]], dtyp
         stats = s if stats is None else jax.tree_util.tree_map(jnp.maximum, stats, s)
     if stats is None:
         raise ValueError("calibration has only empty sequences")
-    return jax.tree_util.tree_map(lambda d: d["absmax"] if isinstance(d, dict) else d, stats,
-                                  is_leaf=lambda d: isinstance(d, dict) and "absmax" in d)
+    return stats
 
 
 @functools.partial(jax.jit, static_argnums=(2, 4))
@@ -105,15 +111,10 @@ def quantize_w8a8(cfg: ModelConfig, params, sequences, alpha: float = 0.5,
     if activations not in ACTIVATIONS:
         raise ValueError(f"w8a8 activations must be one of {ACTIVATIONS}, got {activations!r}")
     stats = calibrate(cfg, params, sequences, dtype)
-    flat = unstack_layers(params, cfg.n_layers)
-    for i in range(cfg.n_layers):
-        layer_stats = stats[f"layers_{i}"]
+    per_tensor = activations == "per_tensor"
 
-        def one(name, w, layer_stats=layer_stats):
-            group = "attn" if name in ("q", "k", "v", "o") else "mlp"
-            amax = layer_stats[group][name]
-            return smooth_quantize(w, amax, quant.CONTRACT_DIMS.get(name, 1), alpha,
-                                   activations == "per_tensor")
+    def one(path, w, spec):  # stacked [L, ...]: one smoothing per layer
+        return jax.vmap(lambda wl, al: smooth_quantize(wl, al, spec.contract, alpha,
+                                                       per_tensor))(w, stats[path])
 
-        flat[f"layers_{i}"] = quant.map_kernels(flat[f"layers_{i}"], one)
-    return quant.quantize_tables(stack_layers(flat, cfg.n_layers))
+    return quant.map_quantizable(cfg, params, one, quant.quantize_rows)

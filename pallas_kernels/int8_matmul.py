@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from ftjax.numerics import quantize_int8
+
 _MIN_DOT = 16   # tl.dot needs every operand dimension >= 16
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -161,14 +163,15 @@ def int8_matmul_reference(x, w_q, scale, *, group_size=None):
 
 
 def quantize(w, group_size=None):
-    """Symmetric int8 quantization of a float `[K, N]` weight (for tests and benchmarks).
+    """Symmetric int8 quantization of a float `[K, N]` weight (for tests and benchmarks),
+    by the one int8 quantizer (`ftjax.numerics.quantize_int8`: absmax / 127, an all-zero
+    column or group gets scale 1).
 
     Returns:
-      (w_q int8 `[K, N]`, scale float32 `[N]` or `[K // group_size, N]`), scale = amax / 127.
+      (w_q int8 `[K, N]`, scale float32 `[N]` or `[K // group_size, N]`).
     """
     w = jnp.asarray(w, jnp.float32)
     k, n = w.shape
-    groups = w.reshape(k // (group_size or k), group_size or k, n)
-    scale = jnp.maximum(jnp.abs(groups).max(axis=1), 1e-12) / 127.0
-    w_q = jnp.clip(jnp.round(groups / scale[:, None, :]), -127, 127).astype(jnp.int8)
+    w_q, scale = quantize_int8(w.reshape(k // (group_size or k), group_size or k, n), (1,))
+    scale = scale[:, 0]
     return w_q.reshape(k, n), (scale[0] if group_size is None else scale)

@@ -18,6 +18,11 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
     os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
 
+# Every model the tests build runs its layers as one scan over the stacked weights: the
+# path accelerators run. The CPU default (the stack split per layer, an unrolled loop)
+# is checked against it in test_generate.py::test_layer_loops_agree.
+os.environ.setdefault("FTJAX_LAYER_LOOP", "scan")
+
 
 def pytest_collection_modifyitems(config, items):
     if HAVE_TORCH:

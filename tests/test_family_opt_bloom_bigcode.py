@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 import ftjax
-from ftjax.model import KVCache, alibi_slopes
+from ftjax.cache import KVCache
+from ftjax.numerics import alibi_slopes
 from hf_models import check_low_precision, hf_greedy, hf_logits, make_hf
 
 pytestmark = pytest.mark.torch

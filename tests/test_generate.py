@@ -1,9 +1,11 @@
 """Engine behaviour: ragged batches, seeds, limits, bad input, compile counts (no torch)."""
 
+import jax
 import numpy as np
 import pytest
 
 import ftjax
+from ftjax.api import Model
 from tiny import tiny_model
 
 NO_STOP = ftjax.SamplingParams(stop_token_ids=[])
@@ -171,21 +173,22 @@ def test_bad_dtype_raises(tmp_path):
         ftjax.load(str(tmp_path), dtype="float64")
 
 
-def test_scan_and_unrolled_layers_agree(model):
-    """The stacked-layer scan (accelerators) and the per-layer loop (CPU) are one model."""
-    from ftjax.engine import Engine
-
-    assert not model.engine.model.scan_layers  # CPU default
+def test_layer_loops_agree(model):
+    """The stacked-layer scan (what accelerators run, and what this suite runs: conftest
+    sets FTJAX_LAYER_LOOP=scan) and the CPU default (the stack split per layer, an
+    unrolled loop) are one model: the same logits (float32 rounding) and tokens."""
+    assert model.layer_loop == "scan"
+    unrolled = Model(model.config, model.params, layer_loop="unrolled")
+    assert Model(model.config, model.params, layer_loop="auto").layer_loop == "unrolled"
+    assert isinstance(unrolled._gen.params["layers"], tuple)
     ids = np.asarray([[5, 6, 7, 8, 9, 10]], np.int32)
-    scan = Engine(model.config, model.engine.dtype, scan_layers=True)
-    a = np.asarray(scan.forward(model.params, ids))
-    b = np.asarray(model.forward(ids))
-    assert np.allclose(a, b, atol=1e-5)
-    from ftjax import batching
-
-    batch = batching.build([batching.Request(ids[0].tolist(), NO_STOP, 8)], [1], model.config, 8)
-    state, _ = scan.prefill(model.params, **batch.prefill_args, sp=batch.sp,
-                            max_len=batch.max_len, width=batch.width, feat=batch.feat)
-    state = scan.decode(model.params, state, batch.sp, feat=batch.feat, chunk=8)
+    np.testing.assert_allclose(np.asarray(unrolled.forward(ids)), np.asarray(model.forward(ids)),
+                               atol=1e-5)
     ref = model.generate([ids[0].tolist()], max_new_tokens=8, sampling=NO_STOP).tokens[0]
-    assert np.asarray(state.tokens)[0, :8].tolist() == ref
+    got = unrolled.generate([ids[0].tolist()], max_new_tokens=8, sampling=NO_STOP).tokens[0]
+    assert got == ref
+    back = unrolled.params  # the canonical stacked layout again
+    for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="layer_loop must be one of"):
+        Model(model.config, model.params, layer_loop="python")

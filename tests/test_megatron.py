@@ -118,7 +118,10 @@ def test_no_args_old_release_needs_flags(tmp_path, gpt2):
 
 def test_args_with_megatron_classes_unpickle_without_megatron(tmp_path, gpt2):
     hf, w = gpt2
-    mod = types.ModuleType("megatron_fake_enums")
+    # Under Megatron's package name (whose classes load as inert stand-ins), importable
+    # only while the checkpoint is written.
+    names = ("megatron", "megatron.core", "megatron.core.fake_enums")
+    mod = types.ModuleType(names[-1])
 
     class AttnMaskType:  # pickled by reference to a module that will not import
         def __init__(self, value):
@@ -127,12 +130,14 @@ def test_args_with_megatron_classes_unpickle_without_megatron(tmp_path, gpt2):
     AttnMaskType.__module__ = mod.__name__
     AttnMaskType.__qualname__ = "AttnMaskType"
     mod.AttnMaskType = AttnMaskType
-    sys.modules[mod.__name__] = mod
+    assert not any(n in sys.modules for n in names)
+    sys.modules.update({n: types.ModuleType(n) for n in names[:-1]}, **{names[-1]: mod})
     try:
         root = write_megatron(tmp_path, w, 4, args=gpt2_args(hf.config), padded=PADDED,
                               extra_args={"attn_mask_type": AttnMaskType(1)})
     finally:
-        del sys.modules[mod.__name__]
+        for n in names:
+            del sys.modules[n]
     path = os.path.join(root, "release", "mp_rank_00", "model_optim_rng.pt")
     import torch
 
@@ -197,3 +202,24 @@ def test_args_contradicting_the_files_are_refused(tmp_path, gpt2):
     with pytest.raises(ftjax.CheckpointError, match="position_embedding_type"):
         ftjax.load(str(root))
 
+
+
+def test_post_layernorm_residual_by_layer_kind(tmp_path, gpt2):
+    """apply_residual_connection_post_layernorm: Megatron-LM's legacy layer adds the norm's
+    output as the residual (ModelConfig.residual_from_norm, whose math is parity-tested
+    on BLOOM); megatron-core's layer ignores the flag since Sep 2023 and applied it
+    before, so with megatron-core keys it is refused as ambiguous."""
+    from converters.megatron import load_megatron
+
+    hf, w = gpt2
+    flag = {"apply_residual_connection_post_layernorm": True}
+    for mcore in (False, True):
+        root = write_megatron(tmp_path / str(mcore), w, 4, args=gpt2_args(hf.config),
+                              padded=PADDED, mcore=mcore, extra_args=flag)
+        write_gpt2_vocab(root, V)
+        if mcore:
+            with pytest.raises(ftjax.CheckpointError,
+                               match="apply_residual_connection_post_layernorm.*megatron-core"):
+                load_megatron(str(root))
+        else:
+            assert load_megatron(str(root))[0].residual_from_norm

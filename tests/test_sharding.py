@@ -26,7 +26,7 @@ import ftjax
 from ftjax import distributed
 from ftjax.api import Model
 from ftjax.config import preset
-from ftjax.model import param_shapes
+from ftjax.specs import n_params, shapes as param_shapes
 from ftjax.plan import plan_memory
 from ftjax.sharding import Layout, make_mesh
 
@@ -85,7 +85,7 @@ def test_megatron_specs_and_kv_replication():
     shapes = param_shapes(cfg)
     for tp, kv in ((2, "tensor"), (4, None)):
         layout = Layout(make_mesh(tensor=tp), cfg)
-        sh = layout.param_shardings(shapes)
+        sh = layout.param_shardings()
         a = sh["layers"]["attn"]
         assert a["q"]["kernel"].spec == P("pipe", None, "tensor", None)        # column
         assert a["o"]["kernel"].spec == P("pipe", "tensor", None, None)        # row
@@ -94,15 +94,15 @@ def test_megatron_specs_and_kv_replication():
         assert m["wi"]["kernel"].spec == m["wg"]["kernel"].spec == P("pipe", None, "tensor")
         assert m["wo"]["kernel"].spec == P("pipe", "tensor", None)
         assert sh["embed"].spec == P("tensor", None)                           # vocab-parallel
-        assert layout.param_shapes(shapes)["embed"] == (layout.padded_vocab, 32)
+        assert layout.param_shapes()["embed"] == (layout.padded_vocab, 32)
         assert layout.padded_vocab % tp == 0 and 97 <= layout.padded_vocab < 97 + tp
         assert layout.cache_sharding(2, 16).spec == P("pipe", "data", kv, None, None)
     with pytest.raises(ValueError, match="pipeline parallelism"):
         Model(cfg, None, mesh=make_mesh(tensor=2, pipe=2))  # refused before params are read
-    # per-layer layout: the same rules without the layers axis
-    per_layer = Layout(make_mesh(tensor=2), cfg).param_shardings(
-        {"layers_0": jax.tree_util.tree_map(lambda x: np.zeros(x.shape[1:]), shapes["layers"])})
-    assert per_layer["layers_0"]["attn"]["q"]["kernel"].spec == P(None, "tensor", None)
+    # the CPU layer loop splits the placed stack per layer: each layer keeps its sharding
+    split = Model(cfg, _params(cfg), mesh=make_mesh(tensor=2), layer_loop="unrolled")
+    q0 = split._gen.params["layers"][0]["attn"]["q"]["kernel"]
+    assert tuple(q0.sharding.spec)[:2] == (None, "tensor") and q0.shape == (32, 8, 4)
 
 
 # -- loading shard by shard ---------------------------------------------------------
@@ -150,8 +150,8 @@ def test_placement_reads_only_shards(tmp_path):
 
     save_native(str(tmp_path), cfg, params, "float32")
     model = ftjax.load(str(tmp_path), mesh=make_mesh(tensor=4, data=2))
-    q0 = model._run_params["layers_0"]["attn"]["q"]["kernel"]
-    assert {s.data.shape for s in q0.addressable_shards} == {(32, 2, 4)}
+    q = model.params["layers"]["attn"]["q"]["kernel"]
+    assert {s.data.shape for s in q.addressable_shards} == {(2, 32, 2, 4)}
     ref = Model(cfg, params)
     # one prompt on data=2: the batch is padded up to 2 rows
     _check_same(ref, model, np.arange(24).reshape(2, 12) % 97, [[5, 6, 7, 1, 2, 3, 4, 5]])
@@ -197,7 +197,7 @@ def test_stacked_layout_on_a_mesh():
     cfg = tiny_config(n_heads=8, n_kv_heads=2, head_dim=4, vocab_size=97)
     params = _params(cfg)
     layout = Layout(make_mesh(tensor=4, data=2), cfg)
-    engine = Engine(cfg, np.float32, scan_layers=True, layout=layout)
+    engine = Engine(cfg, np.float32, layout=layout)
     ids = np.random.default_rng(0).integers(0, 97, (2, 9)).astype(np.int32)
     got = engine.forward(layout.place_params(params, np.float32), layout.shard_batch(ids))
     want = Model(cfg, params).forward(ids)
@@ -287,7 +287,7 @@ def test_plan_weights_match_hand_count():
     hand = 2 * (vocab * d // tp + 1024 * d + 2 * d + L * per_layer)
     assert abs(p.weights - hand) <= 0.02 * hand
     assert p.kv_cache == 2 * 2 * L * 8 * (12 // tp) * 1024 * 64
-    assert p.weights_total == 2 * (cfg.n_params + 3 * d)  # + 3 padded vocabulary rows
+    assert p.weights_total == 2 * (n_params(cfg) + 3 * d)  # + 3 padded vocabulary rows
 
 
 def test_plan_compiles_on_the_mesh():

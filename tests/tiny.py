@@ -5,7 +5,7 @@ import numpy as np
 
 import ftjax
 from ftjax.api import Model
-from ftjax.model import param_shapes
+from ftjax.specs import shapes as param_shapes
 
 
 def tiny_config(**overrides):
