@@ -195,6 +195,12 @@ def restricted_loads(ctx):
     return loads(pickle.dumps(evil_object(ctx.marker())), "crafted.pkl")
 
 
+def restricted(data):
+    from converters.safe_pickle import loads
+
+    return loads(data, "x.pt")
+
+
 def nan_weights(ctx, check=True):
     d = ctx.copy("native")
     path = os.path.join(d, "params.safetensors")
@@ -316,6 +322,14 @@ CASES = [
     pytest.param(restricted_loads, ftjax.CheckpointError,
                  r"crafted\.pkl: the pickle asks for the global builtins\.exec",
                  id="code-restricted-unpickler"),
+    pytest.param(lambda c: restricted(b"cos\nsystem\n(S'echo hi'\ntR."), ftjax.CheckpointError,
+                 r"x\.pt: the pickle asks for the global os\.system", id="code-os-system"),
+    pytest.param(lambda c: restricted(b"c__builtin__\ngetattr\n(I1\nS'real'\ntR."),
+                 ftjax.CheckpointError, r"x\.pt: the pickle asks for the global builtins\.getattr",
+                 id="code-getattr"),
+    pytest.param(lambda c: restricted(b"c__builtin__\nbytearray\n(I1000000000000\ntR."),
+                 ftjax.CheckpointError, r"x\.pt: not a readable pickle .*bytearray\(int\) is "
+                 "refused", id="pickle-bytearray-bomb"),
     # Format detection.
     pytest.param(lambda c: ftjax.load((lambda d: (
         open(os.path.join(d, "latest_checkpointed_iteration.txt"), "w").write("release"), d)[1])(
@@ -673,3 +687,30 @@ def test_budget_is_clipped_to_the_model_positions(ctx):
     exact = model.generate(prompt, max_new_tokens=room)
     assert huge.tokens == exact.tokens and len(huge.tokens[0]) == room
     assert huge.finish_reasons == ["length"]
+
+
+def test_restricted_unpickler_reads_plain_data_and_inert_stand_ins():
+    """What Megatron / NeMo pickle besides tensors loads; their classes become stand-ins
+    that only hold their arguments and state (nothing imported, nothing called)."""
+    import argparse
+    import collections
+    import pickle
+    import sys
+
+    from converters.safe_pickle import StandIn, loads
+
+    data = {"od": collections.OrderedDict(a=1), "ns": argparse.Namespace(lr=0.1, layers=2),
+            "arr": np.arange(6, dtype=np.float16).reshape(2, 3), "set": {1, 2},
+            "scalar": np.float32(1.5), "dtype": np.dtype("int8"), "bytes": bytearray(b"ab")}
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        out = loads(pickle.dumps(data, protocol=protocol))
+        assert out["od"] == data["od"] and vars(out["ns"]) == vars(data["ns"])
+        np.testing.assert_array_equal(out["arr"], data["arr"])
+        assert out["set"] == {1, 2} and out["scalar"] == np.float32(1.5)
+        assert out["dtype"] == np.dtype("int8") and out["bytes"] == bytearray(b"ab")
+    # An enum value and a plain object of Megatron's (protocol 0: GLOBAL, REDUCE, BUILD).
+    enum = loads(b"cmegatron.core.enums\nModelType\n(I1\ntR.")
+    assert isinstance(enum, StandIn) and enum.args == (1,)
+    obj = loads(b"cnemo.core.config\nCfg\n)R(dS'hidden'\nI64\nsb.")
+    assert isinstance(obj, StandIn) and obj.state == {"hidden": 64}
+    assert "megatron" not in sys.modules and "nemo" not in sys.modules
