@@ -245,6 +245,21 @@ def orbax_truncated(ctx):
     return ftjax.load(d)
 
 
+def json_file(ctx, base, name, value):
+    d = ctx.copy(base)
+    with open(os.path.join(d, name), "w") as f:
+        json.dump(value, f)
+    return ftjax.load(d)
+
+
+def shard_index(ctx, index):
+    d = ctx.copy("hf")
+    os.remove(os.path.join(d, "model.safetensors"))
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    return ftjax.load(d)
+
+
 def hf_config(ctx, **changes):
     d = ctx.copy("hf")
     edit_json(os.path.join(d, "config.json"), **changes)
@@ -340,6 +355,10 @@ CASES = [
         shutil.copy(os.path.join(c.base["hf"], "config.json"), d), d)[1])(c.copy("native"))),
         ftjax.CheckpointError, r"ftjax: ftjax_config\.json.*huggingface: config\.json",
         id="detect-ftjax-and-hf"),
+    pytest.param(lambda c: ftjax.load((lambda d: (
+        shutil.copy(os.path.join(c.base["hf"], "config.json"), d), d)[1])(c.copy("orbax")),
+        mesh=ftjax.make_mesh(tensor=2)), ftjax.CheckpointError,
+        r"ftjax: ftjax_config\.json.*huggingface: config\.json", id="detect-orbax-on-mesh"),
     pytest.param(lambda c: ftjax.load(c.new_dir()), ftjax.CheckpointError,
                  r"not a checkpoint directory: none of ftjax: ftjax_config\.json",
                  id="detect-empty-dir"),
@@ -388,6 +407,12 @@ CASES = [
                  id="st-metadata"),
     pytest.param(lambda c: st_case(c, b"", header_len=0), ftjax.CheckpointError,
                  r"not a readable safetensors file", id="st-empty-header"),
+    pytest.param(lambda c: shard_index(c, {"weight_map": {"w": "../other/model.safetensors"}}),
+                 ftjax.CheckpointError, r"model\.safetensors\.index\.json: weight_map names shard "
+                 r"'\.\./other/model\.safetensors', which is not a file name inside",
+                 id="index-path-traversal"),
+    pytest.param(lambda c: shard_index(c, {"weight_map": ["model.safetensors"]}),
+                 ftjax.CheckpointError, r"index\.json: weight_map is a list", id="index-list"),
     # Non-finite weights and broken orbax data.
     pytest.param(nan_weights, ftjax.CheckpointError,
                  r"tensor 'layers/mlp/wi/kernel' holds 1 non-finite", id="finite-load"),
@@ -421,6 +446,11 @@ CASES = [
                  id="cfg-vocab-string"),
     pytest.param(lambda c: hf_config(c, model_type="mamba"), ftjax.CheckpointError,
                  r"model_type 'mamba' is not supported", id="cfg-model-type"),
+    pytest.param(lambda c: json_file(c, "hf", "config.json", [1, 2]), ftjax.CheckpointError,
+                 r"config\.json: a JSON list, not an object", id="cfg-json-list"),
+    pytest.param(lambda c: json_file(c, "native", "ftjax_config.json", "x"),
+                 ftjax.CheckpointError, r"ftjax_config\.json: a JSON str, not an object",
+                 id="cfg-native-json-str"),
     pytest.param(lambda c: native_config(c, norm_eps=float("nan")), ftjax.CheckpointError,
                  r"ftjax_config\.json: bad 'config' entry .*norm_eps must be a finite number",
                  id="cfg-native-nan-eps"),
