@@ -36,6 +36,7 @@ import shutil
 import numpy as np
 
 from converters import hf_gpt2
+from converters.activations import FT as FT_ACTIVATIONS
 from converters.hf_export import hf_gpt2_config, hf_gpt2_tensors
 from converters.native import TOKENIZER_FILES
 from converters.rules import apply_rules
@@ -45,7 +46,6 @@ from ftjax.specs import shapes as param_shapes
 
 CONFIG = "config.ini"
 _DTYPES = {"fp32": np.float32, "fp16": np.float16}
-_ACTIVATIONS = {"gelu": "gelu_new", "relu": "relu"}  # FT activation_type -> ftjax
 # config.ini variant keys that change the math: the values FT's plain GPT has.
 _DEFAULTS = {"layernorm_type": "pre_layernorm", "has_positional_encoding": "true",
              "has_pre_decoder_layernorm": "false", "has_post_decoder_layernorm": "true",
@@ -124,9 +124,9 @@ def _read_config(directory: str):
                                   f"(supported: {want!r}); refusing to load with different "
                                   "numerics")
     act = sec.get("activation_type", "gelu").strip().lower()
-    if act not in _ACTIVATIONS:
+    if act not in FT_ACTIVATIONS:
         raise CheckpointError(f"{path}: [gpt] activation_type = {act!r} is not supported "
-                              f"(supported: {sorted(_ACTIVATIONS)})")
+                              f"(supported: {sorted(FT_ACTIVATIONS)})")
     dtype = sec.get("weight_data_type", "fp32").strip().lower()
     if dtype not in _DTYPES:
         raise CheckpointError(f"{path}: [gpt] weight_data_type = {dtype!r} is not supported "
@@ -139,7 +139,7 @@ def _read_config(directory: str):
                               "a number") from e
     hf = {"n_head": n, "n_embd": n * h, "n_inner": integer("inter_size"),
           "n_positions": integer("max_pos_seq_len"), "n_layer": integer("num_layer"),
-          "vocab_size": integer("vocab_size"), "activation_function": _ACTIVATIONS[act],
+          "vocab_size": integer("vocab_size"), "activation_function": FT_ACTIVATIONS[act],
           "layer_norm_epsilon": eps}
     for src, dst in (("start_id", "bos_token_id"), ("end_id", "eos_token_id")):
         if src in sec:
@@ -236,10 +236,10 @@ def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1
     if not isinstance(tp, int) or tp < 1 or cfg.n_heads % tp or cfg.d_ff % tp:
         raise ValueError(f"tp must be a positive int dividing n_heads ({cfg.n_heads}) and "
                          f"d_ff ({cfg.d_ff}), got {tp!r}")
-    act = {v: k.capitalize() for k, v in _ACTIVATIONS.items()}.get(cfg.activation)
+    act = {v: k.capitalize() for k, v in FT_ACTIVATIONS.items()}.get(cfg.activation)
     if act is None:
         raise ValueError(f"ModelConfig.activation = {cfg.activation!r} cannot be expressed in "
-                         f"a FasterTransformer GPT c-model (supported: {sorted(_ACTIVATIONS.values())})")
+                         f"a FasterTransformer GPT c-model (supported: {sorted(FT_ACTIVATIONS.values())})")
     if len(cfg.eos_token_ids) > 1:
         raise ValueError(f"ModelConfig.eos_token_id = {cfg.eos_token_id!r}: a FasterTransformer "
                          "c-model has one end_id")

@@ -14,11 +14,9 @@ import dataclasses
 
 from ftjax.config import ModelConfig
 from converters import hf_gpt2
+from converters.hf_common import Architecture
 from converters.transforms import fused_per_head, linear_out_heads, transpose
 from converters.rules import require_value
-
-PREFIXES = ("transformer.", "")
-EMBED = "wte.weight"
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
@@ -47,13 +45,12 @@ def _qkv(part: int):
     return f
 
 
-
-
 def rules(cfg: ModelConfig, prefix: str):
     # GPT-2's key names, with nn.Linear ([out, in]) weights instead of Conv1D.
     return hf_gpt2.layout_rules(cfg, prefix, _qkv, linear_out_heads, transpose)
 
 
-# The causal-mask buffers older checkpoints may carry (never weights).
-IGNORE = [r"(transformer\.)?bias", r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias"]
-IGNORE_TIED = [r"lm_head\.weight"]
+ARCH = Architecture(
+    ("gpt_bigcode",), config_from_hf, rules,
+    # The causal-mask buffers older checkpoints may carry (never weights).
+    ignore=(r"(transformer\.)?bias", r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias"))

@@ -12,17 +12,13 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import token_id
+from converters.hf_common import Architecture, token_id
 from converters.transforms import fused_per_head, linear_out_heads, transpose
-from converters.rules import Rule, check_keys, require_value
+from converters.rules import Rule, check_keys, linear, norm, require_value
 
-PREFIXES = ("transformer.", "")
-EMBED = "word_embeddings.weight"
 
 # BLOOM was trained at 2048 tokens; ALiBi has no hard limit, config.json rarely says.
 _DEFAULT_MAX_POSITIONS = 2048
-
-
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
@@ -51,39 +47,22 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         eos_token_id=token_id(hf, "eos_token_id", where))
 
 
-
-
-
-
-
-
 def rules(cfg: ModelConfig, prefix: str):
     h = prefix + "h.{i}."
-    table = [
-        Rule("embed", prefix + "word_embeddings.weight"),
-        Rule("embed_norm/scale", prefix + "word_embeddings_layernorm.weight"),
-        Rule("embed_norm/bias", prefix + "word_embeddings_layernorm.bias"),
-        Rule("final_norm/scale", prefix + "ln_f.weight"),
-        Rule("final_norm/bias", prefix + "ln_f.bias"),
-        Rule("layers/ln1/scale", h + "input_layernorm.weight"),
-        Rule("layers/ln1/bias", h + "input_layernorm.bias"),
-        Rule("layers/ln2/scale", h + "post_attention_layernorm.weight"),
-        Rule("layers/ln2/bias", h + "post_attention_layernorm.bias"),
-        Rule("layers/attn/o/kernel", h + "self_attention.dense.weight", linear_out_heads),
-        Rule("layers/attn/o/bias", h + "self_attention.dense.bias"),
-        Rule("layers/mlp/wi/kernel", h + "mlp.dense_h_to_4h.weight", transpose),
-        Rule("layers/mlp/wi/bias", h + "mlp.dense_h_to_4h.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.dense_4h_to_h.weight", transpose),
-        Rule("layers/mlp/wo/bias", h + "mlp.dense_4h_to_h.bias"),
-    ]
-    src = h + "self_attention.query_key_value."
+    table = [Rule("embed", prefix + "word_embeddings.weight"),
+             *norm("embed_norm", prefix + "word_embeddings_layernorm", cfg),
+             *norm("final_norm", prefix + "ln_f", cfg),
+             *norm("layers/ln1", h + "input_layernorm", cfg),
+             *norm("layers/ln2", h + "post_attention_layernorm", cfg),
+             *linear("layers/attn/o", h + "self_attention.dense", linear_out_heads, cfg.attn_bias),
+             *linear("layers/mlp/wi", h + "mlp.dense_h_to_4h", transpose, cfg.mlp_bias),
+             *linear("layers/mlp/wo", h + "mlp.dense_4h_to_h", transpose, cfg.mlp_bias)]
     for part, name in enumerate("qkv"):
-        table.append(Rule(f"layers/attn/{name}/kernel", src + "weight", fused_per_head(part)))
-        table.append(Rule(f"layers/attn/{name}/bias", src + "bias", fused_per_head(part)))
+        table += linear(f"layers/attn/{name}", h + "self_attention.query_key_value",
+                        fused_per_head(part), cfg.attn_bias, fused_per_head(part))
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "lm_head.weight"))
     return table
 
 
-IGNORE: list = []
-IGNORE_TIED = [r"lm_head\.weight"]
+ARCH = Architecture(("bloom",), config_from_hf, rules, embed="word_embeddings.weight")

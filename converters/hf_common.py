@@ -1,4 +1,6 @@
-"""Shared HuggingFace config.json readers: plain rotary settings, special-token ids.
+"""What every HuggingFace architecture shares: the `Architecture` interface
+`converters.hf` loads through, and config.json readers (plain rotary settings,
+special-token ids).
 
 Rotary: transformers 5.x stores rotary settings in `rope_parameters`
 (`{"rope_type": "default", "rope_theta": ..., "partial_rotary_factor": ...}`);
@@ -12,10 +14,55 @@ dicts is refused naming the key, never loaded with different numerics.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from typing import Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
+from converters.rules import Rule
+from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """One HuggingFace model family, as `converters.hf.load_hf` reads it.
+
+    Attributes:
+      model_types: the config.json `model_type` values it reads.
+      config: `(config.json dict, where) -> ModelConfig`; refuses (CheckpointError naming
+        the key) any value that would change the math.
+      rules: `(cfg, key prefix) -> [Rule]`, the key table.
+      prefixes: base-model key prefixes to try, in order: checkpoints saved from the
+        bare model lack the head model's ("transformer.", OPT's "model.").
+      embed: the token embedding's key after the prefix (how the prefix is found).
+      head: the untied LM head's key (compared with the embedding when tied).
+      ignore: regexes of keys that carry no weights (causal-mask or rotary buffers).
+      ignore_tied: regexes of keys skipped when the embeddings are tied (the saved head).
+      aliases: {other name: the key the rules read}, for checkpoints that store a tensor
+        under another name.
+    """
+
+    model_types: Tuple[str, ...]
+    config: Callable[[dict, str], ModelConfig]
+    rules: Callable[[ModelConfig, str], List[Rule]]
+    prefixes: Tuple[str, ...] = ("transformer.", "")
+    embed: str = "wte.weight"
+    head: str = "lm_head.weight"
+    ignore: Tuple[str, ...] = ()
+    ignore_tied: Tuple[str, ...] = (r"lm_head\.weight",)
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def detect_prefix(self, tensors: Mapping) -> str:
+        """The first of `prefixes` under which the token embedding is stored; without
+        the embedding, the first prefix any key carries, so the loader names the
+        missing tensor under the prefix the checkpoint uses."""
+        for prefix in self.prefixes:
+            if prefix + self.embed in tensors:
+                return prefix
+        for prefix in self.prefixes:
+            if any(k.startswith(prefix) for k in tensors):
+                return prefix
+        return self.prefixes[-1]
 
 _PLAIN_KEYS = {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
 

@@ -15,20 +15,13 @@ import os
 
 import numpy as np
 
-from ftjax.config import ModelConfig
 from converters import hf_gpt2
-from converters.rules import flatten_tree
+from converters.spec_shapes import stored_shape
 from converters.tensors import write_safetensors
+from ftjax.config import ModelConfig
+from ftjax.specs import flatten, param_specs, spec_at
 
 _PREFIX = "transformer."
-
-# HF shapes of the tensors whose import transform is not the identity; every other
-# tensor has the shape of its canonical param (one layer of it, for "{i}" keys).
-_FUSED_SHAPES = {
-    "attn.c_attn.weight": lambda c: (c.d_model, 3 * c.d_model),
-    "attn.c_attn.bias": lambda c: (3 * c.d_model,),
-    "attn.c_proj.weight": lambda c: (c.d_model, c.d_model),
-}
 
 
 def hf_gpt2_config(cfg: ModelConfig, dtype_name: str = "float32") -> dict:
@@ -83,20 +76,29 @@ def _scatter(shape, parts, cfg: ModelConfig, dtype) -> np.ndarray:
     return out.reshape(shape)
 
 
+def hf_gpt2_shape(cfg: ModelConfig, dsts) -> tuple:
+    """Shape of the HF GPT-2 tensor holding the canonical params `dsts` (one layer of
+    them): GPT-2's Conv1D kernels are `[in, out]`, fused c_attn concatenates q, k, v."""
+    specs = param_specs(cfg)
+    parts = [spec_at(specs, d) for d in dsts]
+    leaf = dsts[0].rsplit("/", 1)[-1]
+    kind = leaf if leaf in ("kernel", "bias") else "table"
+    return stored_shape(parts, kind, out_first=False)
+
+
 def hf_gpt2_tensors(cfg: ModelConfig, params, dtype) -> dict:
     """HF GPT-2 state dict (numpy, with the "transformer." prefix) of canonical params."""
-    flat = flatten_tree(params)
+    flat = flatten(params)
     groups: dict = {}  # HF key template -> [rule, ...], table order kept
     for rule in hf_gpt2.rules(cfg, _PREFIX):
         groups.setdefault(rule.src, []).append(rule)
     tensors = {}
     for src, rules in groups.items():
         layers = range(cfg.n_layers) if "{i}" in src else [None]
-        suffix = src.split("{i}.")[-1]
+        shape = hf_gpt2_shape(cfg, [r.dst for r in rules])
         for i in layers:
             values = [np.asarray(flat[r.dst]) if i is None else np.asarray(flat[r.dst][i])
                       for r in rules]
-            shape = _FUSED_SHAPES[suffix](cfg) if suffix in _FUSED_SHAPES else values[0].shape
             tensors[src.format(i=i)] = _scatter(shape, list(zip(rules, values)), cfg, dtype)
     return tensors
 
@@ -108,7 +110,7 @@ def save_hf_gpt2(directory: str, cfg: ModelConfig, params) -> None:
     Raises:
       ValueError: `cfg` has a feature GPT-2 lacks (the message names the ModelConfig field).
     """
-    leaves = list(flatten_tree(params).values())
+    leaves = list(flatten(params).values())
     dtype = _export_dtype(leaves)
     hf = hf_gpt2_config(cfg, dtype.name)
     tensors = hf_gpt2_tensors(cfg, params, dtype)

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import token_id
-from converters.rules import Rule, check_keys, require_value
-
-_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
-                "relu": "relu", "silu": "silu", "swish": "silu"}
+from converters.hf_common import Architecture, token_id
+from converters.activations import hf_activation
+from converters.rules import Rule, check_keys, linear, norm, require_value
 
 
 def config_from_hf(hf: dict, where: str, default_activation: str = "gelu_new") -> ModelConfig:
     check_keys(hf, where, ["vocab_size", "n_embd", "n_layer", "n_head", "n_positions"])
-    act = require_value(hf, "activation_function", list(_ACTIVATIONS), where,
-                        default_activation)
+    act = hf_activation(hf, "activation_function", where, default_activation)
     require_value(hf, "scale_attn_weights", [True], where, True)
     require_value(hf, "scale_attn_by_inverse_layer_idx", [False], where, False)
     require_value(hf, "add_cross_attention", [False], where, False)
@@ -29,7 +26,7 @@ def config_from_hf(hf: dict, where: str, default_activation: str = "gelu_new") -
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=n,
         n_kv_heads=n, head_dim=d // n, d_ff=hf.get("n_inner") or 4 * d,
         max_positions=hf["n_positions"], norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=_ACTIVATIONS[act],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=act,
         positions="learned", attn_bias=True, mlp_bias=True,
         tied_embeddings=hf.get("tie_word_embeddings", True),
         bos_token_id=token_id(hf, "bos_token_id", where),
@@ -54,25 +51,15 @@ def layout_rules(cfg: ModelConfig, prefix: str, qkv, o, mlp):
     """GPT-2's key names (shared by GPTBigCode), with the layout transforms given:
     `qkv(part)` for the fused c_attn weight and bias, `o` for c_proj, `mlp` for c_fc/c_proj."""
     h = prefix + "h.{i}."
-    table = [
-        Rule("embed", prefix + "wte.weight"),
-        Rule("pos_embed", prefix + "wpe.weight"),
-        Rule("final_norm/scale", prefix + "ln_f.weight"),
-        Rule("final_norm/bias", prefix + "ln_f.bias"),
-        Rule("layers/ln1/scale", h + "ln_1.weight"),
-        Rule("layers/ln1/bias", h + "ln_1.bias"),
-        Rule("layers/ln2/scale", h + "ln_2.weight"),
-        Rule("layers/ln2/bias", h + "ln_2.bias"),
-        Rule("layers/attn/o/kernel", h + "attn.c_proj.weight", o),
-        Rule("layers/attn/o/bias", h + "attn.c_proj.bias"),
-        Rule("layers/mlp/wi/kernel", h + "mlp.c_fc.weight", mlp),
-        Rule("layers/mlp/wi/bias", h + "mlp.c_fc.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.c_proj.weight", mlp),
-        Rule("layers/mlp/wo/bias", h + "mlp.c_proj.bias"),
-    ]
+    table = [Rule("embed", prefix + "wte.weight"), Rule("pos_embed", prefix + "wpe.weight"),
+             *norm("final_norm", prefix + "ln_f", cfg), *norm("layers/ln1", h + "ln_1", cfg),
+             *norm("layers/ln2", h + "ln_2", cfg),
+             *linear("layers/attn/o", h + "attn.c_proj", o, cfg.attn_bias),
+             *linear("layers/mlp/wi", h + "mlp.c_fc", mlp, cfg.mlp_bias),
+             *linear("layers/mlp/wo", h + "mlp.c_proj", mlp, cfg.mlp_bias)]
     for part, name in enumerate("qkv"):
-        table.append(Rule(f"layers/attn/{name}/kernel", h + "attn.c_attn.weight", qkv(part)))
-        table.append(Rule(f"layers/attn/{name}/bias", h + "attn.c_attn.bias", qkv(part)))
+        table += linear(f"layers/attn/{name}", h + "attn.c_attn", qkv(part), cfg.attn_bias,
+                        qkv(part))
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "lm_head.weight"))
     return table
@@ -83,6 +70,7 @@ def rules(cfg: ModelConfig, prefix: str):
     return layout_rules(cfg, prefix, _qkv, _o, lambda x, cfg: x)
 
 
-# Buffers some GPT-2 checkpoints carry (causal mask), and the tied head when saved.
-IGNORE = [r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias"]
-IGNORE_TIED = [r"lm_head\.weight"]
+ARCH = Architecture(
+    ("gpt2",), config_from_hf, rules,
+    # Buffers some GPT-2 checkpoints carry (causal mask).
+    ignore=(r"(transformer\.)?h\.\d+\.attn\.(masked_)?bias",))

@@ -14,24 +14,16 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import plain_rope, token_id
+from converters.hf_common import Architecture, plain_rope, token_id
 from converters.transforms import fused_per_head, linear_out_heads, transpose
-from converters.rules import Rule, check_keys, require_value
-
-_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new",
-                "relu": "relu", "silu": "silu", "swish": "silu"}
-
-PREFIXES = ("gpt_neox.", "")
-EMBED = "embed_in.weight"
-HEAD = "embed_out.weight"
-# Checkpoints written with the in-memory name of the head.
-ALIASES = {"lm_head.weight": "embed_out.weight"}
+from converters.activations import hf_activation
+from converters.rules import Rule, check_keys, linear, norm, require_value
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
     check_keys(hf, where, ["vocab_size", "hidden_size", "num_hidden_layers",
                            "num_attention_heads", "intermediate_size", "max_position_embeddings"])
-    act = require_value(hf, "hidden_act", list(_ACTIVATIONS), where, "gelu")
+    act = hf_activation(hf, "hidden_act", where, "gelu")
     parallel = require_value(hf, "use_parallel_residual", [True, False], where, True)
     attn_bias = require_value(hf, "attention_bias", [True, False], where, True)
     theta, pct = plain_rope(hf, where, theta_keys=("rotary_emb_base",),
@@ -52,7 +44,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
         n_kv_heads=n, head_dim=h, d_ff=hf["intermediate_size"],
         max_positions=hf["max_position_embeddings"], norm="layernorm",
-        norm_eps=hf.get("layer_norm_eps", 1e-5), activation=_ACTIVATIONS[act],
+        norm_eps=hf.get("layer_norm_eps", 1e-5), activation=act,
         positions="rotary", rotary_dim=rd, rope_theta=theta, attn_bias=attn_bias,
         mlp_bias=True, parallel_residual=parallel, shared_norm=False,
         tied_embeddings=hf.get("tie_word_embeddings", False),
@@ -60,43 +52,29 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         eos_token_id=token_id(hf, "eos_token_id", where))
 
 
-
-
-
-
-
-
 def rules(cfg: ModelConfig, prefix: str):
     h = prefix + "layers.{i}."
-    table = [
-        Rule("embed", prefix + "embed_in.weight"),
-        Rule("final_norm/scale", prefix + "final_layer_norm.weight"),
-        Rule("final_norm/bias", prefix + "final_layer_norm.bias"),
-        Rule("layers/ln1/scale", h + "input_layernorm.weight"),
-        Rule("layers/ln1/bias", h + "input_layernorm.bias"),
-        Rule("layers/ln2/scale", h + "post_attention_layernorm.weight"),
-        Rule("layers/ln2/bias", h + "post_attention_layernorm.bias"),
-        Rule("layers/attn/o/kernel", h + "attention.dense.weight", linear_out_heads),
-        Rule("layers/mlp/wi/kernel", h + "mlp.dense_h_to_4h.weight", transpose),
-        Rule("layers/mlp/wi/bias", h + "mlp.dense_h_to_4h.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.dense_4h_to_h.weight", transpose),
-        Rule("layers/mlp/wo/bias", h + "mlp.dense_4h_to_h.bias"),
-    ]
+    table = [Rule("embed", prefix + "embed_in.weight"),
+             *norm("final_norm", prefix + "final_layer_norm", cfg),
+             *norm("layers/ln1", h + "input_layernorm", cfg),
+             *norm("layers/ln2", h + "post_attention_layernorm", cfg),
+             *linear("layers/attn/o", h + "attention.dense", linear_out_heads, cfg.attn_bias),
+             *linear("layers/mlp/wi", h + "mlp.dense_h_to_4h", transpose, cfg.mlp_bias),
+             *linear("layers/mlp/wo", h + "mlp.dense_4h_to_h", transpose, cfg.mlp_bias)]
     for part, name in enumerate("qkv"):
-        table.append(Rule(f"layers/attn/{name}/kernel", h + "attention.query_key_value.weight",
-                          fused_per_head(part)))
-        if cfg.attn_bias:
-            table.append(Rule(f"layers/attn/{name}/bias", h + "attention.query_key_value.bias",
-                              fused_per_head(part)))
-    if cfg.attn_bias:
-        table.append(Rule("layers/attn/o/bias", h + "attention.dense.bias"))
+        table += linear(f"layers/attn/{name}", h + "attention.query_key_value",
+                        fused_per_head(part), cfg.attn_bias, fused_per_head(part))
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "embed_out.weight"))
     return table
 
 
-# Buffers older checkpoints carry (causal mask, rotary inverse frequencies); the
-# tied head when saved.
-IGNORE = [r"(gpt_neox\.)?layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",
-          r"(gpt_neox\.)?rotary_emb\.inv_freq"]
-IGNORE_TIED = [r"embed_out\.weight"]
+ARCH = Architecture(
+    ("gpt_neox",), config_from_hf, rules, prefixes=("gpt_neox.", ""), embed="embed_in.weight",
+    head="embed_out.weight",
+    # Buffers older checkpoints carry (causal mask, rotary inverse frequencies).
+    ignore=(r"(gpt_neox\.)?layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",
+            r"(gpt_neox\.)?rotary_emb\.inv_freq"),
+    ignore_tied=(r"embed_out\.weight",),
+    # Checkpoints written with the in-memory name of the head.
+    aliases={"lm_head.weight": "embed_out.weight"})

@@ -16,22 +16,15 @@ import numpy as np
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import plain_rope, token_id
+from converters.hf_common import Architecture, plain_rope, token_id
 from converters.transforms import linear_in_heads, linear_out_heads, transpose
-from converters.rules import Rule, check_keys, require_value
-
-_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu",
-                "relu": "relu", "silu": "silu", "swish": "silu"}
-
-# Base-model key prefixes, the token embedding and the head, for `converters.hf`.
-PREFIXES = ("transformer.", "")
-EMBED = "wte.weight"
-HEAD = "lm_head.weight"
+from converters.activations import hf_activation
+from converters.rules import Rule, check_keys, linear, norm, require_value
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
     check_keys(hf, where, ["vocab_size", "n_embd", "n_layer", "n_head", "n_positions"])
-    act = require_value(hf, "activation_function", list(_ACTIVATIONS), where, "gelu_new")
+    act = hf_activation(hf, "activation_function", where, "gelu_new")
     # GPT-J's rotary base is fixed at 10000: refuse rope settings it would not honour.
     theta, pct = plain_rope(hf, where)
     if theta != 10000.0 or pct != 1.0:
@@ -51,7 +44,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["n_layer"], n_heads=n,
         n_kv_heads=n, head_dim=h, d_ff=hf.get("n_inner") or 4 * d,
         max_positions=hf["n_positions"], norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=_ACTIVATIONS[act],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=act,
         positions="rotary", rotary_dim=rd, rope_theta=10000.0, attn_bias=False,
         mlp_bias=True, parallel_residual=True, shared_norm=True,
         tied_embeddings=hf.get("tie_word_embeddings", False), lm_head_bias=True,
@@ -72,35 +65,23 @@ def _qk(x, cfg: ModelConfig):
     return w.transpose(2, 0, 1)
 
 
-
-
-
-
-
-
 def rules(cfg: ModelConfig, prefix: str):
     h = prefix + "h.{i}."
-    table = [
-        Rule("embed", prefix + "wte.weight"),
-        Rule("final_norm/scale", prefix + "ln_f.weight"),
-        Rule("final_norm/bias", prefix + "ln_f.bias"),
-        Rule("layers/ln1/scale", h + "ln_1.weight"),
-        Rule("layers/ln1/bias", h + "ln_1.bias"),
-        Rule("layers/attn/q/kernel", h + "attn.q_proj.weight", _qk),
-        Rule("layers/attn/k/kernel", h + "attn.k_proj.weight", _qk),
-        Rule("layers/attn/v/kernel", h + "attn.v_proj.weight", linear_in_heads()),
-        Rule("layers/attn/o/kernel", h + "attn.out_proj.weight", linear_out_heads),
-        Rule("layers/mlp/wi/kernel", h + "mlp.fc_in.weight", transpose),
-        Rule("layers/mlp/wi/bias", h + "mlp.fc_in.bias"),
-        Rule("layers/mlp/wo/kernel", h + "mlp.fc_out.weight", transpose),
-        Rule("layers/mlp/wo/bias", h + "mlp.fc_out.bias"),
-        Rule("lm_head_bias", "lm_head.bias"),
-    ]
+    table = [Rule("embed", prefix + "wte.weight"), *norm("final_norm", prefix + "ln_f", cfg),
+             *norm("layers/ln1", h + "ln_1", cfg),
+             *linear("layers/attn/q", h + "attn.q_proj", _qk),
+             *linear("layers/attn/k", h + "attn.k_proj", _qk),
+             *linear("layers/attn/v", h + "attn.v_proj", linear_in_heads()),
+             *linear("layers/attn/o", h + "attn.out_proj", linear_out_heads),
+             *linear("layers/mlp/wi", h + "mlp.fc_in", transpose, cfg.mlp_bias),
+             *linear("layers/mlp/wo", h + "mlp.fc_out", transpose, cfg.mlp_bias),
+             Rule("lm_head_bias", "lm_head.bias")]
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "lm_head.weight"))
     return table
 
 
-# Buffers older checkpoints carry (causal mask, sinusoid table); the tied head when saved.
-IGNORE = [r"(transformer\.)?h\.\d+\.attn\.(masked_bias|bias|embed_positions)"]
-IGNORE_TIED = [r"lm_head\.weight"]
+ARCH = Architecture(
+    ("gptj",), config_from_hf, rules,
+    # Buffers older checkpoints carry (causal mask, sinusoid table).
+    ignore=(r"(transformer\.)?h\.\d+\.attn\.(masked_bias|bias|embed_positions)",))

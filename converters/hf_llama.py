@@ -11,22 +11,16 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import plain_rope, token_id
+from converters.hf_common import Architecture, plain_rope, token_id
 from converters.transforms import linear_in_heads, linear_out_heads, transpose
-from converters.rules import Rule, check_keys, require_value
-
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_new": "gelu_new",
-                "gelu_pytorch_tanh": "gelu_new", "relu": "relu"}
-
-PREFIXES = ("model.", "")
-EMBED = "embed_tokens.weight"
-HEAD = "lm_head.weight"
+from converters.activations import hf_activation
+from converters.rules import Rule, check_keys, linear, norm, require_value
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
     check_keys(hf, where, ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads", "max_position_embeddings"])
-    act = require_value(hf, "hidden_act", list(_ACTIVATIONS), where, "silu")
+    act = hf_activation(hf, "hidden_act", where, "silu")
     # pretraining_tp > 1 splits the projections into slices (transformers 4.x).
     require_value(hf, "pretraining_tp", [1, None], where, 1)
     attn_bias = require_value(hf, "attention_bias", [False, True], where, False)
@@ -55,53 +49,33 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
         n_kv_heads=kv, head_dim=h, d_ff=hf["intermediate_size"],
         max_positions=hf["max_position_embeddings"], norm="rmsnorm",
-        norm_eps=hf.get("rms_norm_eps", 1e-6), activation=_ACTIVATIONS[act],
+        norm_eps=hf.get("rms_norm_eps", 1e-6), activation=act,
         positions="rotary", rotary_dim=None, rope_theta=theta, attn_bias=attn_bias,
         mlp_bias=mlp_bias, glu=True, tied_embeddings=hf.get("tie_word_embeddings", False),
         bos_token_id=token_id(hf, "bos_token_id", where),
         eos_token_id=token_id(hf, "eos_token_id", where))
 
 
-
-
-
-
-
-
 def rules(cfg: ModelConfig, prefix: str):
     h = prefix + "layers.{i}."
-    table = [
-        Rule("embed", prefix + "embed_tokens.weight"),
-        Rule("final_norm/scale", prefix + "norm.weight"),
-        Rule("layers/ln1/scale", h + "input_layernorm.weight"),
-        Rule("layers/ln2/scale", h + "post_attention_layernorm.weight"),
-        Rule("layers/attn/q/kernel", h + "self_attn.q_proj.weight", linear_in_heads()),
-        Rule("layers/attn/k/kernel", h + "self_attn.k_proj.weight", linear_in_heads(kv=True)),
-        Rule("layers/attn/v/kernel", h + "self_attn.v_proj.weight", linear_in_heads(kv=True)),
-        Rule("layers/attn/o/kernel", h + "self_attn.o_proj.weight", linear_out_heads),
-        Rule("layers/mlp/wg/kernel", h + "mlp.gate_proj.weight", transpose),
-        Rule("layers/mlp/wi/kernel", h + "mlp.up_proj.weight", transpose),
-        Rule("layers/mlp/wo/kernel", h + "mlp.down_proj.weight", transpose),
-    ]
-    if cfg.attn_bias:
-        table += [
-            Rule("layers/attn/q/bias", h + "self_attn.q_proj.bias", linear_in_heads()),
-            Rule("layers/attn/k/bias", h + "self_attn.k_proj.bias", linear_in_heads(kv=True)),
-            Rule("layers/attn/v/bias", h + "self_attn.v_proj.bias", linear_in_heads(kv=True)),
-            Rule("layers/attn/o/bias", h + "self_attn.o_proj.bias"),
-        ]
-    if cfg.mlp_bias:
-        table += [
-            Rule("layers/mlp/wg/bias", h + "mlp.gate_proj.bias"),
-            Rule("layers/mlp/wi/bias", h + "mlp.up_proj.bias"),
-            Rule("layers/mlp/wo/bias", h + "mlp.down_proj.bias"),
-        ]
+    table = [Rule("embed", prefix + "embed_tokens.weight"),
+             *norm("final_norm", prefix + "norm", cfg),
+             *norm("layers/ln1", h + "input_layernorm", cfg),
+             *norm("layers/ln2", h + "post_attention_layernorm", cfg),
+             *linear("layers/attn/o", h + "self_attn.o_proj", linear_out_heads, cfg.attn_bias)]
+    for name, kv in (("q", False), ("k", True), ("v", True)):
+        heads = linear_in_heads(kv=kv)
+        table += linear(f"layers/attn/{name}", h + f"self_attn.{name}_proj", heads,
+                        cfg.attn_bias, heads)
+    for dst, src in (("wg", "gate_proj"), ("wi", "up_proj"), ("wo", "down_proj")):
+        table += linear(f"layers/mlp/{dst}", h + "mlp." + src, transpose, cfg.mlp_bias)
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "lm_head.weight"))
     return table
 
 
-# Rotary inverse-frequency buffers older checkpoints carry; the tied head when saved.
-IGNORE = [r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
-          r"(model\.)?rotary_emb\.inv_freq"]
-IGNORE_TIED = [r"lm_head\.weight"]
+ARCH = Architecture(
+    ("llama",), config_from_hf, rules, prefixes=("model.", ""), embed="embed_tokens.weight",
+    # Rotary inverse-frequency buffers older checkpoints carry.
+    ignore=(r"(model\.)?layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
+            r"(model\.)?rotary_emb\.inv_freq"))

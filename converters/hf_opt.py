@@ -14,24 +14,16 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import token_id
+from converters.hf_common import Architecture, token_id
 from converters.transforms import linear_in_heads, linear_out_heads, transpose
-from converters.rules import Rule, check_keys, require_value
-
-_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_new",
-                "gelu_pytorch_tanh": "gelu_new", "silu": "silu", "swish": "silu"}
-
-# Tried in order; the first under which EMBED exists is the checkpoint's prefix.
-PREFIXES = ("model.", "")
-EMBED = "decoder.embed_tokens.weight"
-
-
+from converters.activations import hf_activation
+from converters.rules import Rule, check_keys, linear, norm, require_value
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
     check_keys(hf, where, ["vocab_size", "hidden_size", "num_hidden_layers",
                            "num_attention_heads", "ffn_dim", "max_position_embeddings"])
-    act = require_value(hf, "activation_function", list(_ACTIVATIONS), where, "relu")
+    act = hf_activation(hf, "activation_function", where, "relu")
     # Without affine params the norms have no tensors to load; not implemented.
     require_value(hf, "layer_norm_elementwise_affine", [True], where, True)
     pre = require_value(hf, "do_layer_norm_before", [True, False], where, True)
@@ -49,7 +41,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         vocab_size=hf["vocab_size"], d_model=d, n_layers=hf["num_hidden_layers"], n_heads=n,
         n_kv_heads=n, head_dim=d // n, d_ff=hf["ffn_dim"],
         max_positions=hf["max_position_embeddings"], norm="layernorm", norm_eps=1e-5,
-        activation=_ACTIVATIONS[act], positions="learned", position_offset=2,
+        activation=act, positions="learned", position_offset=2,
         attn_bias=bias, mlp_bias=bias, norm_position="pre" if pre else "post",
         # HF builds the final norm only for pre-LN models that keep it.
         final_norm=bool(pre and not remove_final), d_embed=None if e == d else e,
@@ -58,47 +50,28 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         eos_token_id=token_id(hf, "eos_token_id", where))
 
 
-
-
-
-
-
-
 def rules(cfg: ModelConfig, prefix: str):
     p = prefix + "decoder."
     h = p + "layers.{i}."
-    table = [
-        Rule("embed", p + "embed_tokens.weight"),
-        Rule("pos_embed", p + "embed_positions.weight"),
-        Rule("layers/ln1/scale", h + "self_attn_layer_norm.weight"),
-        Rule("layers/ln1/bias", h + "self_attn_layer_norm.bias"),
-        Rule("layers/ln2/scale", h + "final_layer_norm.weight"),
-        Rule("layers/ln2/bias", h + "final_layer_norm.bias"),
-        Rule("layers/attn/o/kernel", h + "self_attn.out_proj.weight", linear_out_heads),
-        Rule("layers/mlp/wi/kernel", h + "fc1.weight", transpose),
-        Rule("layers/mlp/wo/kernel", h + "fc2.weight", transpose),
-    ]
+    table = [Rule("embed", p + "embed_tokens.weight"),
+             Rule("pos_embed", p + "embed_positions.weight"),
+             *norm("layers/ln1", h + "self_attn_layer_norm", cfg),
+             *norm("layers/ln2", h + "final_layer_norm", cfg),
+             *linear("layers/attn/o", h + "self_attn.out_proj", linear_out_heads, cfg.attn_bias),
+             *linear("layers/mlp/wi", h + "fc1", transpose, cfg.mlp_bias),
+             *linear("layers/mlp/wo", h + "fc2", transpose, cfg.mlp_bias)]
     for name in "qkv":
-        table.append(Rule(f"layers/attn/{name}/kernel", h + f"self_attn.{name}_proj.weight",
-                          linear_in_heads()))
-        if cfg.attn_bias:
-            table.append(Rule(f"layers/attn/{name}/bias", h + f"self_attn.{name}_proj.bias",
-                              linear_in_heads()))
-    if cfg.attn_bias:
-        table.append(Rule("layers/attn/o/bias", h + "self_attn.out_proj.bias"))
-    if cfg.mlp_bias:
-        table += [Rule("layers/mlp/wi/bias", h + "fc1.bias"),
-                  Rule("layers/mlp/wo/bias", h + "fc2.bias")]
+        table += linear(f"layers/attn/{name}", h + f"self_attn.{name}_proj", linear_in_heads(),
+                        cfg.attn_bias, linear_in_heads())
     if cfg.final_norm:
-        table += [Rule("final_norm/scale", p + "final_layer_norm.weight"),
-                  Rule("final_norm/bias", p + "final_layer_norm.bias")]
+        table += norm("final_norm", p + "final_layer_norm", cfg)
     if cfg.d_embed is not None:
-        table += [Rule("project_in/kernel", p + "project_in.weight", transpose),
-                  Rule("project_out/kernel", p + "project_out.weight", transpose)]
+        table += [*linear("project_in", p + "project_in", transpose),
+                  *linear("project_out", p + "project_out", transpose)]
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "lm_head.weight"))
     return table
 
 
-IGNORE: list = []
-IGNORE_TIED = [r"lm_head\.weight"]
+ARCH = Architecture(("opt",), config_from_hf, rules, prefixes=("model.", ""),
+                    embed="decoder.embed_tokens.weight")

@@ -135,9 +135,14 @@ def _refuse(args: dict, key: str, allowed, where: str):
     return value
 
 
-def config_from_args(args: dict, vocab: int, where: str, eos: int | None = None
-                     ) -> ModelConfig:
-    """ModelConfig of Megatron `args` (a dict of its argparse fields), with `vocab` rows."""
+def config_from_args(args: dict, vocab: int, where: str, eos: int | None = None,
+                     core_layers: bool = False) -> ModelConfig:
+    """ModelConfig of Megatron `args` (a dict of its argparse fields), with `vocab` rows.
+
+    Args:
+      core_layers: the weights are megatron-core `TransformerLayer`s (`linear_qkv` keys)
+        rather than Megatron-LM's legacy `ParallelTransformerLayer`.
+    """
     missing = [k for k in REQUIRED if args.get(k) is None]
     if missing:
         flags = " ".join(f"--{k.replace('_', '-')} N" for k in missing)
@@ -181,6 +186,16 @@ def config_from_args(args: dict, vocab: int, where: str, eos: int | None = None
     fused = args.get("bias_gelu_fusion", args.get("bias_activation_fusion", True)) and bias
     act = "silu" if swiglu else ("gelu_new" if args.get("openai_gelu") or fused else "gelu")
     eps = args.get("layernorm_epsilon", args.get("norm_epsilon")) or 1e-5
+    # apply_residual_connection_post_layernorm (the residual is the norm's output, BERT's
+    # order) is applied by Megatron-LM's legacy layer only; megatron-core's layer ignores
+    # it since Sep 2023 (and applied it before), so with core layers it is ambiguous.
+    # NeMo passes False to its layers whatever its yaml says (converters.nemo drops it).
+    post_ln = bool(args.get("apply_residual_connection_post_layernorm"))
+    if post_ln and core_layers:
+        raise CheckpointError(
+            f"{where}: args.apply_residual_connection_post_layernorm = True with megatron-core "
+            "layers, which applied it only before Sep 2023 and ignore it since; refusing to "
+            "guess the numerics")
     untied = args.get("untie_embeddings_and_output_weights")
     if untied is None and "share_embeddings_and_output_weights" in args:
         untied = not args["share_embeddings_and_output_weights"]
@@ -195,35 +210,45 @@ def config_from_args(args: dict, vocab: int, where: str, eos: int | None = None
             positions="rotary" if pos == "rope" else "learned", rotary_dim=rotary_dim,
             rope_theta=float(args.get("rotary_base") or 10000),
             attn_bias=bool(bias), mlp_bias=bool(bias), tied_embeddings=not untied,
-            residual_from_norm=bool(args.get("apply_residual_connection_post_layernorm")),
+            residual_from_norm=post_ln,
             bos_token_id=eos, eos_token_id=eos)
     except ValueError as e:
         raise CheckpointError(f"{where}: args describe an invalid model ({e})") from e
 
 
+def gpt2_vocab(f, where: str, padded: int) -> tuple[int, int | None]:
+    """(vocabulary size, eos id or None) of a GPT-2 BPE vocab.json (an open file), checked
+    to fit in the `padded` embedding rows."""
+    try:
+        table = json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(table, dict) or not table or not all(
+            isinstance(v, int) for v in table.values()):
+        raise CheckpointError(f"{where}: not a GPT-2 BPE vocab (a JSON object of token ids)")
+    vocab = 1 + max(table.values())
+    if vocab > padded:
+        raise CheckpointError(f"{where}: the tokenizer has {vocab} tokens but the embedding "
+                              f"only {padded} rows")
+    return vocab, table.get("<|endoftext|>")
+
+
 def tokenizer_vocab(directory: str, overrides: dict, padded: int, where: str):
     """(true vocab size, eos id or None): `vocab_size` override, else `DIR/vocab.json`."""
     path = os.path.join(directory, "vocab.json")
-    eos = None
     if overrides.get("vocab_size") is not None:
         vocab = _int(overrides, "vocab_size", "megatron_args")
-    elif os.path.exists(path):
-        try:
-            with open(path) as f:
-                table = json.load(f)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: not valid JSON ({e})") from e
-        vocab = 1 + max(table.values())
-        eos = table.get("<|endoftext|>")
-    else:
+        if vocab > padded:
+            raise CheckpointError(f"{where}: megatron_args vocab_size {vocab} but the embedding "
+                                  f"only has {padded} rows")
+        return vocab, None
+    if not os.path.exists(path):
         raise CheckpointError(
             f"{where}: the embedding has {padded} rows, padded past the tokenizer's vocabulary; "
             f"put the tokenizer's vocab.json and merges.txt in {directory} (or pass "
             "megatron_args={'vocab_size': N}) so the padded rows can be dropped")
-    if vocab > padded:
-        raise CheckpointError(f"{where}: the tokenizer has {vocab} tokens but the embedding "
-                              f"only {padded} rows")
-    return vocab, eos
+    with open(path, "rb") as f:
+        return gpt2_vocab(f, path, padded)
 
 
 def _args_of(ckpt: dict, overrides: dict, where: str) -> dict:
@@ -271,24 +296,40 @@ def load_megatron(directory: str, megatron_args: dict | None = None):
         stages.append(ranks)
     where = os.path.join(grid[(0, 0)], WEIGHTS)
     args = _args_of(first, overrides, where)
-    for key, n in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
-        if args.get(key) not in (None, n):
-            raise CheckpointError(f"{ckpt_dir}: args.{key} = {args[key]} but the directory "
-                                  f"holds {n} ranks on that axis")
     version = float(first.get("checkpoint_version") or 0)
     if version not in (0.0, 1.0, 2.0, 3.0):
         raise CheckpointError(f"{where}: checkpoint_version {version} is not supported "
                               "(supported: 0, 1.0, 2.0, 3.0)")
-    embed = [v for k, v in stages[0][0][1].items()
-             if megatron_layout.role_of(k) == ("embed.weight", None)]
+    return build(stages, args, version, lambda padded: tokenizer_vocab(
+        directory, overrides, padded, where), where)
+
+
+def build(stages: list, args: dict, version: float, vocab_of, where: str):
+    """(ModelConfig, canonical params) of Megatron-layout weights (Megatron-LM and NeMo).
+
+    Args:
+      stages: `stages[pp][tp] = (file, flat state dict)`, every rank of the grid.
+      args: Megatron's args (NeMo's yaml mapped onto them).
+      version: the `checkpoint_version` that says the fused qkv layout.
+      vocab_of: `padded rows -> (true vocabulary size, eos id or None)`; the rows past
+        the vocabulary (Megatron pads the embedding) are dropped.
+      where: the checkpoint, for messages.
+    """
+    tp, pp = len(stages[0]), len(stages)
+    for key, n in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+        if args.get(key) not in (None, n):
+            raise CheckpointError(f"{where}: args.{key} = {args[key]} but the checkpoint holds "
+                                  f"{n} ranks on that axis")
+    state = stages[0][0][1]
+    embed = [v for k, v in state.items() if megatron_layout.role_of(k) == ("embed.weight", None)]
     if not embed:
-        raise CheckpointError(f"{where}: no word embeddings tensor found")
+        raise CheckpointError(f"{stages[0][0][0]}: no word embeddings tensor found")
     padded = embed[0].shape[0] * tp
     if args.get("padded_vocab_size") not in (None, padded):
         raise CheckpointError(f"{where}: args.padded_vocab_size = {args['padded_vocab_size']} "
                               f"but the embeddings hold {padded} rows")
-    vocab, eos = tokenizer_vocab(directory, overrides, padded, where)
-    cfg = config_from_args(args, vocab, where, eos)
+    vocab, eos = vocab_of(padded)
+    cfg = config_from_args(args, vocab, where, eos, megatron_layout.core_layers(state))
     one_p = bool(args.get("apply_layernorm_1p")) or args.get("normalization") == "layernorm1p"
     merged = megatron_layout.merge(stages, cfg, tp, version, padded, where)
-    return cfg, megatron_layout.to_params(merged, cfg, vocab, ckpt_dir, one_p)
+    return cfg, megatron_layout.to_params(merged, cfg, vocab, where, one_p)

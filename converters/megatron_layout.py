@@ -22,11 +22,12 @@ import re
 
 import numpy as np
 
-from converters.rules import Rule, apply_rules
+from converters.rules import Rule, apply_rules, linear, norm
+from converters.spec_shapes import split_axis, stored_shape
 from converters.transforms import linear_out_heads, transpose
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from ftjax.specs import shapes as param_shapes
+from ftjax.specs import flatten, is_spec, param_specs, shapes as param_shapes
 
 _STACK = r"(?:language_model\.)?(?:transformer|encoder|decoder)\."
 _LAYER = re.compile(_STACK + r"layers\.(\d+)\.(.+)")
@@ -50,9 +51,6 @@ _GLOBAL_ROLES = [
 ]
 # Buffers and TransformerEngine bookkeeping that carry no weights.
 IGNORE = re.compile(r".*(\._extra_state|rotary_pos_emb\.inv_freq)")
-# How a role is split over TP ranks: axis of the concatenation, None = replicated.
-_SPLIT = {"embed.weight": 0, "head.weight": 0, "head_copy.weight": 0, "qkv.weight": 0,
-          "qkv.bias": 0, "proj.weight": 1, "fc1.weight": 0, "fc1.bias": 0, "fc2.weight": 1}
 
 
 def role_of(key: str) -> tuple[str, int | None] | None:
@@ -74,20 +72,41 @@ def role_of(key: str) -> tuple[str, int | None] | None:
     return None
 
 
-def rank_shapes(cfg: ModelConfig, tp: int, padded_vocab: int) -> dict[str, tuple]:
-    """Shape of each role's tensor on one TP rank."""
-    d, h = cfg.d_model, cfg.head_dim
-    qkv_rows = (cfg.n_heads + 2 * cfg.n_kv_heads) * h // tp
-    fc1_rows = cfg.d_ff * (2 if cfg.glu else 1) // tp
-    return {
-        "embed.weight": (padded_vocab // tp, cfg.embed_dim), "head.weight": (padded_vocab // tp, d),
-        "head_copy.weight": (padded_vocab // tp, d), "pos.weight": (cfg.max_positions, d),
-        "final_norm.weight": (d,), "final_norm.bias": (d,), "ln1.weight": (d,), "ln1.bias": (d,),
-        "ln2.weight": (d,), "ln2.bias": (d,), "qkv.weight": (qkv_rows, d), "qkv.bias": (qkv_rows,),
-        "proj.weight": (d, cfg.n_heads * h // tp), "proj.bias": (d,),
-        "fc1.weight": (fc1_rows, d), "fc1.bias": (fc1_rows,),
-        "fc2.weight": (d, cfg.d_ff // tp), "fc2.bias": (d,),
-    }
+# Role -> (how its params are stored, the canonical params its tensor holds, fused in
+# this order). A tied head's copies repeat the embedding.
+_ROLE_PARAMS = {
+    "embed": ("table", "embed"), "head": ("table", "embed"), "head_copy": ("table", "embed"),
+    "pos": ("table", "pos_embed"), "final_norm": ("norm", "final_norm"),
+    "ln1": ("norm", "layers/ln1"), "ln2": ("norm", "layers/ln2"),
+    "qkv": ("linear", "layers/attn/q", "layers/attn/k", "layers/attn/v"),
+    "proj": ("linear", "layers/attn/o"), "fc1": ("linear", "layers/mlp/wg", "layers/mlp/wi"),
+    "fc2": ("linear", "layers/mlp/wo"),
+}
+# Per storage: role suffix -> (the param's leaf name, `stored_shape` kind).
+_SUFFIXES = {"table": {"weight": ("", "table")},
+             "norm": {"weight": ("/scale", "table"), "bias": ("/bias", "table")},
+             "linear": {"weight": ("/kernel", "kernel"), "bias": ("/bias", "bias")}}
+
+
+def core_layers(state: dict) -> bool:
+    """Whether flat state dict keys are megatron-core's (`linear_qkv`, ...) rather than the
+    legacy layer's (`query_key_value`, ...)."""
+    return any(".linear_qkv." in key for key in state)
+
+
+def rank_layout(cfg: ModelConfig, tp: int, padded_vocab: int) -> dict[str, tuple]:
+    """{role: (shape of its tensor on one TP rank (`nn.Linear` `[out, in]`), the axis TP
+    ranks split it along or None if replicated)}, derived from the spec table. A role
+    the config has no param for (a bias of a bias-free model, positions of a rotary
+    one) is absent."""
+    specs = flatten(param_specs(cfg, vocab=padded_vocab), is_leaf=is_spec)
+    out = {}
+    for role, (storage, *paths) in _ROLE_PARAMS.items():
+        for suffix, (leaf, kind) in _SUFFIXES[storage].items():
+            parts = [specs[p + leaf] for p in paths if p + leaf in specs]
+            if parts:
+                out[f"{role}.{suffix}"] = (stored_shape(parts, kind, tp), split_axis(parts, kind))
+    return out
 
 
 def qkv_to_groups(x: np.ndarray, cfg: ModelConfig, tp: int, version: float) -> np.ndarray:
@@ -124,33 +143,19 @@ def _norm(one_p: bool):
 def rules(cfg: ModelConfig, layernorm_1p: bool = False) -> list[Rule]:
     """The table from merged role names to canonical params."""
     n1 = _norm(layernorm_1p)
-    table = [Rule("embed", "embed.weight"), Rule("final_norm/scale", "final_norm.weight", n1)]
+    table = [Rule("embed", "embed.weight"), *norm("final_norm", "final_norm", cfg, n1),
+             *norm("layers/ln1", "layers.{i}.ln1", cfg, n1),
+             *norm("layers/ln2", "layers.{i}.ln2", cfg, n1),
+             *linear("layers/attn/o", "layers.{i}.proj", linear_out_heads, cfg.attn_bias),
+             *linear("layers/mlp/wi", "layers.{i}.fc1", transpose, cfg.mlp_bias),
+             *linear("layers/mlp/wo", "layers.{i}.fc2", transpose, cfg.mlp_bias)]
     if cfg.positions == "learned":
         table.append(Rule("pos_embed", "pos.weight"))
-    for ln in ("ln1", "ln2"):
-        table.append(Rule(f"layers/{ln}/scale", f"layers.{{i}}.{ln}.weight", n1))
-    table += [
-        Rule("layers/attn/o/kernel", "layers.{i}.proj.weight", linear_out_heads),
-        Rule("layers/mlp/wi/kernel", "layers.{i}.fc1.weight", transpose),
-        Rule("layers/mlp/wo/kernel", "layers.{i}.fc2.weight", transpose),
-    ]
     for part in "qkv":
-        table.append(Rule(f"layers/attn/{part}/kernel", "layers.{i}.qkv.weight", _part(part)))
+        table += linear(f"layers/attn/{part}", "layers.{i}.qkv", _part(part), cfg.attn_bias,
+                        _part(part))
     if cfg.glu:
-        table.append(Rule("layers/mlp/wg/kernel", "layers.{i}.fc1_gate.weight", transpose))
-    if cfg.norm == "layernorm":
-        table.append(Rule("final_norm/bias", "final_norm.bias"))
-        for ln in ("ln1", "ln2"):
-            table.append(Rule(f"layers/{ln}/bias", f"layers.{{i}}.{ln}.bias"))
-    if cfg.attn_bias:
-        table.append(Rule("layers/attn/o/bias", "layers.{i}.proj.bias"))
-        for part in "qkv":
-            table.append(Rule(f"layers/attn/{part}/bias", "layers.{i}.qkv.bias", _part(part)))
-    if cfg.mlp_bias:
-        table += [Rule("layers/mlp/wi/bias", "layers.{i}.fc1.bias"),
-                  Rule("layers/mlp/wo/bias", "layers.{i}.fc2.bias")]
-        if cfg.glu:
-            table.append(Rule("layers/mlp/wg/bias", "layers.{i}.fc1_gate.bias"))
+        table += linear("layers/mlp/wg", "layers.{i}.fc1_gate", transpose, cfg.mlp_bias)
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "head.weight"))
     return table
@@ -170,7 +175,7 @@ def merge(stages: list[list[tuple[str, dict[str, np.ndarray]]]], cfg: ModelConfi
         raise CheckpointError(f"{where}: checkpoint_version {version} predates grouped-query "
                               "attention but the args ask for num_query_groups "
                               f"{cfg.n_kv_heads} != heads {cfg.n_heads}")
-    shapes = rank_shapes(cfg, tp, padded_vocab)
+    layout = rank_layout(cfg, tp, padded_vocab)
     merged: dict[str, np.ndarray] = {}
     offset = 0
     for p, ranks in enumerate(stages):
@@ -188,7 +193,10 @@ def merge(stages: list[list[tuple[str, dict[str, np.ndarray]]]], cfg: ModelConfi
                 if role in roles:
                     raise CheckpointError(f"{path}: tensors {roles[role][0]!r} and {key!r} "
                                           "hold the same weight under old and new names")
-                want = shapes[role[0]]
+                if role[0] not in layout:
+                    raise CheckpointError(f"{path}: tensor {key!r} has no parameter in the model "
+                                          "the args describe (refusing to drop it)")
+                want = layout[role[0]][0]
                 if tuple(value.shape) != want:
                     raise CheckpointError(
                         f"{path}: tensor {key!r} has shape {tuple(value.shape)}, expected "
@@ -214,7 +222,8 @@ def merge(stages: list[list[tuple[str, dict[str, np.ndarray]]]], cfg: ModelConfi
             tensors = [roles[role][1] for roles in per_rank]
             keys = [(path, roles[role][0]) for (path, _), roles in zip(ranks, per_rank)]
             dst = name if layer is None else f"layers.{layer - base + offset}.{name}"
-            for out, value in _merge_role(name, tensors, keys, cfg, tp, version).items():
+            axis = layout[name][1]
+            for out, value in _merge_role(name, axis, tensors, keys, cfg, tp, version).items():
                 out_name = dst.replace(name, out)
                 if out_name in merged:
                     if not np.array_equal(merged[out_name], value):
@@ -229,8 +238,7 @@ def merge(stages: list[list[tuple[str, dict[str, np.ndarray]]]], cfg: ModelConfi
     return merged
 
 
-def _merge_role(name, tensors, keys, cfg, tp, version) -> dict[str, np.ndarray]:
-    axis = _SPLIT.get(name)
+def _merge_role(name, axis, tensors, keys, cfg, tp, version) -> dict[str, np.ndarray]:
     if axis is None:  # replicated: every rank must hold the same values
         for (path, key), t in zip(keys[1:], tensors[1:]):
             if not np.array_equal(t, tensors[0]):

@@ -20,12 +20,12 @@ import shutil
 import jax
 import numpy as np
 
-from converters.rules import Rule, _set_path, apply_rules, flatten_tree
+from converters.rules import Rule, apply_rules
 from converters.tensors import read_safetensors, write_safetensors
 from ftjax import quant
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from ftjax.specs import shapes as param_shapes
+from ftjax.specs import flatten, shapes as param_shapes, unflatten
 
 CONFIG_NAME = "ftjax_config.json"
 PARAMS_NAME = "params.safetensors"
@@ -92,15 +92,14 @@ def load_native(directory: str):
     if not os.path.exists(params_path):
         raise CheckpointError(f"{params_path}: not found")
     tensors = read_safetensors(params_path)
-    expected = flatten_tree(param_shapes(cfg))
+    expected = flatten(param_shapes(cfg))
     quantized = _quantized_params(tensors, expected, meta, os.path.join(directory, CONFIG_NAME),
                                   params_path)
     rules = [Rule(path, path) for path in expected if path not in quantized]
-    params = apply_rules(tensors, rules, cfg,
+    floats = apply_rules(tensors, rules, cfg,
                          {p: v for p, v in expected.items() if p not in quantized},
                          where=params_path)
-    for path, w in quantized.items():
-        _set_path(params, path, w)
+    params = unflatten({**flatten(floats), **quantized})
     return cfg, params, meta.get("dtype", "float32")
 
 

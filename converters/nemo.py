@@ -13,13 +13,12 @@ archive member), which with the merges file becomes the model's tokenizer.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tarfile
 import tempfile
 
-from converters import megatron, megatron_layout
+from converters import megatron
 from ftjax.errors import CheckpointError
 
 CONFIG = "model_config.yaml"
@@ -99,11 +98,12 @@ def _args(nemo: dict, where: str) -> dict:
         args["normalization"] = "layernorm1p"
     args["add_bias_linear"] = nemo.get("bias", True)
     args["rotary_percent"] = nemo.get("rotary_percentage", 1.0)
+    # apply_residual_connection_post_layernorm is not mapped: NeMo passes False to its
+    # layers whatever the yaml says (megatron-core and its own transformer alike).
     args["untie_embeddings_and_output_weights"] = not nemo.get(
         "share_embeddings_and_output_weights", True)
     for key, ok in (("headscale", (None, False)), ("normalize_attention_scores", (None, True)),
-                    ("seq_len_interpolation_factor", (None,)), ("num_moe_experts", (None, 1)),
-                    ("apply_residual_connection_post_layernorm", (None, False))):
+                    ("seq_len_interpolation_factor", (None,)), ("num_moe_experts", (None, 1))):
         if nemo.get(key) not in ok:
             raise CheckpointError(f"{where}: {key} = {nemo[key]!r} is not supported; refusing "
                                   "to load with different numerics")
@@ -125,16 +125,8 @@ def _vocab(src: _Source, nemo: dict, padded: int, where: str):
             f"{where}: the embedding has {padded} rows, padded past the tokenizer's vocabulary, "
             "and the archive has no GPT-2 BPE vocab file (model_config.yaml tokenizer.vocab_file)"
             " to tell the true size; only GPT-2 BPE tokenizers are supported")
-    try:
-        with src.open(name) as f:
-            table = json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{src.where(name)}: not valid JSON ({e})") from e
-    vocab = 1 + max(table.values())
-    if vocab > padded:
-        raise CheckpointError(f"{src.where(name)}: {vocab} tokens but the embedding only has "
-                              f"{padded} rows")
-    return vocab, table.get("<|endoftext|>")
+    with src.open(name) as f:
+        return megatron.gpt2_vocab(f, src.where(name), padded)
 
 
 def _state(src: _Source, name: str) -> dict:
@@ -172,22 +164,10 @@ def load_nemo(path: str):
                               "tp_rank_XX_pp_rank_XXX/ weights)")
     tp, pp = megatron.grid_shape(grid, path)
     args = _args(nemo, where)
-    for key, n in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
-        if args.get(key, n) != n:
-            raise CheckpointError(f"{where}: {key} = {args[key]} but the archive holds {n} "
-                                  "ranks on that axis")
     stages = [[(src.where(grid[(t, p)]), _state(src, grid[(t, p)])) for t in range(tp)]
               for p in range(pp)]
-    embed = [v for k, v in stages[0][0][1].items()
-             if megatron_layout.role_of(k) == ("embed.weight", None)]
-    if not embed:
-        raise CheckpointError(f"{stages[0][0][0]}: no word embeddings tensor found")
-    padded = embed[0].shape[0] * tp
-    vocab, eos = _vocab(src, nemo, padded, where)
-    cfg = megatron.config_from_args(args, vocab, where, eos)
-    one_p = args["normalization"] == "layernorm1p"
-    merged = megatron_layout.merge(stages, cfg, tp, 3.0, padded, path)
-    return cfg, megatron_layout.to_params(merged, cfg, vocab, path, one_p)
+    return megatron.build(stages, args, 3.0, lambda padded: _vocab(src, nemo, padded, where),
+                          path)
 
 
 def tokenizer_dir(path: str):

@@ -20,7 +20,7 @@ import jax
 from converters.native import CONFIG_NAME, copy_tokenizer, read_meta
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from ftjax.specs import shapes as param_shapes
+from ftjax.specs import flatten, shapes as param_shapes
 
 FORMAT = "ftjax-orbax"
 VERSION = 1
@@ -85,8 +85,6 @@ def _check_stored_shapes(target: str, shapes) -> None:
     mismatch is reported by name before any read starts."""
     import orbax.checkpoint as ocp
 
-    from converters.rules import flatten_tree
-
     try:
         with ocp.StandardCheckpointer() as ckpt:
             meta = ckpt.metadata(target)
@@ -96,8 +94,8 @@ def _check_stored_shapes(target: str, shapes) -> None:
     tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
     if not isinstance(tree, dict):
         return  # another orbax metadata layout: restore reports problems itself
-    stored = {k: tuple(getattr(v, "shape", ())) for k, v in flatten_tree(tree).items()}
-    expected = {k: tuple(v.shape) for k, v in flatten_tree(shapes).items()}
+    stored = {k: tuple(getattr(v, "shape", ())) for k, v in flatten(tree).items()}
+    expected = {k: tuple(v.shape) for k, v in flatten(shapes).items()}
     for key in sorted(set(stored) | set(expected)):
         if stored.get(key) != expected.get(key):
             raise CheckpointError(

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Sequence
 import numpy as np
 
 from ftjax.errors import CheckpointError
+from ftjax.specs import flatten, unflatten
 
 
 def _identity(x, cfg):
@@ -30,21 +31,22 @@ class Rule:
     transform: Callable = _identity
 
 
-def _set_path(tree: dict, path: str, value):
-    keys = path.split("/")
-    for k in keys[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[keys[-1]] = value
+def norm(dst: str, src: str, cfg, scale: Callable = _identity) -> List[Rule]:
+    """A norm's rules: `dst/scale` from `src.weight` (through `scale`), and `dst/bias` from
+    `src.bias` when the config's norm has one (layernorm)."""
+    out = [Rule(f"{dst}/scale", f"{src}.weight", scale)]
+    if cfg.norm == "layernorm":
+        out.append(Rule(f"{dst}/bias", f"{src}.bias"))
+    return out
 
 
-def flatten_tree(tree, prefix: str = "") -> dict:
-    """Nested dict -> {"a/b/c": leaf}."""
-    out = {}
-    for k, v in tree.items():
-        if hasattr(v, "items"):
-            out.update(flatten_tree(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
+def linear(dst: str, src: str, kernel: Callable = _identity, bias: bool = False,
+           bias_transform: Callable = _identity) -> List[Rule]:
+    """A projection's rules: `dst/kernel` from `src.weight` (through `kernel`), and
+    `dst/bias` from `src.bias` (through `bias_transform`) when `bias`."""
+    out = [Rule(f"{dst}/kernel", f"{src}.weight", kernel)]
+    if bias:
+        out.append(Rule(f"{dst}/bias", f"{src}.bias", bias_transform))
     return out
 
 
@@ -56,13 +58,14 @@ def apply_rules(tensors: Dict[str, np.ndarray], rules: Sequence[Rule], cfg, expe
       tensors: checkpoint key -> array.
       rules: the architecture's table.
       cfg: the ModelConfig (transforms read head counts from it).
-      expected: the canonical params pytree of shapes (`ftjax.model.param_shapes`).
+      expected: the canonical params of shapes, nested or flat ("a/b/c" paths):
+        `ftjax.specs.shapes(cfg)` or a part of it.
       ignore: regexes of checkpoint keys that carry no weights (e.g. causal-mask buffers).
       where: the checkpoint's path, for messages.
     """
-    want = {k: tuple(v.shape) for k, v in flatten_tree(expected).items()}
+    want = {k: tuple(v.shape) for k, v in flatten(expected).items()}
     used: set = set()
-    params: dict = {}
+    flat: dict = {}
 
     def fetch(key):
         if key not in tensors:
@@ -90,7 +93,7 @@ def apply_rules(tensors: Dict[str, np.ndarray], rules: Sequence[Rule], cfg, expe
             raise CheckpointError(
                 f"{where}: tensor {rule.src!r} gives {rule.dst} of shape {tuple(value.shape)}, "
                 f"expected {want[rule.dst]} for this config")
-        _set_path(params, rule.dst, value)
+        flat[rule.dst] = value
 
     missing = sorted(set(want) - {r.dst for r in rules})
     if missing:
@@ -102,7 +105,7 @@ def apply_rules(tensors: Dict[str, np.ndarray], rules: Sequence[Rule], cfg, expe
         shown = extra[:8] + (["..."] if len(extra) > 8 else [])
         raise CheckpointError(
             f"{where}: tensors this converter does not understand (refusing to drop them): {shown}")
-    return params
+    return unflatten(flat)
 
 
 def check_keys(hf_config: dict, where: str, required: Sequence[str]) -> None:

@@ -16,10 +16,12 @@ from converters.orbax_ckpt import FORMAT, VERSION, is_orbax, load_orbax
 from ftjax import quant as q
 from ftjax import sharding
 from ftjax.batching import Request, check_ids
+from ftjax.buckets import next_pow2
 from ftjax.cache import KERNELS, KV_DTYPES
 from ftjax.config import ModelConfig
 from ftjax.engine import Engine
 from ftjax.errors import CheckpointError
+from ftjax.fits import call_bytes, check_fits
 from ftjax.generation import GenerateOutput, Generator, StreamEvent
 from ftjax.model import split_layers, stack_layers
 from ftjax.sampling import SamplingParams
@@ -27,6 +29,7 @@ from ftjax.session import Session
 from ftjax.smoothquant import quantize_w8a8
 from ftjax.tokenizer import encode_long, load_tokenizer
 from ftjax.specs import n_params, shapes
+from pallas_kernels import select as kernel_select
 
 __all__ = ["DTYPES", "GenerateOutput", "Model", "StreamEvent", "load"]
 
@@ -44,12 +47,12 @@ def _dtype(name: str):
 
 
 def _kernels(name: str) -> str:
-    """"auto" -> "pallas" on a GPU backend, "xla" elsewhere; checks the name."""
+    """"auto" -> "mosaic" on sm90+ GPUs, "pallas" on other GPUs, "xla" elsewhere."""
     allowed = ("auto",) + KERNELS
     if name not in allowed:
         raise ValueError(f"kernels must be one of {allowed}, got {name!r}")
     if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return kernel_select.auto()
     return name
 
 
@@ -77,7 +80,9 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
       smoothquant_alpha: SmoothQuant's migration strength a in [0, 1].
       w8a8_activations: "per_token" (dynamic scales) or "per_tensor" (static, calibrated).
       kv_cache_dtype: None (the model dtype) or "int8" (per token and kv head scales).
-      kernels: "auto" (Pallas on a GPU backend, XLA elsewhere), "pallas" (the Pallas
+      kernels: "auto" (Mosaic GPU on sm90+, Triton Pallas on older GPUs, XLA elsewhere),
+        "mosaic" (Mosaic GPU decode attention and int8 matmul where they apply, else
+        Triton; interpreted off GPU on jax >= 0.12), "pallas" (the Pallas
         kernels; interpreted off GPU: slow, for tests) or "xla".
       megatron_args: for Megatron-LM checkpoints saved without args, the Megatron
         argument values they need (e.g. {"num_layers": 24, "hidden_size": 1024,
@@ -304,9 +309,6 @@ class Model:
 
     def _check_fits(self, reqs: List[Request]) -> None:
         """ValueError with the estimate when a call's cache and buffers cannot fit."""
-        from ftjax.buckets import next_pow2
-        from ftjax.fits import call_bytes, check_fits
-
         rows = next_pow2(sum(r.sp.n * r.sp.num_beams for r in reqs))
         cache = min(next_pow2(max(r.length + r.max_new for r in reqs)),
                     self.config.max_positions)

@@ -1,4 +1,4 @@
-"""The `ftjax` command: generate, convert, bench, plan, eval."""
+"""The `ftjax` command: generate, convert, bench, plan, eval, lm-eval."""
 
 from __future__ import annotations
 
@@ -273,10 +273,41 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=_int_at_least(2),
                    help="score only the first N tokens of each text")
     e.set_defaults(func=_eval)
+
+    # Parsed by lm-eval itself (main() hands it every argument after "lm-eval").
+    sub.add_parser("lm-eval", add_help=False,
+                   help="EleutherAI lm-evaluation-harness on ftjax: lm-eval's own arguments "
+                        "(--model_args pretrained=DIR,quant=int8 --tasks T [--include_path D]); "
+                        "needs the eval extra")
     return p
 
 
+def _lm_eval(argv: List[str]) -> int:
+    # tp / dp in --model_args: virtual CPU devices, made before jax starts its backend.
+    # (lm-eval takes "a=1,b=2" or "a=1 b=2" after --model_args / -a.)
+    kv, in_args = {}, False
+    for a in argv:
+        in_args = a in ("--model_args", "-a") or (in_args and not a.startswith("-"))
+        if in_args:
+            kv.update(x.split("=", 1) for x in a.split(",") if "=" in x)
+    use_devices(int(kv.get("tp", 1)) * int(kv.get("dp", 1)))
+    try:
+        from ftjax.lm_eval import run_cli
+    except ImportError as e:
+        print(f"ftjax lm-eval: needs lm-evaluation-harness: pip install 'ftjax[eval]' ({e})",
+              file=sys.stderr)
+        return 2
+    return run_cli(argv)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:
+        try:
+            return _lm_eval(argv[1:])
+        except ValueError as e:
+            print(f"ftjax lm-eval: error: {e}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
     n_devices = getattr(args, "tp", 1) * getattr(args, "dp", 1) * getattr(args, "pp", 1)
     if n_devices > 1:

@@ -10,7 +10,7 @@ import pytest
 
 import ftjax
 from converters.hf_export import save_hf_gpt2
-from converters.rules import flatten_tree
+from ftjax.specs import flatten
 from converters.tensors import read_safetensors
 from ftjax.config import ModelConfig
 from ftjax.specs import init_params
@@ -35,7 +35,7 @@ def test_export_then_load_is_exact(tmp_path):
     save_hf_gpt2(tmp_path, CFG, params)
     model = ftjax.load(tmp_path)
     assert model.config == CFG
-    want, got = flatten_tree(params), flatten_tree(model.params)
+    want, got = flatten(params), flatten(model.params)
     assert sorted(want) == sorted(got)
     for name in want:
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), err_msg=name)
@@ -62,8 +62,8 @@ def test_bfloat16_params_stay_bfloat16(tmp_path):
     save_hf_gpt2(tmp_path, CFG, params)
     tensors = read_safetensors(str(tmp_path / "model.safetensors"))
     assert {t.dtype.name for t in tensors.values()} == {"bfloat16"}
-    got = flatten_tree(ftjax.load(tmp_path, dtype="bfloat16").params)
-    for name, want in flatten_tree(params).items():
+    got = flatten(ftjax.load(tmp_path, dtype="bfloat16").params)
+    for name, want in flatten(params).items():
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want), err_msg=name)
 
 

@@ -202,3 +202,24 @@ def test_args_contradicting_the_files_are_refused(tmp_path, gpt2):
     with pytest.raises(ftjax.CheckpointError, match="position_embedding_type"):
         ftjax.load(str(root))
 
+
+
+def test_post_layernorm_residual_by_layer_kind(tmp_path, gpt2):
+    """apply_residual_connection_post_layernorm: Megatron-LM's legacy layer adds the norm's
+    output as the residual (ModelConfig.residual_from_norm, whose math is parity-tested
+    on BLOOM); megatron-core's layer ignores the flag since Sep 2023 and applied it
+    before, so with megatron-core keys it is refused as ambiguous."""
+    from converters.megatron import load_megatron
+
+    hf, w = gpt2
+    flag = {"apply_residual_connection_post_layernorm": True}
+    for mcore in (False, True):
+        root = write_megatron(tmp_path / str(mcore), w, 4, args=gpt2_args(hf.config),
+                              padded=PADDED, mcore=mcore, extra_args=flag)
+        write_gpt2_vocab(root, V)
+        if mcore:
+            with pytest.raises(ftjax.CheckpointError,
+                               match="apply_residual_connection_post_layernorm.*megatron-core"):
+                load_megatron(str(root))
+        else:
+            assert load_megatron(str(root))[0].residual_from_norm

@@ -19,7 +19,7 @@ from tiny import tiny_config
 
 import ftjax
 from converters.fastertransformer import save_fastertransformer
-from converters.rules import flatten_tree
+from ftjax.specs import flatten
 
 TOL = 1e-4
 V, PADDED = 211, 256
@@ -128,6 +128,21 @@ def test_nemo_mcore_tp2_pp2_directory(tmp_path, gpt2):
 
 
 @pytest.mark.torch
+def test_nemo_ignores_post_layernorm_residual_flag(tmp_path, gpt2):
+    """NeMo passes apply_residual_connection_post_layernorm=False to its layers whatever
+    the yaml says, so the yaml's value never changes the loaded model (unlike a legacy
+    Megatron-LM checkpoint's args; test_megatron)."""
+    from converters.nemo import load_nemo
+
+    hfdir, hf, w = gpt2
+    files = nemo_files(hfdir, w, hf.config, 1, 1, mcore=False, layernorm_1p=False)
+    files["model_config.yaml"] = nemo_yaml(
+        hf.config, 1, 1, apply_residual_connection_post_layernorm=True).encode()
+    cfg, _ = load_nemo(str(write_nemo_dir(tmp_path / "m", files)))
+    assert not cfg.residual_from_norm
+
+
+@pytest.mark.torch
 def test_nemo_bad_inputs(tmp_path, gpt2):
     hfdir, hf, w = gpt2
     files = nemo_files(hfdir, w, hf.config, 2, 1, mcore=True, layernorm_1p=False)
@@ -159,7 +174,7 @@ def test_ft_round_trip_hf_to_ft_to_ftjax(tmp_path, gpt2, tp):
     save_fastertransformer(str(tmp_path), src.config, src.params, tp=tp, source=str(hfdir))
     model = check(tmp_path, hf)
     assert model.config == src.config and model.tokenizer is not None
-    want, got = flatten_tree(src.params), flatten_tree(model.params)
+    want, got = flatten(src.params), flatten(model.params)
     for name in want:  # fp32 written and read back: bit-exact
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want[name]), name)
 
@@ -203,8 +218,8 @@ def test_ft_fp16_and_bad_files(tmp_path, gpt2):
     save_fastertransformer(str(tmp_path), src.config, src.params, tp=2, dtype="float16")
     assert "weight_data_type = fp16" in (tmp_path / "config.ini").read_text()
     model = ftjax.load(str(tmp_path))
-    q = flatten_tree(model.params)["layers/attn/q/kernel"]
-    want = np.asarray(flatten_tree(src.params)["layers/attn/q/kernel"]).astype(np.float16)
+    q = flatten(model.params)["layers/attn/q/kernel"]
+    want = np.asarray(flatten(src.params)["layers/attn/q/kernel"]).astype(np.float16)
     np.testing.assert_array_equal(np.asarray(q), want.astype(np.float32))
     name = "model.layers.1.mlp.dense_4h_to_h.weight.1.bin"
     data = (tmp_path / name).read_bytes()
@@ -254,6 +269,6 @@ def test_ft_round_trip_without_torch(tmp_path):
     save_fastertransformer(str(tmp_path), cfg, params, tp=2)
     model = ftjax.load(str(tmp_path))
     assert model.config == cfg
-    got = flatten_tree(model.params)
-    for name, want in flatten_tree(params).items():
+    got = flatten(model.params)
+    for name, want in flatten(params).items():
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(want), name)
