@@ -23,11 +23,14 @@ def read_hf_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            hf = json.load(f)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: not found (is {directory!r} a checkpoint directory?)") from e
     except ValueError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: a JSON {type(hf).__name__}, not an object of config keys")
+    return hf
 
 
 def load_hf(directory: str):

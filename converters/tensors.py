@@ -193,8 +193,17 @@ def _files_from_index(directory: str, index_name: str) -> Iterable[str]:
     try:
         with open(path) as f:
             weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: unreadable shard index ({e})") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable shard index ({type(e).__name__}: {e})") from e
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: weight_map is a {type(weight_map).__name__}, not an "
+                              "object of {tensor: shard file}")
+    for name in set(weight_map.values()):
+        # Shards are files of this directory: no paths that lead out of it.
+        if not isinstance(name, str) or not name or name != os.path.basename(name) \
+                or name in (".", ".."):
+            raise CheckpointError(f"{path}: weight_map names shard {name!r}, which is not a "
+                                  "file name inside the checkpoint directory")
     return sorted(set(weight_map.values()))
 
 
