@@ -290,7 +290,11 @@ def _lm_eval(argv: List[str]) -> int:
         in_args = a in ("--model_args", "-a") or (in_args and not a.startswith("-"))
         if in_args:
             kv.update(x.split("=", 1) for x in a.split(",") if "=" in x)
-    use_devices(int(kv.get("tp", 1)) * int(kv.get("dp", 1)))
+    n_devices = int(kv.get("tp", 1)) * int(kv.get("dp", 1))
+    if n_devices > 1:
+        from ftjax.sharding import use_cpu_devices
+
+        use_cpu_devices(n_devices)
     try:
         from ftjax.lm_eval import run_cli
     except ImportError as e:
