@@ -31,15 +31,14 @@ from __future__ import annotations
 import configparser
 import os
 import re
-import shutil
 
 import numpy as np
 
 from converters import hf_gpt2
 from converters.activations import FT as FT_ACTIVATIONS
 from converters.hf_export import hf_gpt2_config, hf_gpt2_tensors
-from converters.native import TOKENIZER_FILES
-from converters.rules import apply_rules
+from converters.native import copy_tokenizer
+from converters.rules import apply_rules, supported
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 from ftjax.specs import shapes as param_shapes
@@ -114,18 +113,11 @@ def _read_config(directory: str):
         raise CheckpointError(f"{path}: [gpt] keys this converter does not know (they may "
                               f"change the model's math; refusing to guess): {unknown}")
     for key, want in _DEFAULTS.items():
-        if sec.get(key, want).strip().lower() != want:
-            raise CheckpointError(f"{path}: [gpt] {key} = {sec[key]!r} is not supported "
-                                  f"(supported: {want!r}); refusing to load with different "
-                                  "numerics")
-    act = sec.get("activation_type", "gelu").strip().lower()
-    if act not in FT_ACTIVATIONS:
-        raise CheckpointError(f"{path}: [gpt] activation_type = {act!r} is not supported "
-                              f"(supported: {sorted(FT_ACTIVATIONS)})")
-    dtype = sec.get("weight_data_type", "fp32").strip().lower()
-    if dtype not in _DTYPES:
-        raise CheckpointError(f"{path}: [gpt] weight_data_type = {dtype!r} is not supported "
-                              f"(supported: {sorted(_DTYPES)})")
+        supported(sec.get(key, want).strip().lower(), (want,), f"[gpt] {key}", path)
+    act = supported(sec.get("activation_type", "gelu").strip().lower(), FT_ACTIVATIONS,
+                    "[gpt] activation_type", path)
+    dtype = supported(sec.get("weight_data_type", "fp32").strip().lower(), _DTYPES,
+                      "[gpt] weight_data_type", path)
     n, h = integer("head_num"), integer("size_per_head")
     hf = {"n_head": n, "n_embd": n * h, "n_inner": integer("inter_size"),
           "n_positions": integer("max_pos_seq_len"), "n_layer": integer("num_layer"),
@@ -269,7 +261,5 @@ def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1
     with open(os.path.join(directory, CONFIG), "w") as fh:
         parser.write(fh)
     if source and os.path.isdir(source):
-        for name in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(source, name)):
-                shutil.copy(os.path.join(source, name), os.path.join(directory, name))
+        copy_tokenizer(source, directory)
 

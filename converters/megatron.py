@@ -26,10 +26,11 @@ import pickle
 import re
 import types
 
-import ml_dtypes
 import numpy as np
 
 from converters import megatron_layout
+from converters.rules import supported
+from converters.tensors import torch_to_numpy
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 
@@ -96,11 +97,7 @@ def to_numpy(state, path: str, prefix: str = "") -> dict[str, np.ndarray]:
         if isinstance(value, dict):
             out.update(to_numpy(value, path, name + "."))
         elif isinstance(value, torch.Tensor):
-            t = value.detach().cpu()
-            if t.dtype == torch.bfloat16:
-                out[name] = t.float().numpy().astype(ml_dtypes.bfloat16)
-            else:
-                out[name] = t.numpy()
+            out[name] = torch_to_numpy(value)
         elif value is not None and not name.endswith("_extra_state"):
             raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, "
                                   "not a tensor")
@@ -168,12 +165,7 @@ def _int(args: dict, key: str, where: str, default=None) -> int:
 
 
 def _refuse(args: dict, key: str, allowed, where: str):
-    value = args.get(key)
-    if value not in allowed:
-        raise CheckpointError(f"{where}: args.{key} = {value!r} is not supported "
-                              f"(supported: {list(allowed)}); refusing to load with different "
-                              "numerics")
-    return value
+    return supported(args.get(key), allowed, f"args.{key}", where)
 
 
 def config_from_args(args: dict, vocab: int, where: str, eos: int | None = None,

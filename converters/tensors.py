@@ -79,13 +79,17 @@ def read_torch_bin(path: str) -> Dict[str, np.ndarray]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
-    out = {}
-    for name, t in state.items():
-        if t.dtype == torch.bfloat16:
-            out[name] = t.float().numpy().astype(ml_dtypes.bfloat16)
-        else:
-            out[name] = t.numpy()
-    return out
+    return {name: torch_to_numpy(t) for name, t in state.items()}
+
+
+def torch_to_numpy(t) -> np.ndarray:
+    """A CPU torch tensor as numpy (bfloat16 as ml_dtypes.bfloat16, which numpy lacks)."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy().astype(ml_dtypes.bfloat16)
+    return t.numpy()
 
 
 def _files_from_index(directory: str, index_name: str) -> Iterable[str]:
