@@ -3,8 +3,9 @@
 HuggingFace configs name the activation by `transformers.activations.ACT2FN` keys:
 "gelu" is the exact (erf) GELU, "gelu_new" and "gelu_pytorch_tanh" the tanh
 approximation, "swish" is "silu". FasterTransformer's config.ini `activation_type`
-"Gelu" is the tanh approximation. NeMo names the MLP ("fast-swiglu": SwiGLU). A name missing here is refused by the converter
-(naming the key), never loaded with another activation.
+"Gelu" is the tanh approximation. NeMo's yaml names the MLP ("fast-swiglu": SwiGLU).
+A name missing here is refused by the converter (naming the key), never loaded
+with another activation.
 """
 
 from __future__ import annotations

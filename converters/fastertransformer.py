@@ -221,7 +221,8 @@ def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1
     act = {v: k.capitalize() for k, v in FT_ACTIVATIONS.items()}.get(cfg.activation)
     if act is None:
         raise ValueError(f"ModelConfig.activation = {cfg.activation!r} cannot be expressed in "
-                         f"a FasterTransformer GPT c-model (supported: {sorted(FT_ACTIVATIONS.values())})")
+                         "a FasterTransformer GPT c-model (supported: "
+                         f"{sorted(FT_ACTIVATIONS.values())})")
     if len(cfg.eos_token_ids) > 1:
         raise ValueError(f"ModelConfig.eos_token_id = {cfg.eos_token_id!r}: a FasterTransformer "
                          "c-model has one end_id")

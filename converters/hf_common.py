@@ -18,7 +18,8 @@ import dataclasses
 import numbers
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
-from converters.rules import Rule
+from converters.rules import Rule, linear, norm
+from converters.transforms import fused_per_head, linear_out_heads, transpose
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 
@@ -72,6 +73,22 @@ def _number(value, key: str, where: str) -> float:
         raise CheckpointError(f"{where}: config.json key {key!r} must be a positive number, "
                               f"got {value!r}")
     return float(value)
+
+
+def megatron_block_rules(cfg: ModelConfig, h: str, attn: str) -> List[Rule]:
+    """The block's key table of the families that keep Megatron(-DeepSpeed)'s names and
+    its fused qkv laid out per head (BLOOM, GPT-NeoX): `{h}input_layernorm`,
+    `{h}{attn}query_key_value`, `{h}{attn}dense`, `{h}mlp.dense_h_to_4h`, ... with `h`
+    the layer's key prefix ("{i}" the index) and `attn` the attention module's name."""
+    table = [*norm("layers/ln1", h + "input_layernorm", cfg),
+             *norm("layers/ln2", h + "post_attention_layernorm", cfg),
+             *linear("layers/attn/o", h + attn + "dense", linear_out_heads, cfg.attn_bias),
+             *linear("layers/mlp/wi", h + "mlp.dense_h_to_4h", transpose, cfg.mlp_bias),
+             *linear("layers/mlp/wo", h + "mlp.dense_4h_to_h", transpose, cfg.mlp_bias)]
+    for part, name in enumerate("qkv"):
+        table += linear(f"layers/attn/{name}", h + attn + "query_key_value",
+                        fused_per_head(part), cfg.attn_bias, fused_per_head(part))
+    return table
 
 
 def plain_rope(hf: dict, where: str, theta_keys: Sequence[str] = ("rope_theta",),

@@ -7,17 +7,17 @@ output embedding (`embed_out`, which transformers 5.x calls `lm_head` in memory)
 
 `query_key_value` is one torch Linear `[3*N*H, D]` whose output is interleaved
 per head: row n*3H + part*H + h is head n's q (part 0), k (1) or v (2) dim h.
-It is de-interleaved here, once, at load.
+It is de-interleaved once, at load, by the Megatron-style block table GPT-NeoX
+shares with BLOOM (`hf_common.megatron_block_rules`).
 """
 
 from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import Architecture, plain_rope, token_id
-from converters.transforms import fused_per_head, linear_out_heads, transpose
+from converters.hf_common import Architecture, megatron_block_rules, plain_rope, token_id
 from converters.activations import hf_activation
-from converters.rules import Rule, check_keys, linear, norm, require_value
+from converters.rules import Rule, check_keys, norm, require_value
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
@@ -53,17 +53,9 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
 
 
 def rules(cfg: ModelConfig, prefix: str):
-    h = prefix + "layers.{i}."
     table = [Rule("embed", prefix + "embed_in.weight"),
              *norm("final_norm", prefix + "final_layer_norm", cfg),
-             *norm("layers/ln1", h + "input_layernorm", cfg),
-             *norm("layers/ln2", h + "post_attention_layernorm", cfg),
-             *linear("layers/attn/o", h + "attention.dense", linear_out_heads, cfg.attn_bias),
-             *linear("layers/mlp/wi", h + "mlp.dense_h_to_4h", transpose, cfg.mlp_bias),
-             *linear("layers/mlp/wo", h + "mlp.dense_4h_to_h", transpose, cfg.mlp_bias)]
-    for part, name in enumerate("qkv"):
-        table += linear(f"layers/attn/{name}", h + "attention.query_key_value",
-                        fused_per_head(part), cfg.attn_bias, fused_per_head(part))
+             *megatron_block_rules(cfg, prefix + "layers.{i}.", "attention.")]
     if not cfg.tied_embeddings:
         table.append(Rule("lm_head", "embed_out.weight"))
     return table
