@@ -193,7 +193,7 @@ def load_fastertransformer(directory: str):
     if extra:
         raise CheckpointError(f"{where}: tensor files this converter does not understand "
                               f"(refusing to drop them): {extra[:8]}")
-    params = apply_rules(tensors, hf_gpt2.rules(cfg, ""), cfg, param_shapes(cfg), where=directory)
+    params = apply_rules(tensors, hf_gpt2.ARCH.table(cfg, ""), cfg, param_shapes(cfg), where=directory)
     return cfg, params
 
 

@@ -54,6 +54,6 @@ def load_hf(directory: str):
                 f"{directory}: tensor {arch.head!r} differs from the token embedding but "
                 "config.json says tie_word_embeddings=true")
         ignore += arch.ignore_tied
-    params = apply_rules(tensors, arch.rules(cfg, prefix), cfg, param_shapes(cfg),
+    params = apply_rules(tensors, arch.table(cfg, prefix), cfg, param_shapes(cfg),
                          ignore=ignore, where=directory)
     return cfg, params

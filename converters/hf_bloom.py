@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import Architecture, megatron_block_rules, token_id
+from converters.hf_common import Architecture, megatron_block_rules, token_ids
 from converters.rules import Rule, check_keys, norm, require_value
 
 
@@ -43,9 +43,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation="gelu_new",
         positions="alibi", attn_bias=True, mlp_bias=True,
         residual_from_norm=bool(residual_from_norm), embed_norm=True, final_norm=True,
-        tied_embeddings=hf.get("tie_word_embeddings", True),
-        bos_token_id=token_id(hf, "bos_token_id", where),
-        eos_token_id=token_id(hf, "eos_token_id", where))
+        tied_embeddings=hf.get("tie_word_embeddings", True), **token_ids(hf, where))
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -53,8 +51,6 @@ def rules(cfg: ModelConfig, prefix: str):
              *norm("embed_norm", prefix + "word_embeddings_layernorm", cfg),
              *norm("final_norm", prefix + "ln_f", cfg),
              *megatron_block_rules(cfg, prefix + "h.{i}.", "self_attention.")]
-    if not cfg.tied_embeddings:
-        table.append(Rule("lm_head", "lm_head.weight"))
     return table
 
 

@@ -1,6 +1,6 @@
 """Canonical params -> a HuggingFace GPT-2 directory: the inverse of `converters.hf_gpt2`.
 
-Both directions read one key table, `hf_gpt2.rules`. Each HF tensor is rebuilt by
+Both directions read one key table, `hf_gpt2.ARCH.table`. Each HF tensor is rebuilt by
 scattering the canonical params through the import transforms: the transforms
 are run on an array of flat indices, which says where every element came from.
 The config is checked the same way: the written config.json must read back, via
@@ -90,7 +90,7 @@ def hf_gpt2_tensors(cfg: ModelConfig, params, dtype) -> dict:
     """HF GPT-2 state dict (numpy, with the "transformer." prefix) of canonical params."""
     flat = flatten(params)
     groups: dict = {}  # HF key template -> [rule, ...], table order kept
-    for rule in hf_gpt2.rules(cfg, _PREFIX):
+    for rule in hf_gpt2.ARCH.table(cfg, _PREFIX):
         groups.setdefault(rule.src, []).append(rule)
     tensors = {}
     for src, rules in groups.items():

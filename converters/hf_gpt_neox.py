@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import Architecture, megatron_block_rules, plain_rope, token_id
+from converters.hf_common import Architecture, megatron_block_rules, plain_rope, token_ids
 from converters.activations import hf_activation
 from converters.rules import Rule, check_keys, norm, require_value
 
@@ -47,17 +47,13 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         norm_eps=hf.get("layer_norm_eps", 1e-5), activation=act,
         positions="rotary", rotary_dim=rd, rope_theta=theta, attn_bias=attn_bias,
         mlp_bias=True, parallel_residual=parallel, shared_norm=False,
-        tied_embeddings=hf.get("tie_word_embeddings", False),
-        bos_token_id=token_id(hf, "bos_token_id", where),
-        eos_token_id=token_id(hf, "eos_token_id", where))
+        tied_embeddings=hf.get("tie_word_embeddings", False), **token_ids(hf, where))
 
 
 def rules(cfg: ModelConfig, prefix: str):
     table = [Rule("embed", prefix + "embed_in.weight"),
              *norm("final_norm", prefix + "final_layer_norm", cfg),
              *megatron_block_rules(cfg, prefix + "layers.{i}.", "attention.")]
-    if not cfg.tied_embeddings:
-        table.append(Rule("lm_head", "embed_out.weight"))
     return table
 
 
