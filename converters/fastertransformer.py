@@ -36,7 +36,7 @@ import numpy as np
 
 from converters import hf_gpt2
 from converters.activations import FT as FT_ACTIVATIONS
-from converters.hf_export import hf_gpt2_config, hf_gpt2_tensors
+from converters.hf_export import hf_gpt2_config, hf_gpt2_layout, hf_gpt2_tensors
 from converters.native import copy_tokenizer
 from converters.rules import apply_rules, supported
 from ftjax.config import ModelConfig
@@ -54,25 +54,32 @@ _KNOWN = {"model_name", "head_num", "size_per_head", "inter_size", "max_pos_seq_
           "num_layer", "vocab_size", "start_id", "end_id", "weight_data_type",
           "tensor_para_size", "pipeline_para_size", "layernorm_eps", "activation_type",
           "sparse", "prompt_learning_type", "prompt_learning_start_id", "num_tasks"}
-# FT layer tensor -> (HF GPT-2 name, split axis over TP ranks or None, per-rank shape).
+# FT layer tensor -> HF GPT-2 name. Shapes and TP split axes are GPT-2's
+# (`hf_export.hf_gpt2_layout`, from the spec table), but for the fused qkv, which FT
+# stores as `[.., 3, D]` and splits along D (`_ft_layout`).
 _LAYER = {
-    "input_layernorm.weight": ("ln_1.weight", None, lambda d, f, tp: (d,)),
-    "input_layernorm.bias": ("ln_1.bias", None, lambda d, f, tp: (d,)),
-    "attention.query_key_value.weight": ("attn.c_attn.weight", -1,
-                                         lambda d, f, tp: (d, 3, d // tp)),
-    "attention.query_key_value.bias": ("attn.c_attn.bias", -1, lambda d, f, tp: (3, d // tp)),
-    "attention.dense.weight": ("attn.c_proj.weight", 0, lambda d, f, tp: (d // tp, d)),
-    "attention.dense.bias": ("attn.c_proj.bias", None, lambda d, f, tp: (d,)),
-    "post_attention_layernorm.weight": ("ln_2.weight", None, lambda d, f, tp: (d,)),
-    "post_attention_layernorm.bias": ("ln_2.bias", None, lambda d, f, tp: (d,)),
-    "mlp.dense_h_to_4h.weight": ("mlp.c_fc.weight", -1, lambda d, f, tp: (d, f // tp)),
-    "mlp.dense_h_to_4h.bias": ("mlp.c_fc.bias", -1, lambda d, f, tp: (f // tp,)),
-    "mlp.dense_4h_to_h.weight": ("mlp.c_proj.weight", 0, lambda d, f, tp: (f // tp, d)),
-    "mlp.dense_4h_to_h.bias": ("mlp.c_proj.bias", None, lambda d, f, tp: (d,)),
+    "input_layernorm.weight": "ln_1.weight", "input_layernorm.bias": "ln_1.bias",
+    "attention.query_key_value.weight": "attn.c_attn.weight",
+    "attention.query_key_value.bias": "attn.c_attn.bias",
+    "attention.dense.weight": "attn.c_proj.weight", "attention.dense.bias": "attn.c_proj.bias",
+    "post_attention_layernorm.weight": "ln_2.weight",
+    "post_attention_layernorm.bias": "ln_2.bias",
+    "mlp.dense_h_to_4h.weight": "mlp.c_fc.weight", "mlp.dense_h_to_4h.bias": "mlp.c_fc.bias",
+    "mlp.dense_4h_to_h.weight": "mlp.c_proj.weight", "mlp.dense_4h_to_h.bias": "mlp.c_proj.bias",
 }
 _GLOBAL = {"wte": "wte.weight", "wpe": "wpe.weight",
            "final_layernorm.weight": "ln_f.weight", "final_layernorm.bias": "ln_f.bias",
            "lm_head.weight": "lm_head.weight"}
+
+
+def _ft_layout(layout: dict, hf_key: str, tp: int):
+    """(shape on one of `tp` ranks, split axis or None) of the FT tensor of GPT-2's `hf_key`."""
+    shape, axis = layout[hf_key]
+    if hf_key.endswith(("c_attn.weight", "c_attn.bias")):
+        shape, axis = shape[:-1] + (3, shape[-1] // 3), len(shape)
+    if axis is not None:
+        shape = shape[:axis] + (shape[axis] // tp,) + shape[axis + 1:]
+    return shape, axis
 
 
 def is_fastertransformer(directory: str) -> bool:
@@ -157,7 +164,7 @@ def load_fastertransformer(directory: str):
     """Reads a c-model directory. Returns (ModelConfig, params of numpy arrays)."""
     where, hf, dtype, tp = _read_config(directory)
     tp = tp or _detect_tp(directory, where)
-    d, f, v = hf["n_embd"], hf["n_inner"], hf["vocab_size"]
+    d, f = hf["n_embd"], hf["n_inner"]
     head = os.path.join(directory, "model.lm_head.weight.bin")
     hf["tie_word_embeddings"] = not os.path.exists(head)
     cfg = hf_gpt2.config_from_hf(hf, where)
@@ -171,29 +178,28 @@ def load_fastertransformer(directory: str):
         used.add(os.path.basename(path))
         return _read_bin(path, dtype, shape)
 
+    layout = hf_gpt2_layout(cfg)
     tensors = {}
-    for name, shape in (("wte", (v, d)), ("wpe", (cfg.max_positions, d)),
-                        ("final_layernorm.weight", (d,)), ("final_layernorm.bias", (d,))):
-        tensors[_GLOBAL[name]] = read(name, shape)
-    if not cfg.tied_embeddings:
-        tensors["lm_head.weight"] = read("lm_head.weight", (v, d))
+    for name, hf_name in _GLOBAL.items():
+        if hf_name in layout:  # the head only when untied
+            tensors[hf_name] = read(name, layout[hf_name][0])
     for i in range(cfg.n_layers):
-        for name, (hf_name, axis, shape) in _LAYER.items():
+        for name, hf_name in _LAYER.items():
             key = f"layers.{i}.{name}"
+            shape, axis = _ft_layout(layout, "h.{i}." + hf_name, tp)
             if axis is None:
-                value = read(key, shape(d, f, 1))
+                value = read(key, shape)
             else:
-                parts = [read(f"{key}.{r}", shape(d, f, tp)) for r in range(tp)]
-                value = np.concatenate(parts, axis=axis)
-            if name.startswith("attention.query_key_value"):
-                value = value.reshape(*value.shape[:-2], 3 * d)  # [.., 3, D] -> GPT-2 c_attn
-            tensors[f"h.{i}.{hf_name}"] = value
+                value = np.concatenate([read(f"{key}.{r}", shape) for r in range(tp)], axis)
+            # FT's [.., 3, D] qkv -> GPT-2's c_attn
+            tensors[f"h.{i}.{hf_name}"] = value.reshape(layout["h.{i}." + hf_name][0])
     extra = sorted(n for n in os.listdir(directory)
                    if n.startswith("model.") and n.endswith(".bin") and n not in used)
     if extra:
         raise CheckpointError(f"{where}: tensor files this converter does not understand "
                               f"(refusing to drop them): {extra[:8]}")
-    params = apply_rules(tensors, hf_gpt2.ARCH.table(cfg, ""), cfg, param_shapes(cfg), where=directory)
+    params = apply_rules(tensors, hf_gpt2.ARCH.table(cfg, ""), cfg, param_shapes(cfg),
+                         where=directory)
     return cfg, params
 
 
@@ -229,7 +235,6 @@ def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1
     hf = hf_gpt2_config(cfg, dtype)
     np_dtype = np.dtype(dtype)
     tensors = hf_gpt2_tensors(cfg, params, np_dtype)
-    d = cfg.d_model
     os.makedirs(directory, exist_ok=True)
 
     def write(name, value):
@@ -238,11 +243,11 @@ def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1
     for ft_name, hf_name in _GLOBAL.items():
         if "transformer." + hf_name in tensors:
             write(ft_name, tensors["transformer." + hf_name])
+    layout = hf_gpt2_layout(cfg)
     for i in range(cfg.n_layers):
-        for name, (hf_name, axis, _) in _LAYER.items():
-            value = tensors[f"transformer.h.{i}.{hf_name}"]
-            if name.startswith("attention.query_key_value"):
-                value = value.reshape(*value.shape[:-1], 3, d)
+        for name, hf_name in _LAYER.items():
+            full, axis = _ft_layout(layout, "h.{i}." + hf_name, 1)
+            value = tensors[f"transformer.h.{i}.{hf_name}"].reshape(full)
             if axis is None:
                 write(f"layers.{i}.{name}", value)
             else:
