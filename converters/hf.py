@@ -1,4 +1,9 @@
-"""HuggingFace checkpoint directories -> (ModelConfig, canonical numpy params)."""
+"""HuggingFace checkpoint directories -> (ModelConfig, canonical numpy params).
+
+Each supported family is one `converters.hf_common.Architecture` (its config reader,
+key table, key prefixes and ignorable buffers), in `hf_<family>.ARCH`; one loader
+reads them all.
+"""
 
 from __future__ import annotations
 

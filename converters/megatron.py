@@ -16,6 +16,9 @@ Vocabulary: Megatron pads the embedding to a multiple of
 never be sampled: the true vocabulary size is that of `DIR/vocab.json` (the GPT-2
 BPE tokenizer; with `merges.txt` it becomes the model's tokenizer) or
 `megatron_args["vocab_size"]`; without either, loading is refused.
+
+`build` turns the ranks' weights and args into the model; NeMo (`converters.nemo`)
+maps its yaml onto the args and uses it too.
 """
 
 from __future__ import annotations

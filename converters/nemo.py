@@ -3,12 +3,15 @@
 Holds `model_config.yaml` and the weights: `model_weights.ckpt`, or one per rank in
 `mp_rank_XX/` (tensor parallel) or `tp_rank_XX_pp_rank_XXX/` (tensor x pipeline).
 The weights are Megatron modules under `model.` (`model.module.` with O2): legacy
-`model.language_model.*` or megatron-core `model.decoder.*` / `model.embedding.*`,
-merged by `converters.megatron_layout`. The yaml's fields map onto Megatron's args
-(`normalization: layernorm1p` adds 1 to the stored norm gains; `activation:
-fast-swiglu` splits fc1 into gate and up). The padded vocabulary rows are dropped
-using the GPT-2 BPE vocab file named by `tokenizer.vocab_file` (`nemo:NAME` is an
-archive member), which with the merges file becomes the model's tokenizer.
+`model.language_model.*` or megatron-core `model.decoder.*` / `model.embedding.*`.
+The yaml's fields map onto Megatron's args (`normalization: layernorm1p` adds 1 to
+the stored norm gains; `activation: fast-swiglu` splits fc1 into gate and up;
+`apply_residual_connection_post_layernorm` is dropped: NeMo passes False to its
+layers whatever the yaml says), and the model is built as Megatron-LM's
+(`converters.megatron.build`: the same rank-grid, padded-vocabulary and layout
+code). The padded vocabulary rows are dropped using the GPT-2 BPE vocab file named
+by `tokenizer.vocab_file` (`nemo:NAME` is an archive member), which with the
+merges file becomes the model's tokenizer.
 """
 
 from __future__ import annotations
