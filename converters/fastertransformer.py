@@ -111,9 +111,14 @@ def _read_config(directory: str):
                 return default
             raise CheckpointError(f"{path}: [gpt] lacks required key {key!r}")
         try:
-            return int(sec[key])
+            value = int(sec[key])
         except ValueError as e:
             raise CheckpointError(f"{path}: [gpt] {key} = {sec[key]!r} is not an int") from e
+        low = 0 if key in ("start_id", "end_id", "tensor_para_size") else 1
+        if value < low:
+            raise CheckpointError(f"{path}: [gpt] {key} = {value} is out of range (must be "
+                                  f">= {low})")
+        return value
 
     unknown = sorted(set(sec) - _KNOWN - set(_DEFAULTS))
     if unknown:
@@ -126,10 +131,15 @@ def _read_config(directory: str):
     dtype = supported(sec.get("weight_data_type", "fp32").strip().lower(), _DTYPES,
                       "[gpt] weight_data_type", path)
     n, h = integer("head_num"), integer("size_per_head")
+    try:
+        eps = float(sec.get("layernorm_eps", 1e-5))
+    except ValueError as e:
+        raise CheckpointError(f"{path}: [gpt] layernorm_eps = {sec['layernorm_eps']!r} is not "
+                              "a number") from e
     hf = {"n_head": n, "n_embd": n * h, "n_inner": integer("inter_size"),
           "n_positions": integer("max_pos_seq_len"), "n_layer": integer("num_layer"),
           "vocab_size": integer("vocab_size"), "activation_function": FT_ACTIVATIONS[act],
-          "layer_norm_epsilon": float(sec.get("layernorm_eps", 1e-5))}
+          "layer_norm_epsilon": eps}
     for src, dst in (("start_id", "bos_token_id"), ("end_id", "eos_token_id")):
         if src in sec:
             hf[dst] = integer(src)

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
-import types
 
 import numpy as np
 
-from converters import megatron_layout
+from converters import megatron_layout, safe_pickle
 from converters.rules import supported
 from converters.tensors import torch_to_numpy
 from ftjax.config import ModelConfig
@@ -44,50 +42,11 @@ _RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?")
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")
 
 
-class _Missing:
-    """Stand-in for a class whose module is not installed (Megatron's enums and
-    helpers pickled inside `args`): accepts any constructor or state."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.__dict__["state"] = state
-
-
-class _TolerantUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return super().find_class(module, name)
-        except (ImportError, AttributeError):
-            return type(name, (_Missing,), {"__module__": module})
-
-
-# What torch.load(pickle_module=...) uses: Unpickler (zip checkpoints) and load (legacy ones).
-_PICKLE = types.SimpleNamespace(
-    __name__="ftjax_tolerant_pickle", Unpickler=_TolerantUnpickler,
-    load=lambda f, **kw: _TolerantUnpickler(f, **kw).load())
-
-
 def torch_load(path, where: str | None = None) -> dict:
-    """Loads a trusted training checkpoint (torch `.pt`/`.ckpt`: a path, or a file object
-    named `where` in messages).
-
-    Megatron pickles its argparse Namespace next to the weights, with Megatron's own
-    classes inside, so `weights_only=True` cannot read it, and without Megatron
-    installed plain unpickling fails. These checkpoints are the user's own training
-    output (as trusted as the code that wrote them): they are unpickled in full, with
-    unknown classes replaced by an inert stand-in.
-    """
-    try:
-        import torch
-    except ImportError as e:
-        raise CheckpointError(f"{where or path}: reading Megatron/NeMo checkpoints needs torch "
-                              "(pip install torch==2.13.0, the CPU build)") from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_PICKLE)
-    except Exception as e:  # torch raises many types for corrupt or truncated files
-        raise CheckpointError(f"{where or path}: not a readable PyTorch checkpoint ({e})") from e
+    """Loads a torch `.pt`/`.ckpt` (a path, or a file object named `where` in messages)
+    through the restricted unpickler: Megatron's own classes inside `args` become inert
+    stand-ins and any other global is refused (see `converters.safe_pickle`)."""
+    return safe_pickle.torch_load(path, where)
 
 
 def to_numpy(state, path: str, prefix: str = "") -> dict[str, np.ndarray]:

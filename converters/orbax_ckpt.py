@@ -73,9 +73,10 @@ def load_orbax(directory: str, shardings=None, dtype=None):
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(target, abstract)
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except Exception as e:  # orbax raises bare Exception around tensorstore's errors
         raise CheckpointError(f"{target}: cannot restore the canonical params of the "
-                              f"config in {CONFIG_NAME} ({type(e).__name__}: {e})") from e
+                              f"config in {CONFIG_NAME} ({_brief(e)})"
+                              ) from e
     return cfg, params, stored
 
 
@@ -87,8 +88,9 @@ def _check_stored_shapes(target: str, shapes) -> None:
     try:
         with ocp.StandardCheckpointer() as ckpt:
             meta = ckpt.metadata(target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{target}: not a readable orbax checkpoint ({e})") from e
+    except (ValueError, KeyError, OSError) as e:
+        raise CheckpointError(f"{target}: not a readable orbax checkpoint "
+                              f"({_brief(e)})") from e
     tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
     if not isinstance(tree, dict):
         return  # another orbax metadata layout: restore reports problems itself
@@ -99,3 +101,16 @@ def _check_stored_shapes(target: str, shapes) -> None:
             raise CheckpointError(
                 f"{target}: tensor {key!r} is stored as {stored.get(key)} but the config in "
                 f"{CONFIG_NAME} needs {expected.get(key)}: cannot restore")
+
+
+def _brief(e: Exception, limit: int = 300) -> str:
+    """The gist of a tensorstore error: its first line, shortened (the full text, a
+    C++ status with a stack of contexts, runs to 150 lines)."""
+    seen = []
+    while e is not None and e not in seen:  # the innermost error says what broke
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    e = seen[-1]
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from typing import Dict, Iterable
 
@@ -24,28 +25,116 @@ _ST_DTYPES = {
 _NP_TO_ST = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 
 
+# The safetensors library's limit on the JSON header (safetensors/src/tensor.rs).
+MAX_HEADER_SIZE = 100_000_000
+
+
 def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-    """Memory-maps every tensor of one safetensors file."""
+    """Memory-maps every tensor of one safetensors file.
+
+    The header is validated as the `safetensors` library validates it before any
+    tensor is read: a header length inside the file and at most 100 MB, a JSON
+    object of {name: {"dtype", "shape", "data_offsets"}} (and an optional
+    "__metadata__" of strings), known dtypes, non-negative int shapes, and offsets
+    that tile the data section exactly (in order, no gap, no overlap: two tensors
+    sharing bytes would load silently wrong), each span the size its shape and dtype
+    need, the last ending at the end of the file.
+
+    Raises:
+      CheckpointError: naming the file and, for a bad entry, the tensor.
+    """
+    size = _file_size(path)
+    header = _safetensors_header(path, size)
+    base = 8 + header.pop("__header_len__")
+    entries = []
+    for name, info in header.items():
+        entries.append((name,) + _entry(path, name, info))
+    entries.sort(key=lambda e: (e[3], e[4]))  # by data_offsets, as the library does
+    expected = 0
+    for name, dtype, shape, start, end in entries:
+        if start != expected:
+            kind = "overlaps the previous tensor" if start < expected else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor {name!r} data_offsets [{start}, {end}] "
+                                  f"{kind} (expected to start at {expected})")
+        need = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+        if end - start != need:
+            raise CheckpointError(f"{path}: tensor {name!r} data_offsets [{start}, {end}] span "
+                                  f"{end - start} bytes but shape {shape} of {dtype.__name__} "
+                                  f"needs {need}")
+        if base + end > size:
+            raise CheckpointError(f"{path}: tensor {name!r} runs past the end of the file "
+                                  f"(ends at byte {base + end} of {size}: truncated?)")
+        expected = end
+    if base + expected != size:
+        raise CheckpointError(f"{path}: the tensors' data ends at byte {base + expected} but "
+                              f"the file has {size} bytes (trailing data the header does not "
+                              "describe)")
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
+    return {name: mm[base + start:base + end].view(dtype).reshape(shape)
+            for name, dtype, shape, start, end in entries}
+
+
+def _file_size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _safetensors_header(path: str, size: int) -> dict:
+    """The parsed JSON header (with "__header_len__" added), checked to be an object."""
+    if size < 8:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({size} bytes, shorter "
+                              "than the 8-byte header length)")
     try:
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+            limit = min(MAX_HEADER_SIZE, size - 8)
+            if header_len > limit:
+                raise CheckpointError(
+                    f"{path}: not a readable safetensors file (header length {header_len} "
+                    f"exceeds {limit} bytes: the {size}-byte file or the {MAX_HEADER_SIZE}-byte "
+                    "limit)")
+            raw = f.read(header_len)
+        text = raw.decode("utf-8")
+        header = json.loads(text)
     except (OSError, struct.error, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
-    header.pop("__metadata__", None)
-    base = 8 + header_len
-    size = os.path.getsize(path)
-    mm = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)
-    out = {}
-    for name, info in header.items():
-        dtype = _ST_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        if base + end > size:
-            raise CheckpointError(f"{path}: tensor {name!r} runs past the end of the file")
-        out[name] = mm[base + start:base + end].view(dtype).reshape(info["shape"])
-    return out
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (the header is a "
+                              f"{type(header).__name__}, not a JSON object)")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    header["__header_len__"] = header_len
+    return header
+
+
+def _entry(path: str, name: str, info):
+    """(numpy dtype, shape, start, end) of one header entry, each field checked."""
+    def bad(what):
+        return CheckpointError(f"{path}: tensor {name!r} {what}")
+
+    if not isinstance(info, dict):
+        raise bad(f"has header entry {info!r}, not an object with dtype, shape, data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise bad(f"lacks {missing} in the header")
+    dtype = _ST_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise bad(f"has unsupported dtype {info['dtype']!r} (supported: {sorted(_ST_DTYPES)})")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise bad(f"has shape {shape!r}, not a list of ints >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+            isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)):
+        raise bad(f"has data_offsets {offsets!r}, not [begin, end] ints >= 0")
+    start, end = offsets
+    if end < start:
+        raise bad(f"has reversed data_offsets [{start}, {end}]")
+    return dtype, tuple(shape), start, end
 
 
 def write_safetensors(path: str, tensors: Dict[str, np.ndarray], metadata: dict = None):
@@ -76,10 +165,24 @@ def read_torch_bin(path: str) -> Dict[str, np.ndarray]:
             f"{path}: reading PyTorch .bin checkpoints needs torch "
             "(pip install torch==2.13.0, the CPU build), or convert it to safetensors") from e
     try:
+        # torch's weights-only unpickler: tensors and containers, never code.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt files
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if refused:
+            raise CheckpointError(
+                f"{path}: the pickle asks for the global {refused.group(1)}, which is not "
+                "allowed (weights-only loading: a checkpoint must never run code)") from e
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({e})") from e
-    return {name: torch_to_numpy(t) for name, t in state.items()}
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict of "
+                              "tensors")
+    out = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
+        out[name] = torch_to_numpy(t)
+    return out
 
 
 def torch_to_numpy(t) -> np.ndarray:

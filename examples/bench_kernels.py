@@ -25,18 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Peak HBM/GDDR bandwidth in GB/s (vendor data sheets), matched against device_kind.
-PEAK_GBPS = [("H200", 4800), ("H100 PCIe", 2000), ("H100", 3350), ("GH200", 4000),
-             ("A100-SXM4-80GB", 2039), ("A100 80GB PCIe", 1935), ("A100", 1555),
-             ("L40", 864), ("L4", 300), ("A10", 600), ("RTX 4090", 1008), ("T4", 320),
-             ("V100", 900), ("B200", 8000)]
+from ftjax.gpu_check import peak_gbps  # peak HBM bandwidth by device kind
+from pallas_kernels import mosaic
 
 
-def peak_gbps(kind: str):
-    for name, gbps in PEAK_GBPS:
-        if name in kind:
-            return gbps
-    return None
+def _mosaic_runs(interpret: bool) -> bool:
+    """Mosaic GPU kernels run on a GPU, or interpreted on jax >= 0.12."""
+    return mosaic.has_interpreter() or not interpret
 
 
 def timeit(fn, *args, repeats: int) -> float:
@@ -62,7 +57,7 @@ MATMUL_SHAPES = [(1, 4096, 11008, None), (16, 4096, 11008, None), (1, 4096, 1100
                  (64, 4096, 4096, None)]                    # (M, K, N, group_size)
 # --smoke: tiny shapes, kernels interpreted; checks this script runs (times meaningless).
 SMOKE_ATTN = [(2, 4, 2, 64, 16)]
-SMOKE_MATMUL = [(2, 64, 48, None), (2, 64, 48, 32)]
+SMOKE_MATMUL = [(2, 64, 48, None), (2, 64, 48, 32), (2, 64, 64, None)]
 
 
 def bench_attention(dtype, repeats, peak, shapes=ATTN_SHAPES, interpret=False):
@@ -83,6 +78,10 @@ def bench_attention(dtype, repeats, peak, shapes=ATTN_SHAPES, interpret=False):
         print(f" B={b} N={n} K={kv} S={s} H={h}  ({nbytes / 1e6:.1f} MB of cache)")
         report("pallas decode_attention", timeit(pallas, q, k, v, lengths, repeats=repeats),
                nbytes, peak)
+        if _mosaic_runs(interpret) and mosaic.decode_supported(q, k) is None:
+            mgpu = functools.partial(mosaic.decode_attention, interpret=interpret)
+            report("mosaic decode_attention", timeit(mgpu, q, k, v, lengths, repeats=repeats),
+                   nbytes, peak)
         report("xla ftjax.model.attend", timeit(xla, q, k, v, lengths, repeats=repeats),
                nbytes, peak)
 
@@ -130,6 +129,10 @@ def bench_matmul(dtype, repeats, peak, shapes=MATMUL_SHAPES, interpret=False):
         print(f" M={m} K={k} N={n} group_size={gs}")
         report("pallas int8_matmul", timeit(pallas, x, w_q, scale, repeats=repeats),
                int8_bytes, peak)
+        if _mosaic_runs(interpret) and mosaic.int8_matmul_supported(x, w_q, scale, gs) is None:
+            mgpu = functools.partial(mosaic.int8_matmul, interpret=interpret)
+            report("mosaic int8_matmul", timeit(mgpu, x, w_q, scale, repeats=repeats),
+                   int8_bytes, peak)
         report("xla x @ dequantize(w_q)", timeit(xla_deq, x, w_q, scale, repeats=repeats),
                int8_bytes, peak)
         report(f"xla x @ w ({jnp.dtype(dtype).name} weight)",

@@ -9,16 +9,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from converters import load_checkpoint, tokenizer_dir
+from converters import load_checkpoint, tokenizer_files
+from converters.checks import check_finite as check_values
 from converters.native import read_meta
 from converters.orbax_ckpt import FORMAT, VERSION, is_orbax, load_orbax
 from ftjax import quant as q
 from ftjax import sharding
 from ftjax.batching import Request, check_ids
+from ftjax.buckets import next_pow2
 from ftjax.cache import KERNELS, KV_DTYPES
 from ftjax.config import ModelConfig
 from ftjax.engine import Engine
 from ftjax.errors import CheckpointError
+from ftjax.fits import call_bytes, check_fits
 from ftjax.generation import GenerateOutput, Generator, StreamEvent
 from ftjax.model import split_layers, stack_layers
 from ftjax.sampling import SamplingParams
@@ -26,6 +29,7 @@ from ftjax.session import Session
 from ftjax.smoothquant import quantize_w8a8
 from ftjax.tokenizer import encode_long, load_tokenizer
 from ftjax.specs import n_params, shapes
+from pallas_kernels import select as kernel_select
 
 __all__ = ["DTYPES", "GenerateOutput", "Model", "StreamEvent", "load"]
 
@@ -43,12 +47,12 @@ def _dtype(name: str):
 
 
 def _kernels(name: str) -> str:
-    """"auto" -> "pallas" on a GPU backend, "xla" elsewhere; checks the name."""
+    """"auto" -> "mosaic" on sm90+ GPUs, "pallas" on other GPUs, "xla" elsewhere."""
     allowed = ("auto",) + KERNELS
     if name not in allowed:
         raise ValueError(f"kernels must be one of {allowed}, got {name!r}")
     if name == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return kernel_select.auto()
     return name
 
 
@@ -56,7 +60,7 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
          quant: Optional[str] = None, calibration: Optional[Prompts] = None,
          smoothquant_alpha: float = 0.5, w8a8_activations: str = "per_token",
          kv_cache_dtype: Optional[str] = None, kernels: str = "auto",
-         megatron_args: Optional[dict] = None) -> "Model":
+         megatron_args: Optional[dict] = None, check_finite: bool = False) -> "Model":
     """Loads a checkpoint, optionally quantizing it.
 
     Args:
@@ -76,12 +80,16 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
       smoothquant_alpha: SmoothQuant's migration strength a in [0, 1].
       w8a8_activations: "per_token" (dynamic scales) or "per_tensor" (static, calibrated).
       kv_cache_dtype: None (the model dtype) or "int8" (per token and kv head scales).
-      kernels: "auto" (Pallas on a GPU backend, XLA elsewhere), "pallas" (the Pallas
+      kernels: "auto" (Mosaic GPU on sm90+, Triton Pallas on older GPUs, XLA elsewhere),
+        "mosaic" (Mosaic GPU decode attention and int8 matmul where they apply, else
+        Triton; interpreted off GPU on jax >= 0.12), "pallas" (the Pallas
         kernels; interpreted off GPU: slow, for tests) or "xla".
       megatron_args: for Megatron-LM checkpoints saved without args, the Megatron
         argument values they need (e.g. {"num_layers": 24, "hidden_size": 1024,
         "num_attention_heads": 16, "max_position_embeddings": 1024}), and "vocab_size"
         (the tokenizer's) when there is no vocab.json next to the checkpoint.
+      check_finite: read every weight and refuse NaN / Inf values (CheckpointError
+        naming the tensor); off by default because it reads every byte.
     Raises:
       CheckpointError: the checkpoint is unreadable or in an unsupported layout.
       ValueError: an unknown dtype, quant mode, kv_cache_dtype or kernels value, w8a8
@@ -102,8 +110,10 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
         cfg, params_np = _restore_onto_mesh(path, mesh, jdtype)
     if params_np is None:
         cfg, params_np = load_checkpoint(path, megatron_args=megatron_args)
-    tok = tokenizer_dir(path)
-    tokenizer = tok and load_tokenizer(tok)
+    if check_finite:
+        check_values(params_np, path)
+    with tokenizer_files(path) as tok:
+        tokenizer = tok and load_tokenizer(tok)
     if mesh is not None and quant is None and q.mode_of(params_np) is None:
         params = params_np  # Model places them shard by shard, straight from the host arrays
     else:
@@ -228,6 +238,9 @@ class Model:
             raise ValueError("prompts is empty; give at least one prompt")
         out = []
         for i, p in enumerate(prompts):
+            if isinstance(p, (int, np.integer)):
+                raise ValueError(f"prompts[{i}] = {p!r} is a single token id: prompts is a list of "
+                                 "prompts, so one prompt of ids is [[id, id, ...]]")
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise ValueError(f"prompts[{i}] is a string but this model has no tokenizer; "
@@ -267,10 +280,16 @@ class Model:
             sampling = SamplingParams()
         if isinstance(sampling, SamplingParams):
             sampling = [sampling] * n
+        if isinstance(sampling, (str, bytes)) or not isinstance(sampling, Sequence):
+            raise ValueError(f"sampling must be a SamplingParams or a list of {n} of them "
+                             f"(one per prompt), got {type(sampling).__name__}")
         sampling = list(sampling)
-        if len(sampling) != n or not all(isinstance(s, SamplingParams) for s in sampling):
+        if len(sampling) != n:
             raise ValueError(f"sampling must be a SamplingParams or a list of {n} of them "
                              f"(one per prompt), got {len(sampling)} items")
+        for i, s in enumerate(sampling):
+            if not isinstance(s, SamplingParams):
+                raise ValueError(f"sampling[{i}] is a {type(s).__name__}, not a SamplingParams")
         softs = self._soft_prompts(soft_prompts, n)
         out = []
         for i, (p, sp, soft) in enumerate(zip(ids, sampling, softs)):
@@ -282,8 +301,21 @@ class Model:
             if r.length > self.config.max_positions - 1:
                 raise ValueError(f"prompts[{i}] with its soft prompt has {r.length} positions; "
                                  f"the limit is {self.config.max_positions - 1}")
+            # Output never passes the model's positions: size every buffer to that.
+            r.max_new = min(r.max_new, self.config.max_positions - r.length)
             out.append(r)
+        self._check_fits(out)
         return out
+
+    def _check_fits(self, reqs: List[Request]) -> None:
+        """ValueError with the estimate when a call's cache and buffers cannot fit."""
+        rows = next_pow2(sum(r.sp.n * r.sp.num_beams for r in reqs))
+        cache = min(next_pow2(max(r.length + r.max_new for r in reqs)),
+                    self.config.max_positions)
+        nbytes = call_bytes(self.config, rows, cache, cache,
+                            jnp.dtype(_dtype(self.dtype)).itemsize,
+                            1 if self.kv_cache_dtype == "int8" else None)
+        check_fits(nbytes, f"this call ({rows} rows x {cache} positions)")
 
     def _soft_prompts(self, soft_prompts, n: int):
         if soft_prompts is None:

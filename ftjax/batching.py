@@ -23,6 +23,14 @@ from ftjax.sampling import SamplingArrays, SamplingParams
 def check_ids(cfg: ModelConfig, ids, what: str, limit: int) -> List[int]:
     """Token ids as a list of ints, checked: not empty, at most `limit` long, inside the
     vocabulary. Raises ValueError naming `what` and the limit."""
+    if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, (Sequence, np.ndarray)):
+        raise ValueError(f"{what} must be a string or a list of token ids, got "
+                         f"{type(ids).__name__} {ids!r:.60}")
+    for j, t in enumerate(ids):
+        # Exact ints only: int() would truncate 1.9 to 1 and read "2" or True as ids.
+        if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+            raise ValueError(f"{what}[{j}] = {t!r:.40} is a {type(t).__name__}, not an int "
+                             "token id")
     ids = [int(t) for t in ids]
     if not ids:
         raise ValueError(f"{what} is empty; it needs at least one token")

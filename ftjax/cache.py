@@ -10,6 +10,7 @@ N query heads.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.struct
@@ -17,21 +18,11 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.numerics import attend, quantize_int8
-from pallas_kernels import decode_attention, prefill_attention
+from ftjax.numerics import attend, quantize_vectors
+from pallas_kernels import prefill_attention, select, sharded
 
-KERNELS = ("xla", "pallas")
+KERNELS = ("xla", "pallas", "mosaic")
 KV_DTYPES = (None, "int8")
-
-
-def quantize_vectors(x):
-    """Per-vector int8 over the last axis (one scale per token and head).
-
-    Returns:
-      (int8 array of x's shape, float32 scales of shape `x.shape[:-1]`).
-    """
-    q, scale = quantize_int8(x, axes=(-1,))
-    return q, scale[..., 0]
 
 
 @flax.struct.dataclass
@@ -44,8 +35,11 @@ class KVCache:
     int8 cache: `k`, `v` are int8 and `k_scale`, `v_scale` float32 `[L, B, K, S]`
     hold one scale per written token and kv head (absmax / 127, set when written).
 
-    kernels: "xla" (einsum attention over the layer's slots) or "pallas" (the
-    decode / prefill kernels read the layer in place; interpreted off GPU).
+    kernels: "xla" (einsum attention over the layer's slots), "pallas" (the Triton
+    decode / prefill kernels read the layer in place; interpreted off GPU) or "mosaic"
+    (Mosaic GPU decode where it applies, see `pallas_kernels.select`).
+    mesh: the `pallas_kernels.sharded.KernelMesh` the cache is sharded on: each kernel
+    call then runs per shard (shard_map), never on a gathered cache. None: one device.
     """
 
     k: jax.Array
@@ -53,10 +47,11 @@ class KVCache:
     k_scale: Optional[jax.Array] = None
     v_scale: Optional[jax.Array] = None
     kernels: str = flax.struct.field(pytree_node=False, default="xla")
+    mesh: Optional[sharded.KernelMesh] = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, kv_dtype=None,
-              kernels: str = "xla") -> "KVCache":
+              kernels: str = "xla", mesh: Optional[sharded.KernelMesh] = None) -> "KVCache":
         """kv_dtype: None (the model dtype) or "int8"."""
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_DTYPES)}, got {kv_dtype!r}")
@@ -67,8 +62,9 @@ class KVCache:
         if kv_dtype == "int8":
             return cls(k=jnp.zeros(shape, jnp.int8), v=jnp.zeros(shape, jnp.int8),
                        k_scale=jnp.zeros(shape[:-1], jnp.float32),
-                       v_scale=jnp.zeros(shape[:-1], jnp.float32), kernels=kernels)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), kernels=kernels)
+                       v_scale=jnp.zeros(shape[:-1], jnp.float32), kernels=kernels, mesh=mesh)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), kernels=kernels,
+                   mesh=mesh)
 
     @property
     def max_len(self) -> int:
@@ -83,13 +79,14 @@ class KVCache:
 
         Decode (T == 1): the engine keeps positions inside the cache (the clamp makes
         it certain), so the scatter needs no bounds handling. Prefill: padding past
-        the cache end (a session's last chunk) is dropped.
+        the cache end (a session's last chunk) and negative positions are dropped.
         """
         rows = jnp.arange(k.shape[0])[:, None]
         if k.shape[1] == 1:
             slots, mode = jnp.minimum(positions, self.max_len - 1), "promise_in_bounds"
         else:
-            slots, mode = positions, "drop"
+            # (a -1 index would wrap to the last slot before "drop" sees it)
+            slots, mode = jnp.where(positions < 0, self.max_len, positions), "drop"
 
         # [B, T, K, H] written at [layer, b, :, slot]: index order puts (B, T) first.
         def put(a, x):
@@ -106,15 +103,18 @@ class KVCache:
         slots (slots after a query's position are masked). Returns `[B, T, N, H]`."""
         decode = q.shape[1] == 1
         # The prefill kernel has no int8 path: XLA attends there.
-        if self.kernels == "pallas" and (decode or self.k_scale is None):
-            interpret = jax.default_backend() != "gpu"
+        if self.kernels != "xla" and (decode or self.k_scale is None):
+            interpret = sharded.interpret(self.mesh)
             if decode:
                 lengths = jnp.minimum(positions[:, 0] + 1, self.max_len)
-                return decode_attention(q[:, 0], self.k, self.v, lengths, alibi_slopes=slopes,
-                                        k_scale=self.k_scale, v_scale=self.v_scale,
-                                        layer=layer, layout="BKSH", interpret=interpret)[:, None]
-            return prefill_attention(q, self.k, self.v, positions, alibi_slopes=slopes,
-                                     layer=layer, layout="BKSH", interpret=interpret)
+                kernel = functools.partial(select.decode_attention, impl=self.kernels)
+                return sharded.decode_attention(
+                    q[:, 0], self.k, self.v, lengths, mesh=self.mesh, kernel=kernel,
+                    alibi_slopes=slopes, k_scale=self.k_scale, v_scale=self.v_scale,
+                    layer=layer, layout="BKSH", interpret=interpret)[:, None]
+            return sharded.prefill_attention(q, self.k, self.v, positions, mesh=self.mesh,
+                                             kernel=prefill_attention, alibi_slopes=slopes,
+                                             layer=layer, layout="BKSH", interpret=interpret)
         k, v, k_scale, v_scale = (
             None if a is None else jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
             for a in (self.k, self.v, self.k_scale, self.v_scale))

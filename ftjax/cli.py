@@ -1,4 +1,4 @@
-"""The `ftjax` command: generate, convert, bench, plan, eval."""
+"""The `ftjax` command: generate, convert, bench, plan, eval, lm-eval."""
 
 from __future__ import annotations
 
@@ -52,17 +52,21 @@ def _convert(args) -> int:
     import jax
     import numpy as np
 
-    from converters import load_checkpoint, save_native, save_orbax, tokenizer_dir
+    from converters import load_checkpoint, save_native, save_orbax, tokenizer_files
+    from converters.checks import check_finite
     from converters.fastertransformer import save_fastertransformer
+    from converters.staging import check_destination, staged_dir
     from ftjax.api import DTYPES
+    from ftjax.evaluate import read_text
     from ftjax.specs import n_params
 
     if args.dtype not in DTYPES:
         print(f"ftjax convert: --dtype must be one of {sorted(DTYPES)}", file=sys.stderr)
         return 2
-    if os.path.exists(args.dst) and os.listdir(args.dst) and not args.force:
-        print(f"ftjax convert: {args.dst} exists and is not empty (use --force to overwrite)",
-              file=sys.stderr)
+    try:
+        check_destination(args.src, args.dst, args.force)
+    except ValueError as e:
+        print(f"ftjax convert: {e}", file=sys.stderr)
         return 2
     if args.tp != 1 and args.to != "ft":
         print("ftjax convert: --tp applies to --to ft only", file=sys.stderr)
@@ -75,26 +79,28 @@ def _convert(args) -> int:
     if args.quant:
         import ftjax
 
-        calibration = None
-        if args.calibration:
-            calibration = []
-            for path in args.calibration:
-                with open(path, encoding="utf-8") as f:
-                    calibration.append(f.read())
+        calibration = [read_text(p, "--calibration") for p in args.calibration or ()] or None
         model = ftjax.load(args.src, dtype=args.dtype, quant=args.quant, calibration=calibration,
-                           megatron_args=megatron or None)
+                           megatron_args=megatron or None,
+                           check_finite=not args.no_check_finite)
         cfg, params = model.config, jax.device_get(model.params)
     else:
         cfg, params = load_checkpoint(args.src, megatron_args=megatron or None)
+        if not args.no_check_finite:
+            check_finite(params, args.src)
         target = np.dtype(DTYPES[args.dtype])
         params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(target), params)
-    source = tokenizer_dir(args.src)
-    if args.to == "ft":
-        save_fastertransformer(args.dst, cfg, params, tp=args.tp, dtype=args.dtype,
-                               source=source)
-    else:
-        save = save_orbax if args.to == "orbax" else save_native
-        save(args.dst, cfg, params, args.dtype, source=source)
+        if not args.no_check_finite and target != np.float32:
+            check_finite(params, f"{args.src} cast to {args.dtype} (values out of its range)")
+    # Written beside DST and renamed into place at the end: a killed convert leaves DST
+    # as it was, and --force replaces it whole.
+    with tokenizer_files(args.src) as source, staged_dir(args.dst, args.force) as out:
+        if args.to == "ft":
+            save_fastertransformer(out, cfg, params, tp=args.tp, dtype=args.dtype,
+                                   source=source)
+        else:
+            save = save_orbax if args.to == "orbax" else save_native
+            save(out, cfg, params, args.dtype, source=source)
     n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     print(f"wrote {args.dst} ({args.to}): {n_params(cfg) / 1e6:.1f}M params, {args.dtype}"
           f"{', ' + args.quant if args.quant else ''}, {n_bytes / 2**20:.1f} MiB")
@@ -116,6 +122,9 @@ def _plan(args) -> int:
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
     cfg = preset(args.preset)
+    if cfg.n_layers % args.pp:
+        raise ValueError(f"--pp {args.pp} must divide the model's {cfg.n_layers} layers "
+                         "(each pipeline stage holds whole layers)")
     max_len = min(args.max_len or cfg.max_positions, cfg.max_positions)
     p = plan_memory(cfg, tensor=args.tp, pipe=args.pp, data=args.dp, batch=args.batch,
                     max_len=max_len, dtype=DTYPES[args.dtype], compile=not args.no_compile)
@@ -138,14 +147,46 @@ def _eval(args) -> int:
 
 def _ints(text: str) -> List[int]:
     try:
-        return [int(x) for x in text.split(",") if x]
+        values = [int(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}")
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 1, got {text!r}")
+    return values
+
+
+def _int_at_least(low: int):
+    """An argparse type: an int >= low (the message names the limit)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+_positive, _non_negative = _int_at_least(1), _int_at_least(0)
+DTYPE_NAMES = ["float32", "bfloat16", "float16"]  # ftjax.api.DTYPES, without importing jax
 
 
 def _mesh_args(p) -> None:
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (devices per model)")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel size (batch shards)")
+    p.add_argument("--tp", type=_positive, default=1,
+                   help="tensor-parallel size (devices per model)")
+    p.add_argument("--dp", type=_positive, default=1, help="data-parallel size (batch shards)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,17 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="continue prompts (streams tokens to stdout)")
     g.add_argument("prompt", nargs="*", help="prompt text(s); stdin when none")
     g.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=_non_negative, default=64)
+    g.add_argument("--temperature", type=_finite_float, default=0.0)
+    g.add_argument("--top-k", type=_non_negative, default=0)
+    g.add_argument("--top-p", type=_finite_float, default=1.0)
+    g.add_argument("--min-p", type=_finite_float, default=0.0)
+    g.add_argument("--repetition-penalty", type=_finite_float, default=1.0)
+    g.add_argument("--no-repeat-ngram-size", type=_non_negative, default=0)
     g.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop when the output contains TEXT (repeatable)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--dtype", default="float32")
+    g.add_argument("--seed", type=_non_negative, default=None)
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     _mesh_args(g)
     g.set_defaults(func=_generate)
 
@@ -173,15 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="HuggingFace, Megatron-LM, NeMo (.nemo), FasterTransformer or "
                    "ftjax checkpoint")
     c.add_argument("dst", help="output directory")
-    c.add_argument("--dtype", default="float32")
+    c.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     c.add_argument("--to", choices=["orbax", "native", "ft"], default="orbax",
                    help="orbax: tensorstore checkpoint restored shard by shard onto a mesh "
                         "(default); native: one memory-mapped safetensors file; ft: a "
                         "FasterTransformer c-model directory")
-    c.add_argument("--force", action="store_true", help="overwrite a non-empty dst")
-    c.add_argument("--tp", type=int, default=1, help="with --to ft: tensor parallel ranks")
+    c.add_argument("--force", action="store_true", help="replace a non-empty dst whole")
+    c.add_argument("--no-check-finite", action="store_true",
+                   help="skip the check that every weight is finite (NaN / Inf refused)")
+    c.add_argument("--tp", type=_positive, default=1, help="with --to ft: tensor parallel ranks")
     for flag in MEGATRON_FLAGS:  # only for Megatron-LM checkpoints saved without args
-        c.add_argument("--" + flag.replace("_", "-"), type=int, dest=flag,
+        c.add_argument("--" + flag.replace("_", "-"), type=_positive, dest=flag,
                        help="for a Megatron-LM checkpoint saved without args")
     c.add_argument("--quant", choices=["int8", "int8-g128", "w8a8"],
                    help="store quantized weights (with --to native; see ftjax.load's quant)")
@@ -193,22 +236,23 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", help="checkpoint directory")
     src.add_argument("--preset", help="random weights of a named shape (e.g. gpt2-124m)")
     b.add_argument("--batch", type=_ints, default=[1, 8])
-    b.add_argument("--input-len", type=int, default=128)
-    b.add_argument("--output-len", type=int, default=32)
-    b.add_argument("--dtype", default="float32")
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--input-len", type=_positive, default=128)
+    b.add_argument("--output-len", type=_positive, default=32)
+    b.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    b.add_argument("--repeats", type=_positive, default=3)
     b.add_argument("--compare", choices=["hf"], help="also time HuggingFace generate()")
     _mesh_args(b)
     b.set_defaults(func=_bench)
 
     pl = sub.add_parser("plan", help="per-device memory of a sharded model (nothing allocated)")
     pl.add_argument("--preset", required=True, help="a named model shape, e.g. gpt3-175b")
-    pl.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    pl.add_argument("--pp", type=int, default=1, help="pipeline size (shards the layers axis)")
-    pl.add_argument("--dp", type=int, default=1, help="data-parallel size")
-    pl.add_argument("--batch", type=int, default=1)
-    pl.add_argument("--max-len", type=int, default=None, help="KV cache length per sequence")
-    pl.add_argument("--dtype", default="float16")
+    pl.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size")
+    pl.add_argument("--pp", type=_positive, default=1,
+                    help="pipeline size (shards the layers axis)")
+    pl.add_argument("--dp", type=_positive, default=1, help="data-parallel size")
+    pl.add_argument("--batch", type=_positive, default=1)
+    pl.add_argument("--max-len", type=_positive, default=None, help="KV cache length per sequence")
+    pl.add_argument("--dtype", choices=DTYPE_NAMES, default="float16")
     pl.add_argument("--no-compile", action="store_true",
                     help="skip XLA's compiled memory analysis (shape arithmetic only)")
     pl.set_defaults(func=_plan)
@@ -218,19 +262,52 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", nargs="+", required=True, help="text files to score")
     e.add_argument("--quant", choices=["int8", "int8-g128", "w8a8"], help="quantize at load")
     e.add_argument("--calibration", nargs="+", help="w8a8: calibration text files")
-    e.add_argument("--smoothquant-alpha", type=float, default=0.5)
+    e.add_argument("--smoothquant-alpha", type=_finite_float, default=0.5)
     e.add_argument("--kv-cache-dtype", choices=["int8"])
     e.add_argument("--compare", choices=["hf"], help="also score with HuggingFace transformers")
     e.add_argument("--lambada", help="LAMBADA-format jsonl ({\"text\": ...} per line)")
-    e.add_argument("--dtype", default="float32")
-    e.add_argument("--window", type=int, help="tokens per window (default: max_positions)")
-    e.add_argument("--stride", type=int, help="window stride (default: window // 2)")
-    e.add_argument("--max-tokens", type=int, help="score only the first N tokens of each text")
+    e.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    e.add_argument("--window", type=_int_at_least(2),
+                   help="tokens per window (default: max_positions)")
+    e.add_argument("--stride", type=_positive, help="window stride (default: window // 2)")
+    e.add_argument("--max-tokens", type=_int_at_least(2),
+                   help="score only the first N tokens of each text")
     e.set_defaults(func=_eval)
+
+    # Parsed by lm-eval itself (main() hands it every argument after "lm-eval").
+    sub.add_parser("lm-eval", add_help=False,
+                   help="EleutherAI lm-evaluation-harness on ftjax: lm-eval's own arguments "
+                        "(--model_args pretrained=DIR,quant=int8 --tasks T [--include_path D]); "
+                        "needs the eval extra")
     return p
 
 
+def _lm_eval(argv: List[str]) -> int:
+    # tp / dp in --model_args: virtual CPU devices, made before jax starts its backend.
+    # (lm-eval takes "a=1,b=2" or "a=1 b=2" after --model_args / -a.)
+    kv, in_args = {}, False
+    for a in argv:
+        in_args = a in ("--model_args", "-a") or (in_args and not a.startswith("-"))
+        if in_args:
+            kv.update(x.split("=", 1) for x in a.split(",") if "=" in x)
+    use_devices(int(kv.get("tp", 1)) * int(kv.get("dp", 1)))
+    try:
+        from ftjax.lm_eval import run_cli
+    except ImportError as e:
+        print(f"ftjax lm-eval: needs lm-evaluation-harness: pip install 'ftjax[eval]' ({e})",
+              file=sys.stderr)
+        return 2
+    return run_cli(argv)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:
+        try:
+            return _lm_eval(argv[1:])
+        except ValueError as e:
+            print(f"ftjax lm-eval: error: {e}", file=sys.stderr)
+            return 1
     args = build_parser().parse_args(argv)
     n_devices = getattr(args, "tp", 1) * getattr(args, "dp", 1) * getattr(args, "pp", 1)
     if n_devices > 1:

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from typing import Optional, Tuple, Union
+
+from ftjax.errors import ModelConfigError
 
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu_new", "gelu", "relu", "silu")
@@ -89,36 +93,75 @@ class ModelConfig:
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, (list, tuple)):  # JSON gives lists; keep it hashable
-            object.__setattr__(self, "eos_token_id", tuple(int(i) for i in self.eos_token_id))
+            object.__setattr__(self, "eos_token_id", tuple(
+                int(i) if isinstance(i, numbers.Integral) and not isinstance(i, bool) else i
+                for i in self.eos_token_id))
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads",
                      "head_dim", "d_ff", "max_positions"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ModelConfigError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
+            raise ModelConfigError(
                 f"ModelConfig.n_heads ({self.n_heads}) must be a multiple of "
                 f"n_kv_heads ({self.n_kv_heads})")
         if self.norm not in NORMS:
-            raise ValueError(f"ModelConfig.norm must be one of {NORMS}, got {self.norm!r}")
+            raise ModelConfigError(f"ModelConfig.norm must be one of {NORMS}, got {self.norm!r}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
+            raise ModelConfigError(
                 f"ModelConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.positions not in POSITIONS:
-            raise ValueError(
+            raise ModelConfigError(
                 f"ModelConfig.positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.norm_position not in ("pre", "post"):
-            raise ValueError(
+            raise ModelConfigError(
                 f"ModelConfig.norm_position must be 'pre' or 'post', got {self.norm_position!r}")
         rd = self.rotary_dim
         if rd is not None and not (0 < rd <= self.head_dim and rd % 2 == 0):
-            raise ValueError(f"ModelConfig.rotary_dim must be even and in (0, head_dim="
+            raise ModelConfigError(f"ModelConfig.rotary_dim must be even and in (0, head_dim="
                              f"{self.head_dim}], got {rd!r}")
         if self.norm_position == "post" and (self.parallel_residual or self.residual_from_norm):
-            raise ValueError("ModelConfig.norm_position='post' cannot combine with "
+            raise ModelConfigError("ModelConfig.norm_position='post' cannot combine with "
                              "parallel_residual or residual_from_norm")
         if self.shared_norm and not self.parallel_residual:
-            raise ValueError("ModelConfig.shared_norm needs parallel_residual=True")
+            raise ModelConfigError("ModelConfig.shared_norm needs parallel_residual=True")
+        self._check_numbers()
+
+    def _check_numbers(self):
+        """Floats finite and positive, token ids inside the vocabulary: a negative
+        epsilon gives NaN logits and an eos id past the vocabulary never stops."""
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not math.isfinite(value) or value <= 0):
+                raise ModelConfigError(f"ModelConfig.{name} must be a finite number > 0, "
+                                       f"got {value!r}")
+        if (isinstance(self.position_offset, bool) or not isinstance(self.position_offset, int)
+                or self.position_offset < 0):
+            raise ModelConfigError(f"ModelConfig.position_offset must be an int >= 0, got "
+                                   f"{self.position_offset!r}")
+        if self.d_embed is not None and (isinstance(self.d_embed, bool)
+                                         or not isinstance(self.d_embed, int) or self.d_embed <= 0):
+            raise ModelConfigError(f"ModelConfig.d_embed must be None or a positive int, got "
+                                   f"{self.d_embed!r}")
+        for name in ("attn_bias", "mlp_bias", "glu", "parallel_residual", "shared_norm",
+                     "residual_from_norm", "embed_norm", "final_norm", "tied_embeddings",
+                     "lm_head_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ModelConfigError(f"ModelConfig.{name} must be a bool, got "
+                                       f"{getattr(self, name)!r}")
+        ids = [("bos_token_id", self.bos_token_id)]
+        if isinstance(self.eos_token_id, tuple):
+            ids += [(f"eos_token_id[{i}]", t) for i, t in enumerate(self.eos_token_id)]
+        else:
+            ids.append(("eos_token_id", self.eos_token_id))
+        for name, value in ids:
+            if value is None and "[" not in name:
+                continue
+            if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+                    or not 0 <= value < self.vocab_size):
+                raise ModelConfigError(f"ModelConfig.{name} must be a token id in "
+                                       f"[0, vocab_size={self.vocab_size}), got {value!r}")
 
     @property
     def eos_token_ids(self) -> Tuple[int, ...]:

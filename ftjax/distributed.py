@@ -16,15 +16,34 @@ Where the coordinator and the process ids come from, first match wins:
   4. Open MPI (mpirun): OMPI_COMM_WORLD_RANK / OMPI_COMM_WORLD_SIZE; the
      coordinator must come from FTJAX_COORDINATOR (Open MPI does not name a
      head host portably), e.g. `mpirun -x FTJAX_COORDINATOR=node0:12355 ...`.
+
+Faults (bounded, documented times):
+  - a process that never joins: the others end after `initialization_timeout_seconds`
+    (FTJAX_INIT_TIMEOUT, default 300): jax aborts with DEADLINE_EXCEEDED (where jax
+    raises instead, `initialize` re-raises a RuntimeError naming the coordinator);
+  - a peer that dies later: a collective running with it fails at once (gloo's
+    connection is reset); the uncaught error then ends this process with one line
+    naming the fault and exit code 1 (not jax's abort with a C++ stack trace at
+    shutdown). A process not in a collective is ended by jax's coordination service
+    once the peer has missed heartbeats for `heartbeat_timeout_seconds`
+    (FTJAX_HEARTBEAT_TIMEOUT, default 30; jax's own default is 100): jax names the
+    lost task ("Task 1 heartbeat timeout") and aborts.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Optional, Sequence
 
 DEFAULT_PORT = 12355
+DEFAULT_HEARTBEAT_TIMEOUT = 30
+DEFAULT_INIT_TIMEOUT = 300
+# Errors of a collective or of the coordination service when a peer is gone.
+_LOST_PEER = re.compile(r"Gloo .*failed|Connection (reset|closed) by peer|heartbeat|"
+                        r"unhealthy|coordination service|Socket closed|Broken pipe",
+                        re.IGNORECASE)
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -80,7 +99,9 @@ def _int(env, name) -> Optional[int]:
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None,
-               local_device_ids: Optional[Sequence[int]] = None) -> dict:
+               local_device_ids: Optional[Sequence[int]] = None,
+               heartbeat_timeout_seconds: Optional[int] = None,
+               initialization_timeout_seconds: Optional[int] = None) -> dict:
     """Joins this process to a multi-process JAX run (call before any other jax use).
 
     Args:
@@ -88,13 +109,29 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
       num_processes: how many processes take part.
       process_id: this process's rank in [0, num_processes).
       local_device_ids: the local devices this process drives (default: all).
+      heartbeat_timeout_seconds: a peer silent this long is declared dead and the
+        run ends (default FTJAX_HEARTBEAT_TIMEOUT or 30).
+      initialization_timeout_seconds: how long to wait for every process to join
+        (default FTJAX_INIT_TIMEOUT or 300).
     Returns:
       The arguments used, with "source" saying where they came from.
     Raises:
-      ValueError: the run cannot be described (no coordinator, bad ranks).
+      ValueError: the run cannot be described (no coordinator, bad ranks, timeouts).
+      RuntimeError: joining failed with a Python-level error from jax (jax 0.10 - 0.12
+        abort the process instead when the initialization timeout passes).
     """
     import jax
 
+    env = os.environ
+    heartbeat = heartbeat_timeout_seconds or _int(env, "FTJAX_HEARTBEAT_TIMEOUT") \
+        or DEFAULT_HEARTBEAT_TIMEOUT
+    init_timeout = initialization_timeout_seconds or _int(env, "FTJAX_INIT_TIMEOUT") \
+        or DEFAULT_INIT_TIMEOUT
+    for name, value in (("heartbeat_timeout_seconds", heartbeat),
+                        ("initialization_timeout_seconds", init_timeout)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"ftjax.distributed.initialize: {name} must be an int >= 1, "
+                             f"got {value!r}")
     found = detect()
     args = {"coordinator_address": coordinator_address, "num_processes": num_processes,
             "process_id": process_id, "local_device_ids": local_device_ids}
@@ -117,5 +154,50 @@ def initialize(coordinator_address: Optional[str] = None, num_processes: Optiona
     # CPU devices of different processes talk through gloo (jax's default on 0.10 and
     # 0.12; set explicitly so an older default of "none" cannot break collectives).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**{k: v for k, v in args.items() if v is not None})
-    return {**args, "source": source}
+    try:
+        jax.distributed.initialize(**{k: v for k, v in args.items() if v is not None},
+                                   heartbeat_timeout_seconds=heartbeat,
+                                   initialization_timeout=init_timeout)
+    except Exception as e:  # jax raises its runtime error type (DEADLINE_EXCEEDED, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise RuntimeError(
+            f"ftjax.distributed.initialize: process {args['process_id']} could not join "
+            f"{args['num_processes']} processes at {args['coordinator_address']} within "
+            f"{init_timeout} s ({first})") from e
+    _install_lost_peer_hook(args["process_id"], heartbeat)
+    return {**args, "source": source, "heartbeat_timeout_seconds": heartbeat,
+            "initialization_timeout_seconds": init_timeout}
+
+
+def lost_peer_message(exc: BaseException) -> Optional[str]:
+    """The first line of the error in `exc`'s chain that says a peer is gone, or None."""
+    seen = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        for line in str(exc).splitlines():
+            if _LOST_PEER.search(line):
+                return line.strip()[:300]
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _install_lost_peer_hook(process_id: int, heartbeat: int) -> None:
+    """Ends the process with one clear line when it dies of a lost peer.
+
+    Without this, the error of the failed collective is followed, at interpreter exit,
+    by jax's distributed shutdown waiting for the dead peer and aborting with a C++
+    stack trace. `os._exit` skips that shutdown (the run cannot continue anyway).
+    """
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        line = lost_peer_message(value)
+        if line is None:
+            return previous(kind, value, tb)
+        sys.stdout.flush()
+        print(f"ftjax.distributed: process {process_id} lost contact with another process of "
+              f"the run ({kind.__name__}: {line}); ending with exit code 1 (peers are declared "
+              f"dead after heartbeat_timeout_seconds={heartbeat})", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    sys.excepthook = hook

@@ -33,6 +33,8 @@ from ftjax.cache import KERNELS, KVCache
 from ftjax.config import ModelConfig
 from ftjax.model import Transformer
 from ftjax.sampling import SamplingArrays, sample
+from ftjax.sharding import RULES
+from pallas_kernels import sharded
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
 DECODE_CHUNK = 8  # decode steps per while-loop iteration
@@ -96,8 +98,8 @@ class Engine:
 
     def __init__(self, cfg: ModelConfig, dtype, kernels: str = "xla", layout=None,
                  kv_dtype=None):
-        """kernels: "xla" or "pallas" (attention over the cache and int8 weight matmuls
-        through pallas_kernels, interpreted off GPU). layout: an optional
+        """kernels: "xla", "pallas" or "mosaic" (attention over the cache and int8 weight
+        matmuls through pallas_kernels, interpreted off GPU). layout: an optional
         `ftjax.sharding.Layout`; params and inputs then arrive sharded, and the KV cache
         is pinned to its sharding where it is made. kv_dtype: None (the model dtype)
         or "int8" (an int8 KV cache with per-token, per-head scales).
@@ -111,8 +113,13 @@ class Engine:
         self.layout = layout
         self.kv_dtype = kv_dtype
         self.kernels = kernels
+        # On a mesh the kernels run per shard (shard_map); XLA partitions its own path.
+        self.kernel_mesh = None
+        if layout is not None and kernels != "xla":
+            self.kernel_mesh = sharded.KernelMesh.of(layout.mesh, RULES)
         self.model = Transformer(cfg, dtype, kernels=kernels,
-                                 vocab=layout.padded_vocab if layout else None)
+                                 vocab=layout.padded_vocab if layout else None,
+                                 mesh=self.kernel_mesh)
         self.trace_counts = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "feat"),
                                donate_argnames=("cache",))
@@ -137,7 +144,7 @@ class Engine:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache of this engine's dtype, kernels and sharding."""
         return self._constrain(KVCache.zeros(self.cfg, batch, max_len, self.dtype,
-                                             self.kv_dtype, self.kernels))
+                                             self.kv_dtype, self.kernels, self.kernel_mesh))
 
     def step_logits(self, params, tokens, positions, cache):
         """One model call over a cache (traced inside callers' jitted functions, e.g.

@@ -150,9 +150,15 @@ def hf_scorer(model) -> Callable:
                              "and quantize at load)")
         from converters.hf_export import save_hf_gpt2
 
-        path = tempfile.mkdtemp(prefix="ftjax-hf-")
-        save_hf_gpt2(path, model.config, model.params)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        # The export lives only while HF reads it (no float32 copy left in /tmp per run).
+        with tempfile.TemporaryDirectory(prefix="ftjax-hf-") as tmp:
+            save_hf_gpt2(tmp, model.config, model.params)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(
+                tmp, dtype=torch.float32).eval()
+            for p in hf.parameters():  # own the weights, not a mapping of the deleted file
+                p.data = p.data.clone()
+    else:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     def forward(batch):
         with torch.no_grad():
@@ -169,24 +175,41 @@ def evaluate_texts(forward: Callable, texts: List[List[int]], width: int,
     return score
 
 
+def read_text(path: str, flag: str) -> str:
+    """A UTF-8 text file's contents; ValueError naming the flag and file otherwise."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{flag} {path}: is a directory, not a text file") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot be read ({e.strerror})") from None
+
+
 def run_eval(args) -> int:
     """`ftjax eval`: prints one row per scorer (ftjax, and HF with --compare hf)."""
     import ftjax
 
-    def read(path):
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-
-    calibration = [read(p) for p in args.calibration] if args.calibration else None
+    calibration = [read_text(p, "--calibration") for p in args.calibration] \
+        if args.calibration else None
+    raw = [read_text(p, "--text") for p in args.text]  # bad files named before loading
     model = ftjax.load(args.model or ftjax.demo_model_path(), dtype=args.dtype, quant=args.quant,
                        calibration=calibration, smoothquant_alpha=args.smoothquant_alpha,
                        kv_cache_dtype=args.kv_cache_dtype)
     if model.tokenizer is None:
         raise ValueError(f"{model.path} has no tokenizer; ftjax eval reads text files")
     texts = []
-    for p in args.text:
-        ids = encode_long(model.tokenizer, read(p))
-        texts.append(ids[:args.max_tokens] if args.max_tokens else ids)
+    for p, text in zip(args.text, raw):
+        ids = encode_long(model.tokenizer, text)
+        ids = ids if args.max_tokens is None else ids[:args.max_tokens]
+        if len(ids) < 2:  # the first token has no context: nothing would be scored
+            raise ValueError(f"--text {p}: {len(ids)} token(s); perplexity needs at least 2 "
+                             "(nothing to score)")
+        texts.append(ids)
     width = args.window or model.config.max_positions
     if width > model.config.max_positions:
         raise ValueError(f"--window {width} exceeds the model's max_positions "

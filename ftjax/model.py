@@ -36,6 +36,7 @@ from ftjax import quant
 from ftjax.config import ModelConfig
 from ftjax.numerics import activation, alibi_slopes, attend, rotate  # noqa: F401 (re-exported)
 from ftjax.specs import INIT_STDDEV, ParamSpec, block_specs, param_specs
+from pallas_kernels.sharded import KernelMesh
 
 _INITS = {"normal": nn.initializers.normal(stddev=INIT_STDDEV),
           "zeros": nn.initializers.zeros, "ones": nn.initializers.ones}
@@ -58,12 +59,14 @@ class Linear(nn.Module):
     spec: str
     params_spec: dict  # {"kernel": ParamSpec, optional "bias": ParamSpec}
     dtype: jnp.dtype
-    kernels: str = "xla"  # "pallas": int8 weights go through pallas_kernels.int8_matmul
+    kernels: str = "xla"  # "pallas" / "mosaic": int8 weights go through an int8_matmul kernel
+    mesh: Optional[KernelMesh] = None   # x and the kernel are sharded on it: runs per shard
 
     @nn.compact
     def __call__(self, x):
         kernel = weight(self, "kernel", self.params_spec["kernel"], self.dtype)
-        y = quant.einsum(self.spec, x, kernel, pallas=self.kernels == "pallas")
+        y = quant.einsum(self.spec, x, kernel, pallas=self.kernels != "xla" and self.kernels,
+                         mesh=self.mesh)
         if "bias" in self.params_spec:
             y = y + weight(self, "bias", self.params_spec["bias"], self.dtype)
         return y
@@ -92,18 +95,26 @@ class Norm(nn.Module):
         return y.astype(self.dtype) * scale
 
 
-class Attention(nn.Module):
+class BlockPart(nn.Module):
+    """The fields every part of a block shares: the architecture, the dtype, which
+    matmul kernels run int8 weights, and the mesh those kernels run per shard on."""
+
     cfg: ModelConfig
     dtype: jnp.dtype
     kernels: str = "xla"
+    mesh: Optional[KernelMesh] = None
+
+
+class Attention(BlockPart):
+    """q/k/v projections, positions (rotary / ALiBi), the cache's attention, o projection."""
 
     @nn.compact
     def __call__(self, x, positions, layer, cache):
         cfg, dt, kn = self.cfg, self.dtype, self.kernels
         specs = block_specs(cfg)["attn"]
-        q = Linear("btd,dnh->btnh", specs["q"], dt, kn, name="q")(x)
-        k = Linear("btd,dkh->btkh", specs["k"], dt, kn, name="k")(x)
-        v = Linear("btd,dkh->btkh", specs["v"], dt, kn, name="v")(x)
+        q = Linear("btd,dnh->btnh", specs["q"], dt, kn, self.mesh, name="q")(x)
+        k = Linear("btd,dkh->btkh", specs["k"], dt, kn, self.mesh, name="k")(x)
+        v = Linear("btd,dkh->btkh", specs["v"], dt, kn, self.mesh, name="v")(x)
         if cfg.positions == "rotary":
             q = rotate(q, positions, cfg.n_rotary, cfg.rope_theta)
             k = rotate(k, positions, cfg.n_rotary, cfg.rope_theta)
@@ -115,41 +126,35 @@ class Attention(nn.Module):
             # the layer's slots: slots past a row's position are masked out.
             cache = cache.update(layer, k, v, positions)
             out = cache.attend(layer, q, positions, slopes)
-        y = Linear("btnh,nhd->btd", specs["o"], dt, kn, name="o")(out)
+        y = Linear("btnh,nhd->btd", specs["o"], dt, kn, self.mesh, name="o")(out)
         return y, cache
 
 
-class Mlp(nn.Module):
-    cfg: ModelConfig
-    dtype: jnp.dtype
-    kernels: str = "xla"
+class Mlp(BlockPart):
+    """wi (and the gate wg for GLU), the activation, wo."""
 
     @nn.compact
     def __call__(self, x):
         cfg, dt, kn = self.cfg, self.dtype, self.kernels
         specs = block_specs(cfg)["mlp"]
-        hdn = Linear("btd,df->btf", specs["wi"], dt, kn, name="wi")(x)
+        hdn = Linear("btd,df->btf", specs["wi"], dt, kn, self.mesh, name="wi")(x)
         if cfg.glu:
-            gate = Linear("btd,df->btf", specs["wg"], dt, kn, name="wg")(x)
+            gate = Linear("btd,df->btf", specs["wg"], dt, kn, self.mesh, name="wg")(x)
             hdn = activation(cfg.activation, gate) * hdn
         else:
             hdn = activation(cfg.activation, hdn)
-        return Linear("btf,fd->btd", specs["wo"], dt, kn, name="wo")(hdn)
+        return Linear("btf,fd->btd", specs["wo"], dt, kn, self.mesh, name="wo")(hdn)
 
 
-class Block(nn.Module):
+class Block(BlockPart):
     """One transformer block; `ModelConfig` picks the residual arrangement."""
-
-    cfg: ModelConfig
-    dtype: jnp.dtype
-    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x, positions, layer, cache):
         cfg = self.cfg
         specs = block_specs(cfg)
-        attn = Attention(cfg, self.dtype, self.kernels, name="attn")
-        mlp = Mlp(cfg, self.dtype, self.kernels, name="mlp")
+        attn = Attention(cfg, self.dtype, self.kernels, self.mesh, name="attn")
+        mlp = Mlp(cfg, self.dtype, self.kernels, self.mesh, name="mlp")
         ln1 = Norm(cfg, specs["ln1"], self.dtype, name="ln1")
         ln2 = None if cfg.shared_norm else Norm(cfg, specs["ln2"], self.dtype, name="ln2")
         if cfg.norm_position == "post":      # norm(x + f(x))
@@ -238,8 +243,10 @@ class Transformer:
     Attributes:
       cfg: the architecture.
       dtype: weights' and activations' dtype.
-      kernels: "xla" or "pallas" (int8 weight matmuls through pallas_kernels; the
-        cache's own `kernels` picks the attention kernels).
+      kernels: "xla", "pallas" or "mosaic" (int8 weight matmuls through pallas_kernels;
+        the cache's own `kernels` picks the attention kernels).
+      mesh: the `KernelMesh` params and activations are sharded on (the int8 matmul
+        kernels then run per shard; the cache carries its own), or None.
       vocab: rows of embed / lm_head when padded past vocab_size (vocab-parallel
         sharding pads to a multiple of the tensor size); padded logits are sliced off.
     """
@@ -248,6 +255,7 @@ class Transformer:
     dtype: jnp.dtype = jnp.float32
     kernels: str = "xla"
     vocab: Optional[int] = None
+    mesh: Optional[KernelMesh] = None
 
     def embed(self, params, tokens, positions, soft=None):
         """`[B, T]` ids (and optional soft prompt (embeddings `[B, T, E]`, mask `[B, T]`))
@@ -262,7 +270,7 @@ class Transformer:
         Returns:
           (activations `[B, T, D]`, updated cache or None)
         """
-        block = Block(self.cfg, self.dtype, self.kernels)
+        block = Block(self.cfg, self.dtype, self.kernels, self.mesh)
 
         def run(carry, layer_params, i):
             x, cache = carry

@@ -51,6 +51,16 @@ def quantize_int8(x, axes: Tuple[int, ...]):
     return round_int8(xf, scale), scale
 
 
+def quantize_vectors(x):
+    """Per-vector int8 over the last axis (the int8 KV cache: one scale per token and head).
+
+    Returns:
+      (int8 array of x's shape, float32 scales of shape `x.shape[:-1]`).
+    """
+    q, scale = quantize_int8(x, axes=(-1,))
+    return q, scale[..., 0]
+
+
 # -- positions -------------------------------------------------------------------------
 
 

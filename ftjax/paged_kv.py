@@ -23,9 +23,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from ftjax import quant
 from ftjax.config import ModelConfig
-from ftjax.model import attend as contiguous_attend
+from ftjax.numerics import attend as contiguous_attend
+from ftjax.numerics import quantize_vectors
 from pallas_kernels import paged_attention
 from pallas_kernels.paged_attention import gather_pages
 
@@ -138,7 +138,7 @@ def write(kv: PagedKV, layer, page_table, slots, positions, k, v) -> PagedKV:
 
     if kv.k_scale is None:
         return PagedKV(k=put(kv.k, k), v=put(kv.v, v))
-    (kq, ks), (vq, vs) = quant.quantize_vectors(k), quant.quantize_vectors(v)
+    (kq, ks), (vq, vs) = quantize_vectors(k), quantize_vectors(v)
     return PagedKV(k=put(kv.k, kq), v=put(kv.v, vq),
                    k_scale=put(kv.k_scale, ks), v_scale=put(kv.v_scale, vs))
 

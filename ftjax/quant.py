@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from ftjax.config import ModelConfig
 from ftjax.numerics import QMAX, quantize_int8, round_int8
 from ftjax.specs import ParamSpec, flatten, param_specs, unflatten
-from pallas_kernels import int8_matmul
+from pallas_kernels import select, sharded
 
 
 @flax.struct.dataclass
@@ -182,11 +182,14 @@ def _w8a8_matmul(x, w: W8A8Weight, n: int):
     return y.reshape(*lead, *w.q.shape[n:]).astype(x.dtype)
 
 
-def einsum(spec: str, x, w, pallas: bool = False):
+def einsum(spec: str, x, w, pallas=False, mesh=None):
     """`jnp.einsum(spec, x, w)` for a float, `Int8Weight` or `W8A8Weight` w.
 
-    pallas: an `Int8Weight` contracted over x's last axes goes through
-    `pallas_kernels.int8_matmul` (dequantized inside the kernel; interpreted off GPU).
+    pallas: True / "pallas" (Triton) or "mosaic" (Mosaic GPU where it applies): an
+    `Int8Weight` contracted over x's last axes goes through that int8 matmul kernel
+    (dequantized inside the kernel; interpreted off GPU).
+    mesh: a `pallas_kernels.sharded.KernelMesh` x and w are sharded on: the kernel then
+    runs per shard (column-parallel local, row-parallel local + psum).
 
     Returns:
       the product in x's dtype (float weights: the promoted dtype, as jnp.einsum).
@@ -200,12 +203,16 @@ def einsum(spec: str, x, w, pallas: bool = False):
     if isinstance(w, Int8Weight):
         n = _trailing_leading(spec)
         if pallas and n and w.q.ndim == len(_split_spec(spec)[1]):  # one layer's weight
-            q2, scale2 = _as_matrix(w, n)
-            lead = x.shape[:x.ndim - n]
-            y = int8_matmul(x.reshape(-1, q2.shape[0]), q2, scale2,
-                            group_size=w.group_size or None,
-                            interpret=jax.default_backend() != "gpu")
-            return y.reshape(*lead, *w.q.shape[n:])
+            def local(x, w):
+                q2, scale2 = _as_matrix(w, n)
+                lead = x.shape[:x.ndim - n]
+                y = select.int8_matmul(x.reshape(-1, q2.shape[0]), q2, scale2,
+                                       impl="mosaic" if pallas == "mosaic" else "pallas",
+                                       group_size=w.group_size or None,
+                                       interpret=sharded.interpret(mesh))
+                return y.reshape(*lead, *w.q.shape[n:])
+
+            return local(x, w) if mesh is None else sharded.einsum(spec, x, w, local, mesh)
         # XLA: dequantize then dot (XLA fuses the convert into the dot on GPU; not on CPU).
         w = dequantize(w).astype(x.dtype)
     n = _trailing_leading(spec)

@@ -109,6 +109,11 @@ class SamplingParams:
         def fail(field, rule):
             raise ValueError(f"SamplingParams.{field} {rule}, got {getattr(self, field)!r}")
 
+        for f in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "length_penalty"):
+            # NaN passes no comparison test and Inf passes "> 0": refuse both first.
+            if _is_num(getattr(self, f)) and not np.isfinite(getattr(self, f)):
+                fail(f, "must be a finite number")
         if not _is_num(self.temperature) or not self.temperature >= 0:
             fail("temperature", "must be >= 0")
         if not _is_int(self.top_k) or self.top_k < 0:

@@ -68,23 +68,26 @@ def _dot(a, b, trans_b=False):
     return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=False if exact else None)
 
 
-def _kernel(layer_ref, length_ref, q_ref, k_ref, v_ref, *rest, t: _Tiles, g: int, h: int,
-            has_alibi: bool, has_scale: bool):
+def _kernel(index_ref, length_ref, q_ref, k_ref, v_ref, *rest, t: _Tiles, g: int, h: int,
+            has_alibi: bool, has_scale: bool, heads_first: bool):
     """One (row, kv head, split): online softmax over this split's valid slots.
 
-    Refs: layer `[1]`, length `[]`, q `[g_pad, h_pad]`, k/v `[L, split_len, h_pad]`, then
-    optional slopes `[g_pad]`, optional k/v scales `[L, split_len]`; outputs o
-    `[g_pad, h_pad]` (unnormalized, float32), m `[g_pad]` (running max), l `[g_pad]`
-    (running sum).
+    Refs: index `[2]` (layer, first kv head), length `[]`, q `[g_pad, h_pad]`, k/v
+    `[L, Kc, split_len, h_pad]` ("BKSH") or `[L, split_len, Kc, h_pad]` ("BSKH") with
+    every kv head Kc of the cache, then optional slopes `[g_pad]`, optional k/v scales
+    `[L, Kc, split_len]` / `[L, split_len, Kc]`; outputs o `[g_pad, h_pad]` (unnormalized,
+    float32), m `[g_pad]` (running max), l `[g_pad]` (running sum).
     """
     rest = list(rest)
     slope_ref = rest.pop(0) if has_alibi else None
     ks_ref, vs_ref = (rest.pop(0), rest.pop(0)) if has_scale else (None, None)
     o_ref, m_ref, l_ref = rest
-    # The layer is picked inside the kernel: the model's whole [L, ...] cache comes in
-    # without a per-layer slice copy in HBM.
+    # Layer and kv head are picked inside the kernel: the model's whole [L, ...] cache
+    # comes in without a per-layer slice copy in HBM, and a tensor rank holding
+    # replicated kv heads (K < TP) reads only its own one (the first-head offset).
     # (One indexer per load: Triton lowering does not compose `.at[layer].at[rows]`.)
-    layer = layer_ref[0]
+    layer = index_ref[0]
+    head = index_ref[1] + pl.program_id(1)
     split = pl.program_id(2)
     length = length_ref[()]
     start = split * t.split_len
@@ -101,10 +104,13 @@ def _kernel(layer_ref, length_ref, q_ref, k_ref, v_ref, *rest, t: _Tiles, g: int
         slope = plgpu.load(slope_ref, mask=g_mask, other=0.0)
 
     def load_kv(ref, scale_ref, rows, valid):
-        x = plgpu.load(ref.at[layer, rows, :], mask=valid[:, None] & h_mask[None, :], other=0)
+        at = ref.at[layer, head, rows, :] if heads_first else ref.at[layer, rows, head, :]
+        x = plgpu.load(at, mask=valid[:, None] & h_mask[None, :], other=0)
         if scale_ref is not None:
             # int8 cache: dequantize per (slot, kv head) before the tensor-core dot.
-            sc = plgpu.load(scale_ref.at[layer, rows], mask=valid, other=0.0)
+            at = (scale_ref.at[layer, head, rows] if heads_first
+                  else scale_ref.at[layer, rows, head])
+            sc = plgpu.load(at, mask=valid, other=0.0)
             x = x.astype(jnp.float32) * sc[:, None]
         return x.astype(dot_dtype)
 
@@ -149,7 +155,8 @@ def _merge(o, m, l, dtype):
 @functools.partial(jax.jit, static_argnames=("layout", "block_s", "num_splits", "num_warps",
                                              "num_stages", "interpret"))
 def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale=None,
-                     v_scale=None, layer=None, layout: str = "BSKH", block_s: int = 64,
+                     v_scale=None, layer=None, kv_head=None, layout: str = "BSKH",
+                     block_s: int = 64,
                      num_splits=None, num_warps: int = 4, num_stages: int = 2,
                      interpret: bool = False):
     """Attention of one new token per sequence over its cached keys and values.
@@ -166,6 +173,9 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale
       layer: optional int32 scalar (may be traced). Then caches and scales carry a
         leading layers axis (`[L, B, K, S, H]`, `[L, B, K, S]` for "BKSH") and the kernel
         reads layer `layer` in place: no slice of the cache is copied.
+      kv_head: optional int32 scalar (may be traced): every query head attends kv head
+        `kv_head` of the cache (read in place), whatever K the cache holds. For a tensor
+        rank whose query heads share one replicated kv head (GQA / MQA with K < TP).
       layout: "BSKH" or "BKSH". block_s: slots per inner block (power of two >= 16).
       num_splits: programs along S (flash-decoding); None picks from S.
       num_warps, num_stages: Triton launch parameters.
@@ -192,6 +202,9 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale
     if k_cache.shape != v_cache.shape or k_cache.shape[1] != b or hk != h:
         raise ValueError(f"q {q.shape} and caches k {k_cache.shape}, v {v_cache.shape} "
                          f"do not match layout {layout}")
+    kv_cache = kv
+    if kv_head is not None:
+        kv = 1   # all n query heads form one group over the chosen kv head
     if n % kv:
         raise ValueError(f"query heads N={n} must be a multiple of kv heads K={kv}")
     if lengths.shape != (b,):
@@ -199,30 +212,34 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale
     quantized = k_cache.dtype == jnp.int8
     if quantized != (k_scale is not None) or (k_scale is None) != (v_scale is None):
         raise ValueError("int8 caches need k_scale and v_scale (and only int8 caches take them)")
-    scale_shape = (n_layers,) + ((b, s, kv) if layout == "BSKH" else (b, kv, s))
+    scale_shape = (n_layers,) + ((b, s, kv_cache) if layout == "BSKH" else (b, kv_cache, s))
     if quantized and (k_scale.shape != scale_shape or v_scale.shape != scale_shape):
         raise ValueError(f"k_scale/v_scale must be {scale_shape} for layout {layout}, got "
                          f"{k_scale.shape} / {v_scale.shape}")
     g = n // kv
     t = _tiles(s, g, h, block_s, num_splits)
 
+    # Blocks hold every kv head (Kc) of the cache; the kernel indexes its own one.
     def kv_spec():
         if layout == "BSKH":
-            return pl.BlockSpec((n_layers, None, t.split_len, None, t.h_pad),
-                                lambda i, j, p: (0, i, p, j, 0))
-        return pl.BlockSpec((n_layers, None, None, t.split_len, t.h_pad),
-                            lambda i, j, p: (0, i, j, p, 0))
+            return pl.BlockSpec((n_layers, None, t.split_len, kv_cache, t.h_pad),
+                                lambda i, j, p: (0, i, p, 0, 0))
+        return pl.BlockSpec((n_layers, None, kv_cache, t.split_len, t.h_pad),
+                            lambda i, j, p: (0, i, 0, p, 0))
 
     def scale_spec():
         if layout == "BSKH":
-            return pl.BlockSpec((n_layers, None, t.split_len, None), lambda i, j, p: (0, i, p, j))
-        return pl.BlockSpec((n_layers, None, None, t.split_len), lambda i, j, p: (0, i, j, p))
+            return pl.BlockSpec((n_layers, None, t.split_len, kv_cache),
+                                lambda i, j, p: (0, i, p, 0))
+        return pl.BlockSpec((n_layers, None, kv_cache, t.split_len),
+                            lambda i, j, p: (0, i, 0, p))
 
     # Clamped to S: the kernel never reads a slot past the cache, whatever it is given.
     lengths = jnp.minimum(lengths.astype(jnp.int32), s)
-    args = [jnp.asarray(layer, jnp.int32).reshape(1), lengths,
-            q.reshape(b, kv, g, h), k_cache, v_cache]
-    in_specs = [pl.BlockSpec((1,), lambda i, j, p: (0,)),
+    first_head = 0 if kv_head is None else kv_head
+    index = jnp.stack([jnp.asarray(layer, jnp.int32), jnp.asarray(first_head, jnp.int32)])
+    args = [index, lengths, q.reshape(b, kv, g, h), k_cache, v_cache]
+    in_specs = [pl.BlockSpec((2,), lambda i, j, p: (0,)),
                 pl.BlockSpec((None,), lambda i, j, p: (i,)),
                 pl.BlockSpec((None, None, t.g_pad, t.h_pad), lambda i, j, p: (i, j, 0, 0)),
                 kv_spec(), kv_spec()]
@@ -233,12 +250,27 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale
         args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
         in_specs += [scale_spec(), scale_spec()]
 
-    part = (b, kv, t.num_splits, g)
     kernel = functools.partial(_kernel, t=t, g=g, h=h, has_alibi=alibi_slopes is not None,
-                               has_scale=quantized)
+                               has_scale=quantized, heads_first=layout == "BKSH")
+    out = split_call(kernel, args, in_specs, t=t, part=(b, kv, t.num_splits, g), h=h,
+                     dtype=q.dtype, num_warps=num_warps, num_stages=num_stages,
+                     interpret=interpret, name="ftjax_decode_attention")
+    return out.reshape(b, n, h)
+
+
+def split_call(kernel, args, in_specs, *, t: _Tiles, part, h: int, dtype, num_warps: int,
+               num_stages: int, interpret: bool, name: str):
+    """Runs a flash-decoding kernel over the grid (batch row, kv head, split) and merges
+    the splits (shared by the contiguous and the paged decode kernels).
+
+    Args:
+      part: (B, K, splits, G), the shape of the per-split running max and sum.
+    Returns:
+      `[B, K, G, H]` in `dtype`.
+    """
     o, m, l = pl.pallas_call(
         kernel,
-        grid=(b, kv, t.num_splits),
+        grid=part[:3],
         in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, None, t.g_pad, t.h_pad), lambda i, j, p: (i, j, p, 0, 0)),
@@ -248,21 +280,30 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale
         out_shape=[jax.ShapeDtypeStruct(part + (h,), jnp.float32),
                    jax.ShapeDtypeStruct(part, jnp.float32),
                    jax.ShapeDtypeStruct(part, jnp.float32)],
+        # Explicit Triton params: the kernel never silently moves to another backend.
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="ftjax_decode_attention",
+        name=name,
     )(*args)
-    return _merge(o, m, l, q.dtype).reshape(b, n, h)
+    return _merge(o, m, l, dtype)
 
 
 def decode_attention_reference(q, k_cache, v_cache, lengths, *, alibi_slopes=None,
-                               k_scale=None, v_scale=None, layer=None, layout: str = "BSKH"):
+                               k_scale=None, v_scale=None, layer=None, kv_head=None,
+                               layout: str = "BSKH"):
     """`decode_attention`'s arguments through the model's own attention
     (`ftjax.numerics.attend`, float32 math): the one reference."""
     if layer is not None:
         k_cache, v_cache = k_cache[layer], v_cache[layer]
         if k_scale is not None:
             k_scale, v_scale = k_scale[layer], v_scale[layer]
+    if kv_head is not None:
+        axis = 2 if layout == "BSKH" else 1
+        pick = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=kv_head,
+                                 slice_size=1, axis=axis)
+        k_cache, v_cache = pick(k_cache), pick(v_cache)
+        if k_scale is not None:
+            k_scale, v_scale = pick(k_scale), pick(v_scale)
     heads_first = layout == "BKSH"
     s = k_cache.shape[2] if heads_first else k_cache.shape[1]
     lengths = jnp.minimum(lengths, s)

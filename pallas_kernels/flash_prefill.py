@@ -53,15 +53,18 @@ def _dot(a, b, trans_b=False):
     return plgpu.dot(a, b, trans_b=trans_b, allow_tf32=False if exact else None)
 
 
-def _kernel(layer_ref, length_ref, pos_ref, q_ref, k_ref, v_ref, *rest, tl: _Tiles, t: int,
-            s: int, h: int, has_alibi: bool):
+def _kernel(index_ref, length_ref, pos_ref, q_ref, k_ref, v_ref, *rest, tl: _Tiles, t: int,
+            s: int, h: int, g: int, has_alibi: bool, heads_first: bool):
     """One (row, query head, query block).
 
-    Refs: layer `[1]`, length `[]`, positions `[block_q]`, q `[block_q, h_pad]`,
-    k/v `[L, S, h_pad]`, optional slope `[1]`; out `[block_q, h_pad]`.
+    Refs: index `[2]` (layer, first kv head), length `[]`, positions `[block_q]`,
+    q `[block_q, h_pad]`, k/v `[L, Kc, S, h_pad]` ("BKSH") or `[L, S, Kc, h_pad]`
+    (every kv head of the cache), optional slope `[1]`; out `[block_q, h_pad]`.
     """
     slope_ref, o_ref = rest if has_alibi else (None, rest[0])
-    layer = layer_ref[0]
+    layer = index_ref[0]
+    # This query head's kv head, read in place (see decode_attention's kv_head).
+    head = index_ref[1] + pl.program_id(1) // g
     qb = pl.program_id(2)
     q_rows = qb * tl.block_q + jnp.arange(tl.block_q) < t
     h_mask = jnp.arange(tl.h_pad) < h
@@ -73,13 +76,16 @@ def _kernel(layer_ref, length_ref, pos_ref, q_ref, k_ref, v_ref, *rest, tl: _Til
     sm_scale = 1.0 / math.sqrt(h)
     slope = slope_ref[0] if has_alibi else None
 
+    def at(ref, rows):
+        return ref.at[layer, head, rows, :] if heads_first else ref.at[layer, rows, head, :]
+
     def body(j, carry):
         o, m, l = carry
         rows = pl.ds(j * tl.block_k, tl.block_k)
         slots = j * tl.block_k + jnp.arange(tl.block_k)
         in_cache = slots < end
         kv_mask = in_cache[:, None] & h_mask[None, :]
-        k = plgpu.load(k_ref.at[layer, rows, :], mask=kv_mask, other=0)
+        k = plgpu.load(at(k_ref, rows), mask=kv_mask, other=0)
         sc = _dot(q, k.astype(q.dtype), trans_b=True) * sm_scale     # [block_q, block_k]
         if has_alibi:
             sc = sc + slope * (slots[None, :] - pos[:, None]).astype(jnp.float32)
@@ -88,7 +94,7 @@ def _kernel(layer_ref, length_ref, pos_ref, q_ref, k_ref, v_ref, *rest, tl: _Til
         m_new = jnp.maximum(m, sc.max(axis=1))
         corr = jnp.exp(m - m_new)
         p = jnp.where(visible, jnp.exp(sc - m_new[:, None]), 0.0)
-        v = plgpu.load(v_ref.at[layer, rows, :], mask=kv_mask, other=0)
+        v = plgpu.load(at(v_ref, rows), mask=kv_mask, other=0)
         o = o * corr[:, None] + _dot(p.astype(q.dtype), v.astype(q.dtype))
         return o, m_new, l * corr + p.sum(axis=1)
 
@@ -104,7 +110,8 @@ def _kernel(layer_ref, length_ref, pos_ref, q_ref, k_ref, v_ref, *rest, tl: _Til
 @functools.partial(jax.jit, static_argnames=("layout", "block_q", "block_k", "num_warps",
                                              "num_stages", "interpret"))
 def prefill_attention(q, k_cache, v_cache, positions, lengths=None, *, alibi_slopes=None,
-                      layer=None, layout: str = "BKSH", block_q: int = 64, block_k: int = 64,
+                      layer=None, kv_head=None, layout: str = "BKSH", block_q: int = 64,
+                      block_k: int = 64,
                       num_warps: int = 4, num_stages: int = 2, interpret: bool = False):
     """Causal attention of a prompt's queries over the cache they were written to.
 
@@ -117,6 +124,9 @@ def prefill_attention(q, k_cache, v_cache, positions, lengths=None, *, alibi_slo
       lengths: optional int `[B]`: additionally hides slots >= lengths[b].
       alibi_slopes: optional `[N]`: adds slope[n] * (slot - position).
       layer: optional int32 scalar (may be traced), see k_cache.
+      kv_head: optional int32 scalar (may be traced): every query head attends kv head
+        `kv_head` of the cache, whatever K it holds (a tensor rank whose query heads
+        share one replicated kv head: GQA / MQA with K < TP).
       block_q, block_k: query / key block sizes (powers of two >= 16).
       interpret: run in the Pallas interpreter (CPU tests).
     Returns:
@@ -136,6 +146,9 @@ def prefill_attention(q, k_cache, v_cache, positions, lengths=None, *, alibi_slo
         _, bk, s, kv, hk = k_cache.shape
     else:
         _, bk, kv, s, hk = k_cache.shape
+    kv_cache = kv
+    if kv_head is not None:
+        kv = 1   # all n query heads over the chosen kv head
     if bk != b or hk != h or n % kv:
         raise ValueError(f"q {q.shape} does not match caches {k_cache.shape} ({layout}); "
                          "N must be a multiple of K")
@@ -146,15 +159,17 @@ def prefill_attention(q, k_cache, v_cache, positions, lengths=None, *, alibi_slo
     if lengths is None:
         lengths = jnp.full((b,), s, jnp.int32)
 
+    # Blocks hold every kv head of the cache; the kernel indexes its own one.
     if layout == "BSKH":
-        kv_spec = pl.BlockSpec((n_layers, None, s, None, tl.h_pad),
-                               lambda i, j, p: (0, i, 0, j // g, 0))
+        kv_spec = pl.BlockSpec((n_layers, None, s, kv_cache, tl.h_pad),
+                               lambda i, j, p: (0, i, 0, 0, 0))
     else:
-        kv_spec = pl.BlockSpec((n_layers, None, None, s, tl.h_pad),
-                               lambda i, j, p: (0, i, j // g, 0, 0))
-    args = [jnp.asarray(layer, jnp.int32).reshape(1), lengths.astype(jnp.int32),
-            positions.astype(jnp.int32), q, k_cache, v_cache]
-    in_specs = [pl.BlockSpec((1,), lambda i, j, p: (0,)),
+        kv_spec = pl.BlockSpec((n_layers, None, kv_cache, s, tl.h_pad),
+                               lambda i, j, p: (0, i, 0, 0, 0))
+    index = jnp.stack([jnp.asarray(layer, jnp.int32),
+                       jnp.asarray(0 if kv_head is None else kv_head, jnp.int32)])
+    args = [index, lengths.astype(jnp.int32), positions.astype(jnp.int32), q, k_cache, v_cache]
+    in_specs = [pl.BlockSpec((2,), lambda i, j, p: (0,)),
                 pl.BlockSpec((None,), lambda i, j, p: (i,)),
                 pl.BlockSpec((None, tl.block_q), lambda i, j, p: (i, p)),
                 pl.BlockSpec((None, tl.block_q, None, tl.h_pad), lambda i, j, p: (i, p, j, 0)),
@@ -162,8 +177,8 @@ def prefill_attention(q, k_cache, v_cache, positions, lengths=None, *, alibi_slo
     if alibi_slopes is not None:
         args.append(alibi_slopes.astype(jnp.float32))
         in_specs.append(pl.BlockSpec((1,), lambda i, j, p: (j,)))
-    kernel = functools.partial(_kernel, tl=tl, t=t, s=s, h=h,
-                               has_alibi=alibi_slopes is not None)
+    kernel = functools.partial(_kernel, tl=tl, t=t, s=s, h=h, g=g,
+                               has_alibi=alibi_slopes is not None, heads_first=layout == "BKSH")
     return pl.pallas_call(
         kernel,
         grid=(b, n, pl.cdiv(t, tl.block_q)),
@@ -177,11 +192,16 @@ def prefill_attention(q, k_cache, v_cache, positions, lengths=None, *, alibi_slo
 
 
 def prefill_attention_reference(q, k_cache, v_cache, positions, lengths=None, *,
-                                alibi_slopes=None, layer=None, layout: str = "BKSH"):
+                                alibi_slopes=None, layer=None, kv_head=None,
+                                layout: str = "BKSH"):
     """`prefill_attention`'s arguments through the model's own attention
     (`ftjax.numerics.attend`, float32 math): the one reference."""
     if layer is not None:
         k_cache, v_cache = k_cache[layer], v_cache[layer]
+    if kv_head is not None:
+        axis = 2 if layout == "BSKH" else 1
+        k_cache = jax.lax.dynamic_slice_in_dim(k_cache, kv_head, 1, axis)
+        v_cache = jax.lax.dynamic_slice_in_dim(v_cache, kv_head, 1, axis)
     heads_first = layout == "BKSH"
     s = k_cache.shape[2] if heads_first else k_cache.shape[1]
     out = attend(q.astype(jnp.float32), k_cache.astype(jnp.float32),

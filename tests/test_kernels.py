@@ -9,6 +9,7 @@
 Interpreter cost grows with grid steps x array size, so shapes are tiny.
 """
 
+import os
 import warnings
 
 import jax
@@ -27,6 +28,9 @@ from pallas_kernels import (
 )
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+# `python -m ftjax.gpu_check` sets FTJAX_GPU_CHECK=1: the kernels then compile and run on
+# the GPU instead of the interpreter (same cases, same tolerances).
+INTERPRET = os.environ.get("FTJAX_GPU_CHECK") != "1"
 
 # Tolerances (max abs error for attention, outputs O(1); max error relative to max |y|
 # for the matmul), about 2-6x the error measured on jax 0.10 and 0.12:
@@ -77,7 +81,7 @@ def _attn_case(layout, n, kv, dtype, alibi=False, int8=False, b=3, s=40, h=8, se
 ])
 def test_decode_attention_matches_reference(layout, n, kv, dtype, alibi, int8):
     args, kw = _attn_case(layout, n, kv, dtype, alibi, int8)
-    out = decode_attention(*args, **kw, block_s=16, num_splits=2, interpret=True)
+    out = decode_attention(*args, **kw, block_s=16, num_splits=2, interpret=INTERPRET)
     ref = decode_attention_reference(*args, **kw)
     assert out.dtype == dtype and out.shape == args[0].shape
     err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
@@ -88,10 +92,10 @@ def test_decode_attention_one_split_and_tiny_cache():
     """A single split (no flash-decoding merge), and a cache shorter than one block
     (S=5, lengths 1 and 17: a length past S counts as S; nothing past S is read)."""
     args, kw = _attn_case("BKSH", 4, 2, jnp.float32, alibi=True)
-    out = decode_attention(*args, **kw, block_s=16, num_splits=1, interpret=True)
+    out = decode_attention(*args, **kw, block_s=16, num_splits=1, interpret=INTERPRET)
     assert float(jnp.abs(out - decode_attention_reference(*args, **kw)).max()) <= 2e-6
     args, kw = _attn_case("BSKH", 2, 1, jnp.float32, b=2, s=5)
-    out = decode_attention(*args, **kw, interpret=True)
+    out = decode_attention(*args, **kw, interpret=INTERPRET)
     assert float(jnp.abs(out - decode_attention_reference(*args, **kw)).max()) <= 2e-6
 
 
@@ -106,7 +110,7 @@ def test_decode_attention_reads_one_layer_of_a_stacked_cache():
     (k, kw["k_scale"]), (v, kw["v_scale"]) = _quantize_cache(k), _quantize_cache(v)
     lengths = jnp.asarray([5, 40], jnp.int32)
     run = jax.jit(lambda layer: decode_attention(q, k, v, lengths, layer=layer, **kw,
-                                                 block_s=16, interpret=True))
+                                                 block_s=16, interpret=INTERPRET))
     for layer in (0, 2):
         ref = decode_attention_reference(q, k, v, lengths, layer=layer, **kw)
         assert float(jnp.abs(run(jnp.int32(layer)) - ref).max()) <= ATTN_TOL[jnp.float32]
@@ -118,21 +122,21 @@ def test_decode_attention_masks_slots_past_length():
     q, k, v, lengths = args
     slot = jnp.arange(k.shape[2])[None, None, :, None]
     beyond = slot >= lengths[:, None, None, None]
-    out = decode_attention(q, k, v, lengths, **kw, block_s=16, interpret=True)
+    out = decode_attention(q, k, v, lengths, **kw, block_s=16, interpret=INTERPRET)
     k2, v2 = jnp.where(beyond, 1e4, k), jnp.where(beyond, -1e4, v)
-    out2 = decode_attention(q, k2, v2, lengths, **kw, block_s=16, interpret=True)
+    out2 = decode_attention(q, k2, v2, lengths, **kw, block_s=16, interpret=INTERPRET)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(out2))
 
 
 def test_decode_attention_rejects_bad_input():
     args, kw = _attn_case("BSKH", 4, 2, jnp.float32)
     with pytest.raises(ValueError, match="layout"):
-        decode_attention(*args, layout="SBKH", interpret=True)
+        decode_attention(*args, layout="SBKH", interpret=INTERPRET)
     with pytest.raises(ValueError, match="multiple of kv heads"):
-        decode_attention(args[0][:, :3], *args[1:], **kw, interpret=True)
+        decode_attention(args[0][:, :3], *args[1:], **kw, interpret=INTERPRET)
     with pytest.raises(ValueError, match="int8 caches need"):
         k8, _ = _quantize_cache(args[1])
-        decode_attention(args[0], k8, k8, args[3], **kw, interpret=True)
+        decode_attention(args[0], k8, k8, args[3], **kw, interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("layout,dtype,stacked", [
@@ -153,7 +157,7 @@ def test_prefill_attention_matches_reference(layout, dtype, stacked):
           "layer": jnp.int32(1) if stacked else None}
     lengths = jnp.asarray([12, 40], jnp.int32)
     out = prefill_attention(q, k, v, positions, lengths, **kw, block_q=16, block_k=16,
-                            interpret=True)
+                            interpret=INTERPRET)
     ref = prefill_attention_reference(q, k, v, positions, lengths, **kw)
     err = float(jnp.abs(out.astype(jnp.float32) - ref.astype(jnp.float32)).max())
     assert err <= ATTN_TOL[dtype], err
@@ -170,7 +174,7 @@ def test_int8_matmul_matches_reference(m, k, n, group_size, dtype):
     rng = np.random.default_rng(1)
     x = _rand(rng, (m, k), dtype)
     w_q, scale = quantize_int8(rng.standard_normal((k, n)), group_size)
-    out = int8_matmul(x, w_q, scale, group_size=group_size, interpret=True)
+    out = int8_matmul(x, w_q, scale, group_size=group_size, interpret=INTERPRET)
     ref = int8_matmul_reference(x, w_q, scale, group_size=group_size)
     assert out.dtype == dtype and out.shape == (m, n)
     # Relative to the output's scale (|y| ~ sqrt(K) * |w|).
@@ -188,7 +192,7 @@ def test_int8_matmul_dequantizes():
     for scale, gs, w in [(per_channel, None, w_q * per_channel),
                          (per_group, 16, w_q * np.repeat(per_group, 16, axis=0))]:
         out = int8_matmul(jnp.asarray(x, jnp.float32), jnp.asarray(w_q),
-                          jnp.asarray(scale, jnp.float32), group_size=gs, interpret=True)
+                          jnp.asarray(scale, jnp.float32), group_size=gs, interpret=INTERPRET)
         np.testing.assert_allclose(np.asarray(out), x @ w, rtol=1e-4, atol=1e-4)
 
 
@@ -196,11 +200,11 @@ def test_int8_matmul_rejects_bad_input():
     x = jnp.zeros((2, 64), jnp.float32)
     w = jnp.zeros((64, 32), jnp.int8)
     with pytest.raises(ValueError, match="group_size"):
-        int8_matmul(x, w, jnp.ones((3, 32)), group_size=24, interpret=True)
+        int8_matmul(x, w, jnp.ones((3, 32)), group_size=24, interpret=INTERPRET)
     with pytest.raises(ValueError, match=r"per-channel scale must be \[N\]"):
-        int8_matmul(x, w, jnp.ones((2, 32)), interpret=True)
+        int8_matmul(x, w, jnp.ones((2, 32)), interpret=INTERPRET)
     with pytest.raises(ValueError, match="must be int8"):
-        int8_matmul(x, w.astype(jnp.float32), jnp.ones(32), interpret=True)
+        int8_matmul(x, w.astype(jnp.float32), jnp.ones(32), interpret=INTERPRET)
 
 
 # -- CUDA lowering -------------------------------------------------------------
@@ -379,7 +383,8 @@ def test_kernels_value_is_checked():
     from ftjax.api import Model
 
     cfg, params = _tiny()
-    with pytest.raises(ValueError, match=r"kernels must be one of \('auto', 'xla', 'pallas'\)"):
+    with pytest.raises(ValueError, match=r"kernels must be one of \('auto', 'xla', 'pallas', "
+                                         r"'mosaic'\)"):
         Model(cfg, params, kernels="triton")
     with pytest.raises(ValueError, match="kernels must be one of"):
         ftjax.load("/nonexistent-checkpoint", kernels="cuda")   # checked before reading

@@ -118,7 +118,10 @@ def test_no_args_old_release_needs_flags(tmp_path, gpt2):
 
 def test_args_with_megatron_classes_unpickle_without_megatron(tmp_path, gpt2):
     hf, w = gpt2
-    mod = types.ModuleType("megatron_fake_enums")
+    # Under Megatron's package name (whose classes load as inert stand-ins), importable
+    # only while the checkpoint is written.
+    names = ("megatron", "megatron.core", "megatron.core.fake_enums")
+    mod = types.ModuleType(names[-1])
 
     class AttnMaskType:  # pickled by reference to a module that will not import
         def __init__(self, value):
@@ -127,12 +130,14 @@ def test_args_with_megatron_classes_unpickle_without_megatron(tmp_path, gpt2):
     AttnMaskType.__module__ = mod.__name__
     AttnMaskType.__qualname__ = "AttnMaskType"
     mod.AttnMaskType = AttnMaskType
-    sys.modules[mod.__name__] = mod
+    assert not any(n in sys.modules for n in names)
+    sys.modules.update({n: types.ModuleType(n) for n in names[:-1]}, **{names[-1]: mod})
     try:
         root = write_megatron(tmp_path, w, 4, args=gpt2_args(hf.config), padded=PADDED,
                               extra_args={"attn_mask_type": AttnMaskType(1)})
     finally:
-        del sys.modules[mod.__name__]
+        for n in names:
+            del sys.modules[n]
     path = os.path.join(root, "release", "mp_rank_00", "model_optim_rng.pt")
     import torch
 

@@ -2,7 +2,7 @@
 device-side page ops (ftjax.paged_kv) and the host block manager (ftjax.blocks).
 
 Kernel proofs as in test_kernels.py: interpreter numerics vs the jnp reference over
-ragged lengths and shuffled page tables, the reference vs ftjax.model.attend on the
+ragged lengths and shuffled page tables, the reference vs ftjax.numerics.attend on the
 same data laid out contiguously, and the real Triton lowering for CUDA on this CPU.
 """
 
@@ -16,7 +16,8 @@ from tiny import tiny_config
 
 from ftjax import paged_kv
 from ftjax.blocks import BlockManager, OutOfPages
-from ftjax.model import KVCache, attend, write_cache
+from ftjax.cache import KVCache
+from ftjax.numerics import attend
 from pallas_kernels import paged_attention, paged_attention_reference
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -122,7 +123,7 @@ def test_paged_attention_never_reads_past_length():
                                              (4, 1, True, True)])
 def test_paged_reference_matches_contiguous_attend(n, kv, alibi, int8):
     """The same keys/values laid out contiguously `[B, K, S, H]` and scattered over
-    shuffled pages: paged_attention_reference == ftjax.model.attend (heads_first), the
+    shuffled pages: paged_attention_reference == ftjax.numerics.attend (heads_first), the
     model's own attention (float32, within summation order)."""
     rng = np.random.default_rng(1)
     b, h, s, ps = 3, 8, 40, 8
@@ -248,12 +249,9 @@ def test_paged_write_then_gather_equals_contiguous_cache(kv_dtype):
     pool = paged_kv.zeros(cfg, 4 * 6, ps, jnp.float32, kv_dtype)
     cache = KVCache.zeros(cfg, b, s, jnp.float32, kv_dtype)
     pwrite = jax.jit(paged_kv.write, donate_argnums=0)
-    rows = jnp.arange(b)[:, None]
     for layer in range(cfg.n_layers):
         for pos, k, v in writes:
-            # (jnp wraps a -1 index to the last slot: the contiguous side gets S instead.)
-            cache = write_cache(cache, layer, rows, jnp.where(pos < 0, s, pos), k + layer,
-                                v - layer, "drop")
+            cache = cache.update(layer, k + layer, v - layer, pos)
             pool = pwrite(pool, jnp.int32(layer), table, slots, pos, k + layer, v - layer)
     for layer in range(cfg.n_layers):
         got = paged_kv.gather(pool, layer, table[slots], s)
@@ -270,17 +268,16 @@ def test_paged_write_then_gather_equals_contiguous_cache(kv_dtype):
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
 def test_paged_attend_equals_contiguous_attend(kv_dtype):
     """Attention over the pages (XLA: gathered view; Pallas decode kernel, interpreted)
-    equals ftjax.model.attend over the contiguous cache: prefill queries (T > 1) and
+    equals ftjax.numerics.attend over the contiguous cache: prefill queries (T > 1) and
     one decode query per row, ALiBi slopes on. XLA paths: identical inputs and math,
     so exact; the kernel: within its float32 tolerance."""
     cfg, table, slots, writes, s, ps = _kv_case(kv_dtype, seed=3)
     b, n, h = slots.shape[0], cfg.n_heads, cfg.head_dim
     pool = paged_kv.zeros(cfg, 4 * 6, ps, jnp.float32, kv_dtype)
     cache = KVCache.zeros(cfg, b, s, jnp.float32, kv_dtype)
-    rows = jnp.arange(b)[:, None]
     for pos, k, v in writes:
         pool = paged_kv.write(pool, 1, table, slots, pos, k, v)
-        cache = write_cache(cache, 1, rows, jnp.where(pos < 0, s, pos), k, v, "drop")
+        cache = cache.update(1, k, v, pos)
     rng = np.random.default_rng(5)
     slopes = jnp.asarray(rng.uniform(0.05, 0.5, n), jnp.float32)
     scales = (None, None) if kv_dtype is None else (cache.k_scale[1], cache.v_scale[1])

@@ -99,10 +99,10 @@ def test_megatron_specs_and_kv_replication():
         assert layout.cache_sharding(2, 16).spec == P("pipe", "data", kv, None, None)
     with pytest.raises(ValueError, match="pipeline parallelism"):
         Model(cfg, None, mesh=make_mesh(tensor=2, pipe=2))  # refused before params are read
-    # per-layer layout: the same rules without the layers axis
-    per_layer = Layout(make_mesh(tensor=2), cfg).param_shardings(
-        {"layers_0": jax.tree_util.tree_map(lambda x: np.zeros(x.shape[1:]), shapes["layers"])})
-    assert per_layer["layers_0"]["attn"]["q"]["kernel"].spec == P(None, "tensor", None)
+    # the CPU layer loop splits the placed stack per layer: each layer keeps its sharding
+    split = Model(cfg, _params(cfg), mesh=make_mesh(tensor=2), layer_loop="unrolled")
+    q0 = split._gen.params["layers"][0]["attn"]["q"]["kernel"]
+    assert tuple(q0.sharding.spec)[:2] == (None, "tensor") and q0.shape == (32, 8, 4)
 
 
 # -- loading shard by shard ---------------------------------------------------------
