@@ -1,4 +1,9 @@
-"""HuggingFace checkpoint directories -> (ModelConfig, canonical numpy params)."""
+"""HuggingFace checkpoint directories -> (ModelConfig, canonical numpy params).
+
+Each supported family is one `converters.hf_common.Architecture` (its config reader,
+key table, key prefixes and ignorable buffers), in `hf_<family>.ARCH`; one loader
+reads them all.
+"""
 
 from __future__ import annotations
 
@@ -57,6 +62,6 @@ def load_hf(directory: str):
                 f"{directory}: tensor {arch.head!r} differs from the token embedding but "
                 "config.json says tie_word_embeddings=true")
         ignore += arch.ignore_tied
-    params = apply_rules(tensors, arch.rules(cfg, prefix), cfg, param_shapes(cfg),
+    params = apply_rules(tensors, arch.table(cfg, prefix), cfg, param_shapes(cfg),
                          ignore=ignore, where=directory)
     return cfg, params

@@ -181,11 +181,18 @@ def read_torch_bin(path: str) -> Dict[str, np.ndarray]:
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
-        if t.dtype == torch.bfloat16:
-            out[name] = t.float().numpy().astype(ml_dtypes.bfloat16)
-        else:
-            out[name] = t.numpy()
+        out[name] = torch_to_numpy(t)
     return out
+
+
+def torch_to_numpy(t) -> np.ndarray:
+    """A CPU torch tensor as numpy (bfloat16 as ml_dtypes.bfloat16, which numpy lacks)."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy().astype(ml_dtypes.bfloat16)
+    return t.numpy()
 
 
 def _files_from_index(directory: str, index_name: str) -> Iterable[str]:
