@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ftjax import paged_kv, processors
 from ftjax.batching import _alternatives, first_stop_hit
-from ftjax.blocks import BlockManager
+from ftjax.blocks import BlockManager, block_hashes
 from ftjax.engine import FINISH_NONE, FINISH_STOP, DecodeState, Features
 from ftjax.paged_cache import PagedCache
 from ftjax.sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams
@@ -105,6 +105,7 @@ class _Request:
     phase: str = "waiting"                # waiting | prefill | decode
     prefilled: int = 0                    # prompt tokens in the cache
     order: int = 0                        # admission order (preemption picks the newest)
+    hashes: List[bytes] = dataclasses.field(default_factory=list)   # prompt block hashes
 
     def key(self, j: int = 0):
         return (self.rid, j)
@@ -387,6 +388,8 @@ class LLMEngine:
         rows = jax.device_get(self._pad_rows(rows))
         rid = f"req-{next(self._ids)}"
         r = _Request(rid, req.ids, sp, req.max_new, [_Sample(j) for j in range(sp.n)], rows)
+        if self.blocks.prefix_caching:
+            r.hashes = block_hashes(r.ids, self.page_size)
         self._requests[rid] = r
         if req.max_new == 0:
             for s in r.samples:
@@ -454,7 +457,7 @@ class LLMEngine:
             n = len(r.samples)
             if n > len(self._free_slots):
                 return
-            if not self.blocks.can_allocate(len(r.ids), r.ids):
+            if not self.blocks.can_allocate(len(r.ids), r.ids) or self._prefix_in_flight(r):
                 return
             # Leave a page per decoding sequence for growth, so admitting does not
             # force a preemption at once.
@@ -470,6 +473,14 @@ class LLMEngine:
                 row = jax.tree_util.tree_map(lambda a, j=s.j: a[j], r.sp_rows)
                 self.state, self.sp = self._admit_fn(self.state, self.sp, np.int32(s.slot),
                                                      hist, row, np.int32(len(r.ids)))
+
+    def _prefix_in_flight(self, r: _Request) -> bool:
+        """A request now in prefill is computing blocks this prompt could reuse: wait for
+        them (so n requests arriving together with one prefix compute it once)."""
+        usable = set(r.hashes[:(len(r.ids) - 1) // self.page_size])
+        return bool(usable) and any(
+            usable.intersection(q.hashes[q.prefilled // self.page_size:])
+            for q in self._requests.values() if q.phase == "prefill")
 
     def _prefill(self):
         rows, t = self.prefill_rows, self.prefill_len

@@ -210,6 +210,18 @@ def test_abort_frees_at_once_and_zero_budget(engine):
     _idle(engine)
 
 
+def test_shared_prefix_arriving_together_is_computed_once(engine):
+    stem = list(range(40, 64))                       # 3 pages of 8
+    before = engine.stats()["prefill_tokens"]
+    for tail in range(4):
+        engine.add_request(stem + [tail + 1, tail + 2], SP(), max_new_tokens=2)
+    while engine.has_unfinished():
+        engine.step()
+    # the first computes all 26 tokens; the others reuse the 3 stem pages, compute 2
+    assert engine.stats()["prefill_tokens"] - before == 26 + 3 * 2
+    _idle(engine)
+
+
 def test_generate_async_and_cancel(model, engine):
     work = [([1, 2, 3], SP(max_new_tokens=7)), ([4, 5], SP(temperature=1.0, seed=1, n=2))]
 
