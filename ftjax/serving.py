@@ -31,7 +31,7 @@ import collections
 import dataclasses
 import itertools
 import secrets
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
