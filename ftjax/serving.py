@@ -163,6 +163,10 @@ class LLMEngine:
         self.width = cfg.max_positions       # per-row token buffer and history width
         self.pages_per_seq = -(-cfg.max_positions // page_size)
         self.max_len = self.pages_per_seq * page_size
+        # Decode gathers (XLA path) only the pages the longest live row needs, in one
+        # of a few precompiled widths (`warmup` compiles them all).
+        m = self.pages_per_seq
+        self.widths = sorted({max(1, -(-m // d)) for d in (8, 4, 2, 1)})
         dtype, kv_dtype = self.engine.dtype, self.engine.kv_dtype
         if num_pages is None:
             if kv_memory is not None:
@@ -197,7 +201,8 @@ class LLMEngine:
     def _jit(self):
         self._admit_fn = jax.jit(self._admit_dev, donate_argnames=("state", "sp"))
         self._prefill_fn = jax.jit(self._prefill_dev, donate_argnames=("state",))
-        self._decode_fn = jax.jit(self._decode_dev, donate_argnames=("state",))
+        self._decode_fn = jax.jit(self._decode_dev, donate_argnames=("state",),
+                                  static_argnames=("pages",))
         self._copy_fn = jax.jit(self._copy_dev, donate_argnames=("state",))
         self._window_fn = jax.jit(self._window_dev)
 
@@ -210,8 +215,10 @@ class LLMEngine:
                                       none, np.zeros((self.prefill_rows, m), np.int32),
                                       np.zeros((self.prefill_rows,), np.int32),
                                       np.full((s,), -1, np.int32))
-        self.state = self._decode_fn(self.params, self.state, self.sp, np.zeros((s, m), np.int32),
-                                     np.zeros((s,), bool))
+        for w in self.widths:
+            self.state = self._decode_fn(self.params, self.state, self.sp,
+                                         np.zeros((s, m), np.int32), np.zeros((s,), bool),
+                                         pages=w)
         self.state = self._copy_fn(self.state, np.zeros((s,), np.int32), np.zeros((s,), np.int32))
         jax.block_until_ready(self._window_fn(self.state, np.zeros((s,), np.int32)))
         slot = self._free_slots[-1]
@@ -288,14 +295,15 @@ class LLMEngine:
         state = state.replace(cache=cache.kv)
         return self._pin(self._advance(state, logits[jnp.maximum(src, 0), 0], sp, src >= 0))
 
-    def _decode_dev(self, params, state: DecodeState, sp, table, active):
-        """`chunk` decode steps of the slots in `active` `[S]`; the others write nothing."""
+    def _decode_dev(self, params, state: DecodeState, sp, table, active, *, pages: int):
+        """`chunk` decode steps of the slots in `active` `[S]`; the others write nothing.
+        pages: static, every live row's positions lie in its first `pages` pages."""
         self.trace_counts["decode"] += 1
 
         def body(s, _):
             live = active & (s.finish == FINISH_NONE)
             pos = jnp.where(live, s.pos, -1)
-            cache = PagedCache(s.cache, table, self.max_len, self.engine.kernels)
+            cache = PagedCache(s.cache, table, pages * self.page_size, self.engine.kernels)
             logits, cache = self.engine.model(params, s.last[:, None], pos[:, None], cache)
             return self._advance(s.replace(cache=cache.kv), logits[:, 0], sp, active), None
 
@@ -578,10 +586,14 @@ class LLMEngine:
         if decoding:
             table = np.zeros((self.max_slots, self.pages_per_seq), np.int32)
             active = np.zeros((self.max_slots,), bool)
+            longest = 0
             for r, s in decoding:
                 table[s.slot] = self.blocks.table([r.key(s.j)])[0]
                 active[s.slot] = True
-            self.state = self._decode_fn(self.params, self.state, self.sp, table, active)
+                longest = max(longest, self.blocks.num_tokens(r.key(s.j)))
+            pages = next(w for w in self.widths if w * self.page_size >= longest)
+            self.state = self._decode_fn(self.params, self.state, self.sp, table, active,
+                                         pages=pages)
         if not decoding:
             return out
         start = np.zeros((self.max_slots,), np.int32)

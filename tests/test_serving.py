@@ -286,5 +286,6 @@ def test_tensor2_data2_mesh_gives_the_same_results():
     ids, got, _ = _drive(eng, work, seed=10)
     _check_against_generate(m, work, ids, got)
     assert eng.state.cache.k.sharding.spec[2] == "tensor"
-    assert max(eng.trace_counts.values()) == 1
+    assert eng.trace_counts["decode"] <= len(eng.widths)
+    assert max(v for k, v in eng.trace_counts.items() if k != "decode") == 1
     _idle(eng)
