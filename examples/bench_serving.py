@@ -144,6 +144,8 @@ def main():
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--modes", default="abc")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--processors", action="store_true",
+                    help="compile the engine's logits processors in (the workload uses none)")
     args = ap.parse_args()
     if args.tiny:
         cfg = ftjax.ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
@@ -157,7 +159,8 @@ def main():
     rng = np.random.default_rng(args.seed)
     work = workload(args, rng)
     eng = ftjax.LLMEngine(model, max_slots=args.slots, page_size=args.page_size, chunk=8,
-                          prefill_budget=256, prefill_rows=4)
+                          prefill_budget=256, prefill_rows=4, processors=args.processors,
+                          max_logprobs=0)
     eng.warmup()
     modes = {"a": ("(a) one at a time (stream)", lambda: one_at_a_time(model, work)),
              "b": ("(b) static batches of 8 (generate)", lambda: static_batches(model, work)),
