@@ -50,6 +50,10 @@ EOT = "<|endoftext|>"
 EVAL_WINDOWS = 256  # fixed windows of --seq-len tokens for the train / validation losses
 EVAL_BATCH = 16
 PROMPT = "def fibonacci(n):"
+# The decoding written to generation_config.json (the default of `ftjax generate`): greedy
+# decoding of a model this small loops on one phrase; sampling at a moderate temperature
+# with a repetition penalty reads as code.
+GENERATION = {"temperature": 0.7, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.2}
 
 
 def parse_args(argv=None):
@@ -69,6 +73,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--save-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="dtype of the saved weights (training is float32; bfloat16 halves the "
+                   "file, ftjax.load upcasts to the dtype asked for)")
     p.add_argument("--resume", help="continue from a model this script saved (its weights and "
                    "tokenizer; the architecture flags are then read from it)")
     return p.parse_args(argv)
@@ -254,10 +261,18 @@ def main(argv=None):
     train_loss = mean_loss(eval_fn, params, train_eval_batches)
     val_loss = mean_loss(eval_fn, params, val_batches)
 
+    saved_params = jax.tree_util.tree_map(
+        lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
+    saved_val_loss = (mean_loss(eval_fn, saved_params, val_batches)
+                      if args.save_dtype == "bfloat16" else val_loss)
+    del saved_params
     out = pathlib.Path(args.out)
-    save_hf_gpt2(out, cfg, jax.device_get(params))
+    save_dtype = jnp.bfloat16 if args.save_dtype == "bfloat16" else jnp.float32
+    save_hf_gpt2(out, cfg, jax.device_get(
+        jax.tree_util.tree_map(lambda x: x.astype(save_dtype), params)))
     save_tokenizer(tok, out, cfg.max_positions)
-    sample = check_saved(out, tok)
+    save_generation_config(out)
+    sample, sampled = check_saved(out, tok)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     rows = [
         ("parameters", f"{n_params(cfg):,}"),
@@ -276,7 +291,9 @@ def main(argv=None):
         ("final train loss", f"{train_tail:.4f} (mean of the last 50 steps); "
                              f"{train_loss:.4f} on {EVAL_WINDOWS} fixed train windows"),
         ("validation loss", f"{val_loss:.4f} (mean over {EVAL_WINDOWS} fixed held-out windows "
-                            f"of {args.seq_len} tokens)"),
+                            f"of {args.seq_len} tokens; float32 weights)"),
+        ("validation loss, saved weights", f"{saved_val_loss:.4f} ({args.save_dtype} weights "
+                                           "as saved, upcast to float32)"),
         ("size on disk", f"{size / 1e6:.1f} MB"),
         ("seed", f"{args.seed}"),
         ("jax", jax.__version__),
@@ -287,7 +304,9 @@ def main(argv=None):
               f"Trained by `examples/train_demo_model.py {command}`.", "",
               "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     report += ["", f"Greedy continuation of `{PROMPT}` (48 new tokens):", "", "```python",
-               PROMPT + sample, "```", ""]
+               PROMPT + sample, "```", "",
+               f"With `generation_config.json` ({GENERATION}; seed 0), 48 new tokens:",
+               "", "```python", PROMPT + sampled, "```", ""]
     (out / "TRAINING.md").write_text("\n".join(report))
     print("\n".join(report), flush=True)
     if size > 20e6:
@@ -308,8 +327,14 @@ def save_tokenizer(tok, out, max_length):
     path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def check_saved(out, tok) -> str:
-    """Reloads with AutoTokenizer and ftjax.load; returns a greedy sample."""
+def save_generation_config(out):
+    """HF `generation_config.json`: the decoding `ftjax generate` and HF `generate()` use."""
+    config = {"bos_token_id": 0, "eos_token_id": 0, "do_sample": True, **GENERATION}
+    (out / "generation_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def check_saved(out, tok) -> tuple[str, str]:
+    """Reloads with AutoTokenizer and ftjax.load; returns a greedy and a sampled sample."""
     import ftjax
     from transformers import AutoTokenizer
 
@@ -321,7 +346,9 @@ def check_saved(out, tok) -> str:
     assert auto.eos_token_id == auto.bos_token_id == 0
     print(f"AutoTokenizer: {type(auto).__name__} round-trips", flush=True)
     model = ftjax.load(out)
-    return model.generate([PROMPT], max_new_tokens=48).texts[0]
+    greedy = model.generate([PROMPT], max_new_tokens=48).texts[0]
+    sampling = ftjax.SamplingParams(seed=0, **GENERATION)
+    return greedy, model.generate([PROMPT], max_new_tokens=48, sampling=sampling).texts[0]
 
 
 if __name__ == "__main__":

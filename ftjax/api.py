@@ -9,17 +9,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from converters import load_checkpoint, tokenizer_files
+from converters import detect_format, load_checkpoint, tokenizer_files
 from converters.checks import check_finite as check_values
 from converters.native import read_meta
 from converters.orbax_ckpt import FORMAT, VERSION, is_orbax, load_orbax
 from ftjax import quant as q
 from ftjax import sharding
 from ftjax.batching import Request, check_ids
+from ftjax.buckets import next_pow2
 from ftjax.cache import KERNELS, KV_DTYPES
 from ftjax.config import ModelConfig
 from ftjax.engine import Engine
 from ftjax.errors import CheckpointError
+from ftjax.fits import call_bytes, check_fits
 from ftjax.generation import GenerateOutput, Generator, StreamEvent
 from ftjax.model import split_layers, stack_layers
 from ftjax.sampling import SamplingParams
@@ -135,7 +137,7 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
 def _restore_onto_mesh(path: str, mesh, jdtype):
     """An orbax checkpoint restored straight onto the mesh (each process reads only its
     shards); (None, None) for other formats."""
-    if not is_orbax(path):
+    if detect_format(path) != "ftjax" or not is_orbax(path):  # ambiguity refused here too
         return None, None
     _, cfg = read_meta(path, FORMAT, VERSION)
     shardings = sharding.Layout(mesh, cfg).stored_shardings(shapes(cfg))
@@ -307,9 +309,6 @@ class Model:
 
     def _check_fits(self, reqs: List[Request]) -> None:
         """ValueError with the estimate when a call's cache and buffers cannot fit."""
-        from ftjax.buckets import next_pow2
-        from ftjax.fits import call_bytes, check_fits
-
         rows = next_pow2(sum(r.sp.n * r.sp.num_beams for r in reqs))
         cache = min(next_pow2(max(r.length + r.max_new for r in reqs)),
                     self.config.max_positions)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import resource
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -78,25 +77,10 @@ def _load(args):
 
 
 def _hf_model(model, dtype: str):
-    """The same weights as a HuggingFace torch model."""
-    import torch
-    import transformers
+    """The same weights as a HuggingFace torch model (`ftjax.hf_reference`, as eval uses)."""
+    from ftjax.hf_reference import hf_causal_lm
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
-                   "float16": torch.float16}[dtype]
-
-    def from_dir(directory):
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch_dtype).eval()
-
-    if model.path is not None and not model.path.startswith("preset:"):
-        return from_dir(model.path)
-    from converters.hf_export import save_hf_gpt2
-
-    with tempfile.TemporaryDirectory(prefix="ftjax-bench-") as directory:
-        params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), model.params)
-        save_hf_gpt2(directory, model.config, params)
-        return from_dir(directory)
+    return hf_causal_lm(model, dtype)
 
 
 def run_bench(args) -> int:

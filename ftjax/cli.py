@@ -8,8 +8,16 @@ import sys
 from typing import List, Optional
 
 
+# SamplingParams fields `generate` takes from the flags, else from the model's decoding
+# defaults (ftjax.generation_config: its generation_config.json, else ftjax's fallback).
+_DECODING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                   "no_repeat_ngram_size")
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
 def _generate(args) -> int:
-    import ftjax
+    from ftjax.assets import demo_model_path
+    from ftjax.generation_config import decoding_defaults
 
     prompts = list(args.prompt)
     if not prompts:
@@ -17,30 +25,55 @@ def _generate(args) -> int:
             print("ftjax generate: give a PROMPT (or pipe one on stdin)", file=sys.stderr)
             return 2
         prompts = [sys.stdin.read()]
-    model = ftjax.load(args.model or ftjax.demo_model_path(), dtype=args.dtype,
-                       mesh=mesh_from_args(args))
-    sampling = ftjax.SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, stop_strings=args.stop or None,
-        seed=args.seed)
+    path = args.model or demo_model_path()
+    defaults, _ = decoding_defaults(path)
+    options = {k: defaults[k] if getattr(args, k) is None else getattr(args, k)
+               for k in _DECODING_FLAGS}
+    max_new = (args.max_new_tokens if args.max_new_tokens is not None
+               else defaults.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS))
+    if len(prompts) == 1:  # show the prompt at once; the continuation follows the load
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+    _enable_compilation_cache()
+    import ftjax
+
+    model = ftjax.load(path, dtype=args.dtype, mesh=mesh_from_args(args))
+    sampling = ftjax.SamplingParams(**options, stop_strings=args.stop or None, seed=args.seed)
     if model.tokenizer is None:
         print(f"ftjax generate: {model.path} has no tokenizer; use the Python API with "
               "token ids", file=sys.stderr)
         return 2
     if len(prompts) == 1:
-        sys.stdout.write(prompts[0])
-        sys.stdout.flush()
-        for ev in model.stream(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling):
+        for ev in model.stream(prompts, max_new_tokens=max_new, sampling=sampling):
             sys.stdout.write(ev.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    out = model.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling)
+    out = model.generate(prompts, max_new_tokens=max_new, sampling=sampling)
     for i, (prompt, text) in enumerate(zip(prompts, out.texts)):
         print(f"=== [{i}] ({len(out.tokens[i])} tokens, {out.finish_reasons[i]})")
         print(prompt + text)
     return 0
+
+
+def _enable_compilation_cache() -> None:
+    """jax's persistent compilation cache for the command line: a second `ftjax generate`
+    reuses the compiled prefill/decode instead of compiling them again.
+
+    $FTJAX_CACHE_DIR (empty: off), else $XDG_CACHE_HOME/ftjax/jax or ~/.cache/ftjax/jax;
+    left alone when jax's own JAX_COMPILATION_CACHE_DIR is set."""
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    directory = os.environ.get("FTJAX_CACHE_DIR")
+    if directory is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        directory = os.path.join(base, "ftjax", "jax")
+    if not directory:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 # Megatron-LM values that a checkpoint without saved args needs (`megatron_args`).
@@ -60,9 +93,6 @@ def _convert(args) -> int:
     from ftjax.evaluate import read_text
     from ftjax.specs import n_params
 
-    if args.dtype not in DTYPES:
-        print(f"ftjax convert: --dtype must be one of {sorted(DTYPES)}", file=sys.stderr)
-        return 2
     try:
         check_destination(args.src, args.dst, args.force)
     except ValueError as e:
@@ -75,7 +105,10 @@ def _convert(args) -> int:
         print("ftjax convert: --quant writes int8 weights in the native format: add --to native",
               file=sys.stderr)
         return 2
+    from ftjax.progress import bar
+
     megatron = {k: getattr(args, k) for k in MEGATRON_FLAGS if getattr(args, k) is not None}
+    progress = bar(total=2, desc="ftjax convert: read, write", unit="step")
     if args.quant:
         import ftjax
 
@@ -92,6 +125,7 @@ def _convert(args) -> int:
         params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(target), params)
         if not args.no_check_finite and target != np.float32:
             check_finite(params, f"{args.src} cast to {args.dtype} (values out of its range)")
+    progress.update(1)
     # Written beside DST and renamed into place at the end: a killed convert leaves DST
     # as it was, and --force replaces it whole.
     with tokenizer_files(args.src) as source, staged_dir(args.dst, args.force) as out:
@@ -101,6 +135,8 @@ def _convert(args) -> int:
         else:
             save = save_orbax if args.to == "orbax" else save_native
             save(out, cfg, params, args.dtype, source=source)
+    progress.update(1)
+    progress.close()
     n_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     print(f"wrote {args.dst} ({args.to}): {n_params(cfg) / 1e6:.1f}M params, {args.dtype}"
           f"{', ' + args.quant if args.quant else ''}, {n_bytes / 2**20:.1f} MiB")
@@ -185,28 +221,80 @@ DTYPE_NAMES = ["float32", "bfloat16", "float16"]  # ftjax.api.DTYPES, without im
 
 def _mesh_args(p) -> None:
     p.add_argument("--tp", type=_positive, default=1,
-                   help="tensor-parallel size (devices per model)")
-    p.add_argument("--dp", type=_positive, default=1, help="data-parallel size (batch shards)")
+                   help="tensor-parallel size: devices per model copy (default: 1; virtual CPU "
+                        "devices are made when there is no accelerator)")
+    p.add_argument("--dp", type=_positive, default=1,
+                   help="data-parallel size: batch shards (default: 1)")
+
+
+def _dtype_arg(p, default: str, what: str) -> None:
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=default,
+                   help=f"{what} (default: {default})")
+
+
+def _describe_decoding(values: dict) -> str:
+    if values["temperature"] == 0:
+        return "greedy"
+    parts = [f"temperature {values['temperature']:g}"]
+    for key, name, off in (("top_k", "top-k", 0), ("top_p", "top-p", 1.0),
+                           ("min_p", "min-p", 0.0),
+                           ("repetition_penalty", "repetition penalty", 1.0),
+                           ("no_repeat_ngram_size", "no-repeat n-gram", 0)):
+        if values[key] != off:
+            parts.append(f"{name} {values[key]:g}")
+    return ", ".join(parts)
+
+
+def _generate_epilog() -> str:
+    from ftjax.assets import demo_model_path
+    from ftjax.generation_config import FALLBACK, decoding_defaults
+
+    try:
+        demo_text = _describe_decoding(decoding_defaults(demo_model_path())[0])
+    except Exception:  # a broken install still gets its --help
+        demo_text = "(unreadable)"
+    return ("Default decoding: the model's generation_config.json, read as HF generate() "
+            "reads it (do_sample, temperature, top_k [HF default 50], top_p, min_p, "
+            "repetition_penalty, no_repeat_ngram_size, max_new_tokens); the bundled model's "
+            f"is: {demo_text}. A model without one is sampled with "
+            f"{_describe_decoding(FALLBACK)} (greedy decoding of small models repeats one "
+            "phrase). Each flag overrides the field it names; --temperature 0 is greedy. "
+            "Without --seed every run samples anew.")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftjax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="continue prompts (streams tokens to stdout)")
+    g = sub.add_parser("generate", help="continue prompts (streams tokens to stdout)",
+                       description="Continue prompts with a model (default: the bundled one).",
+                       epilog=_generate_epilog())
     g.add_argument("prompt", nargs="*", help="prompt text(s); stdin when none")
     g.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
-    g.add_argument("--max-new-tokens", type=_non_negative, default=64)
-    g.add_argument("--temperature", type=_finite_float, default=0.0)
-    g.add_argument("--top-k", type=_non_negative, default=0)
-    g.add_argument("--top-p", type=_finite_float, default=1.0)
-    g.add_argument("--min-p", type=_finite_float, default=0.0)
-    g.add_argument("--repetition-penalty", type=_finite_float, default=1.0)
-    g.add_argument("--no-repeat-ngram-size", type=_non_negative, default=0)
+    g.add_argument("--max-new-tokens", type=_non_negative, default=None, metavar="N",
+                   help="tokens to generate per prompt at most (default: the model's "
+                        f"generation_config.json max_new_tokens, else {DEFAULT_MAX_NEW_TOKENS})")
+    g.add_argument("--temperature", type=_finite_float, default=None, metavar="T",
+                   help="sampling temperature; 0 = greedy (default: see below)")
+    g.add_argument("--top-k", type=_non_negative, default=None, metavar="K",
+                   help="sample from the K most likely tokens; 0 = all (default: see below)")
+    g.add_argument("--top-p", type=_finite_float, default=None, metavar="P",
+                   help="nucleus sampling: the smallest set of tokens with probability >= P, "
+                        "in (0, 1]; 1 = off (default: see below)")
+    g.add_argument("--min-p", type=_finite_float, default=None, metavar="P",
+                   help="drop tokens less likely than P x the most likely one; 0 = off "
+                        "(default: see below)")
+    g.add_argument("--repetition-penalty", type=_finite_float, default=None, metavar="R",
+                   help="HF repetition penalty on tokens already in prompt or output; 1 = off "
+                        "(default: see below)")
+    g.add_argument("--no-repeat-ngram-size", type=_non_negative, default=None, metavar="N",
+                   help="never repeat an N-gram (prompt included); 0 = off "
+                        "(default: see below)")
     g.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop when the output contains TEXT (repeatable)")
-    g.add_argument("--seed", type=_non_negative, default=None)
-    g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    g.add_argument("--seed", type=_non_negative, default=None,
+                   help="sampling seed: the same seed gives the same text (default: random)")
+    _dtype_arg(g, "float32", "weights and activations dtype")
     _mesh_args(g)
     g.set_defaults(func=_generate)
 
@@ -214,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", help="HuggingFace, Megatron-LM, NeMo (.nemo), FasterTransformer or "
                    "ftjax checkpoint")
     c.add_argument("dst", help="output directory")
-    c.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    _dtype_arg(c, "float32", "dtype the float weights are stored in")
     c.add_argument("--to", choices=["orbax", "native", "ft"], default="orbax",
                    help="orbax: tensorstore checkpoint restored shard by shard onto a mesh "
                         "(default); native: one memory-mapped safetensors file; ft: a "
@@ -222,25 +310,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="replace a non-empty dst whole")
     c.add_argument("--no-check-finite", action="store_true",
                    help="skip the check that every weight is finite (NaN / Inf refused)")
-    c.add_argument("--tp", type=_positive, default=1, help="with --to ft: tensor parallel ranks")
+    c.add_argument("--tp", type=_positive, default=1,
+                   help="with --to ft: tensor-parallel ranks to split into (default: 1)")
     for flag in MEGATRON_FLAGS:  # only for Megatron-LM checkpoints saved without args
-        c.add_argument("--" + flag.replace("_", "-"), type=_positive, dest=flag,
-                       help="for a Megatron-LM checkpoint saved without args")
+        c.add_argument("--" + flag.replace("_", "-"), type=_positive, dest=flag, metavar="N",
+                       help=f"Megatron-LM {flag} for a checkpoint saved without args")
     c.add_argument("--quant", choices=["int8", "int8-g128", "w8a8"],
                    help="store quantized weights (with --to native; see ftjax.load's quant)")
-    c.add_argument("--calibration", nargs="+", help="w8a8: calibration text files")
+    c.add_argument("--calibration", nargs="+", metavar="FILE",
+                   help="w8a8: text files to calibrate activation scales on")
     c.set_defaults(func=_convert)
 
     b = sub.add_parser("bench", help="latency / throughput table, FasterTransformer style")
     src = b.add_mutually_exclusive_group()
     src.add_argument("--model", help="checkpoint directory")
-    src.add_argument("--preset", help="random weights of a named shape (e.g. gpt2-124m)")
-    b.add_argument("--batch", type=_ints, default=[1, 8])
-    b.add_argument("--input-len", type=_positive, default=128)
-    b.add_argument("--output-len", type=_positive, default=32)
-    b.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    b.add_argument("--repeats", type=_positive, default=3)
-    b.add_argument("--compare", choices=["hf"], help="also time HuggingFace generate()")
+    src.add_argument("--preset", help="random weights of a named shape: gpt2-124m (default), "
+                     "gpt2-350m, gpt2-774m, gpt2-1.5b, gpt3-175b")
+    b.add_argument("--batch", type=_ints, default=[1, 8], metavar="B[,B...]",
+                   help="comma-separated batch sizes, one table row each (default: 1,8)")
+    b.add_argument("--input-len", type=_positive, default=128, metavar="N",
+                   help="prompt tokens per row (default: 128)")
+    b.add_argument("--output-len", type=_positive, default=32, metavar="N",
+                   help="generated tokens per row (default: 32)")
+    _dtype_arg(b, "float32", "weights and activations dtype")
+    b.add_argument("--repeats", type=_positive, default=3, metavar="N",
+                   help="timed runs per measurement; the median is reported (default: 3)")
+    b.add_argument("--compare", choices=["hf"],
+                   help="also time HuggingFace generate() on the same weights")
     _mesh_args(b)
     b.set_defaults(func=_bench)
 
@@ -250,23 +346,28 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--pp", type=_positive, default=1,
                     help="pipeline size (shards the layers axis)")
     pl.add_argument("--dp", type=_positive, default=1, help="data-parallel size")
-    pl.add_argument("--batch", type=_positive, default=1)
-    pl.add_argument("--max-len", type=_positive, default=None, help="KV cache length per sequence")
-    pl.add_argument("--dtype", choices=DTYPE_NAMES, default="float16")
+    pl.add_argument("--batch", type=_positive, default=1, help="sequences in flight (default: 1)")
+    pl.add_argument("--max-len", type=_positive, default=None,
+                    help="KV cache length per sequence (default: the model's positions)")
+    _dtype_arg(pl, "float16", "weights, activations and KV cache dtype")
     pl.add_argument("--no-compile", action="store_true",
                     help="skip XLA's compiled memory analysis (shape arithmetic only)")
     pl.set_defaults(func=_plan)
 
     e = sub.add_parser("eval", help="perplexity / next-token accuracy (and LAMBADA) of a model")
     e.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
-    e.add_argument("--text", nargs="+", required=True, help="text files to score")
+    e.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files to score")
     e.add_argument("--quant", choices=["int8", "int8-g128", "w8a8"], help="quantize at load")
-    e.add_argument("--calibration", nargs="+", help="w8a8: calibration text files")
-    e.add_argument("--smoothquant-alpha", type=_finite_float, default=0.5)
-    e.add_argument("--kv-cache-dtype", choices=["int8"])
-    e.add_argument("--compare", choices=["hf"], help="also score with HuggingFace transformers")
-    e.add_argument("--lambada", help="LAMBADA-format jsonl ({\"text\": ...} per line)")
-    e.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    e.add_argument("--calibration", nargs="+", metavar="FILE",
+                   help="w8a8: text files to calibrate activation scales on")
+    e.add_argument("--smoothquant-alpha", type=_finite_float, default=0.5, metavar="A",
+                   help="w8a8: SmoothQuant migration strength in [0, 1] (default: 0.5)")
+    e.add_argument("--kv-cache-dtype", choices=["int8"], help="quantize the KV cache")
+    e.add_argument("--compare", choices=["hf"],
+                   help="also score with HuggingFace transformers on the same float weights")
+    e.add_argument("--lambada", metavar="FILE.jsonl",
+                   help="LAMBADA-format jsonl ({\"text\": ...} per line): last-word accuracy")
+    _dtype_arg(e, "float32", "weights and activations dtype")
     e.add_argument("--window", type=_int_at_least(2),
                    help="tokens per window (default: max_positions)")
     e.add_argument("--stride", type=_positive, help="window stride (default: window // 2)")

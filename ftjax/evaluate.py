@@ -133,32 +133,15 @@ def lambada(forward: Callable, encode: Callable, path: str, bucket: int = 64) ->
 def hf_scorer(model) -> Callable:
     """A forward function running HF transformers on `model`'s checkpoint (float32).
 
-    HF-format directories load directly; ftjax-native float GPT-2-family checkpoints
-    are exported first (converters.hf_export). Quantized checkpoints have no HF
-    reference here (ValueError).
+    The reference is `ftjax.hf_reference.hf_causal_lm` (the one `bench --compare hf`
+    uses): HF directories load directly, anything else is exported from the loaded
+    float params. Quantized models have no HF reference here (ValueError).
     """
-    import os
-    import tempfile
-
     import torch
-    import transformers
 
-    path = model.path
-    if path is None or not os.path.exists(os.path.join(path, "config.json")):
-        if model.quant is not None:
-            raise ValueError("--compare hf needs float weights (load the float checkpoint "
-                             "and quantize at load)")
-        from converters.hf_export import save_hf_gpt2
+    from ftjax.hf_reference import hf_causal_lm
 
-        # The export lives only while HF reads it (no float32 copy left in /tmp per run).
-        with tempfile.TemporaryDirectory(prefix="ftjax-hf-") as tmp:
-            save_hf_gpt2(tmp, model.config, model.params)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(
-                tmp, dtype=torch.float32).eval()
-            for p in hf.parameters():  # own the weights, not a mapping of the deleted file
-                p.data = p.data.clone()
-    else:
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = hf_causal_lm(model, "float32")
 
     def forward(batch):
         with torch.no_grad():
@@ -193,13 +176,17 @@ def read_text(path: str, flag: str) -> str:
 def run_eval(args) -> int:
     """`ftjax eval`: prints one row per scorer (ftjax, and HF with --compare hf)."""
     import ftjax
+    from ftjax.progress import bar, stages
 
     calibration = [read_text(p, "--calibration") for p in args.calibration] \
         if args.calibration else None
     raw = [read_text(p, "--text") for p in args.text]  # bad files named before loading
-    model = ftjax.load(args.model or ftjax.demo_model_path(), dtype=args.dtype, quant=args.quant,
-                       calibration=calibration, smoothquant_alpha=args.smoothquant_alpha,
-                       kv_cache_dtype=args.kv_cache_dtype)
+    with stages("load" + (f" + {args.quant}" if args.quant else ""), desc="ftjax eval") as step:
+        model = ftjax.load(args.model or ftjax.demo_model_path(), dtype=args.dtype,
+                           quant=args.quant, calibration=calibration,
+                           smoothquant_alpha=args.smoothquant_alpha,
+                           kv_cache_dtype=args.kv_cache_dtype)
+        step()
     if model.tokenizer is None:
         raise ValueError(f"{model.path} has no tokenizer; ftjax eval reads text files")
     texts = []
@@ -217,7 +204,9 @@ def run_eval(args) -> int:
     stride = args.stride or width // 2
     scorers = [("ftjax", model.forward)]
     if args.compare == "hf":
-        scorers.append(("hf", hf_scorer(model)))
+        with stages("HF reference", desc="ftjax eval") as step:
+            scorers.append(("hf", hf_scorer(model)))
+            step()
     label = model.quant or "float"
     if model.kv_cache_dtype:
         label += f", kv {model.kv_cache_dtype}"
@@ -227,8 +216,15 @@ def run_eval(args) -> int:
           f"stride {stride}")
     print(f"{'scorer':<8}{'ppl':>10}{'acc':>9}{'scored':>9}{'tok/s':>10}"
           + (f"{'lambada':>10}" if args.lambada else ""))
+    calls = sum(-(-len(windows(len(ids), width, stride)) // BATCH) for ids in texts)
     for name, fwd in scorers:
-        s = evaluate_texts(fwd, texts, width, stride)
+        with bar(total=calls, desc=f"eval {name}", unit="batch") as progress:
+            def counted(batch, fwd=fwd):
+                logits = fwd(batch)
+                progress.update(1)
+                return logits
+
+            s = evaluate_texts(counted, texts, width, stride)
         row = f"{name:<8}{s.perplexity:>10.4f}{s.accuracy:>9.4f}{s.tokens:>9}" \
               f"{s.tokens_per_second:>10.0f}"
         if args.lambada:

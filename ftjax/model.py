@@ -95,11 +95,18 @@ class Norm(nn.Module):
         return y.astype(self.dtype) * scale
 
 
-class Attention(nn.Module):
+class BlockPart(nn.Module):
+    """The fields every part of a block shares: the architecture, the dtype, which
+    matmul kernels run int8 weights, and the mesh those kernels run per shard on."""
+
     cfg: ModelConfig
     dtype: jnp.dtype
     kernels: str = "xla"
     mesh: Optional[KernelMesh] = None
+
+
+class Attention(BlockPart):
+    """q/k/v projections, positions (rotary / ALiBi), the cache's attention, o projection."""
 
     @nn.compact
     def __call__(self, x, positions, layer, cache):
@@ -123,11 +130,8 @@ class Attention(nn.Module):
         return y, cache
 
 
-class Mlp(nn.Module):
-    cfg: ModelConfig
-    dtype: jnp.dtype
-    kernels: str = "xla"
-    mesh: Optional[KernelMesh] = None
+class Mlp(BlockPart):
+    """wi (and the gate wg for GLU), the activation, wo."""
 
     @nn.compact
     def __call__(self, x):
@@ -142,13 +146,8 @@ class Mlp(nn.Module):
         return Linear("btf,fd->btd", specs["wo"], dt, kn, self.mesh, name="wo")(hdn)
 
 
-class Block(nn.Module):
+class Block(BlockPart):
     """One transformer block; `ModelConfig` picks the residual arrangement."""
-
-    cfg: ModelConfig
-    dtype: jnp.dtype
-    kernels: str = "xla"
-    mesh: Optional[KernelMesh] = None
 
     @nn.compact
     def __call__(self, x, positions, layer, cache):

@@ -28,7 +28,9 @@ class Session:
         limit = gen.cfg.max_positions
         if not isinstance(max_len, int) or not 2 <= max_len <= limit:
             raise ValueError(f"session max_len must be an int in [2, {limit}] (the model's "
-                             f"max_positions), got {max_len!r}")
+                             f"max_positions), got {max_len!r}: this model has {limit} "
+                             f"positions, so use model.session(max_len={limit}) or less "
+                             "(or max_len=None for all)")
         self.gen = gen
         self.max_len = max_len
         self.history: List[int] = []  # every token of the conversation, in order

@@ -78,8 +78,14 @@ def make_mesh(tensor: int = 1, data: int = 1, pipe: int = 1, devices=None) -> Me
     devices = list(jax.devices() if devices is None else devices)
     need = data * pipe * tensor
     if need > len(devices):
+        hint = ""
+        if all(d.platform == "cpu" for d in devices):
+            hint = (f"; for {need} virtual CPU devices, run "
+                    f"jax.config.update('jax_num_cpu_devices', {need}) before jax is first used "
+                    f"(or set XLA_FLAGS=--xla_force_host_platform_device_count={need} before "
+                    "jax is imported)")
         raise ValueError(f"make_mesh: data*pipe*tensor = {data}*{pipe}*{tensor} = {need} devices, "
-                         f"but only {len(devices)} are available")
+                         f"but only {len(devices)} are available{hint}")
     grid = np.asarray(devices[:need], dtype=object).reshape(data, pipe, tensor)
     auto = (jax.sharding.AxisType.Auto,) * 3
     return Mesh(grid, MESH_AXES, axis_types=auto)

@@ -250,12 +250,27 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale
         args += [k_scale.astype(jnp.float32), v_scale.astype(jnp.float32)]
         in_specs += [scale_spec(), scale_spec()]
 
-    part = (b, kv, t.num_splits, g)
     kernel = functools.partial(_kernel, t=t, g=g, h=h, has_alibi=alibi_slopes is not None,
                                has_scale=quantized, heads_first=layout == "BKSH")
+    out = split_call(kernel, args, in_specs, t=t, part=(b, kv, t.num_splits, g), h=h,
+                     dtype=q.dtype, num_warps=num_warps, num_stages=num_stages,
+                     interpret=interpret, name="ftjax_decode_attention")
+    return out.reshape(b, n, h)
+
+
+def split_call(kernel, args, in_specs, *, t: _Tiles, part, h: int, dtype, num_warps: int,
+               num_stages: int, interpret: bool, name: str):
+    """Runs a flash-decoding kernel over the grid (batch row, kv head, split) and merges
+    the splits (shared by the contiguous and the paged decode kernels).
+
+    Args:
+      part: (B, K, splits, G), the shape of the per-split running max and sum.
+    Returns:
+      `[B, K, G, H]` in `dtype`.
+    """
     o, m, l = pl.pallas_call(
         kernel,
-        grid=(b, kv, t.num_splits),
+        grid=part[:3],
         in_specs=in_specs,
         out_specs=[
             pl.BlockSpec((None, None, None, t.g_pad, t.h_pad), lambda i, j, p: (i, j, p, 0, 0)),
@@ -265,11 +280,12 @@ def decode_attention(q, k_cache, v_cache, lengths, *, alibi_slopes=None, k_scale
         out_shape=[jax.ShapeDtypeStruct(part + (h,), jnp.float32),
                    jax.ShapeDtypeStruct(part, jnp.float32),
                    jax.ShapeDtypeStruct(part, jnp.float32)],
+        # Explicit Triton params: the kernel never silently moves to another backend.
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name="ftjax_decode_attention",
+        name=name,
     )(*args)
-    return _merge(o, m, l, q.dtype).reshape(b, n, h)
+    return _merge(o, m, l, dtype)
 
 
 def decode_attention_reference(q, k_cache, v_cache, lengths, *, alibi_slopes=None,

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # One online-softmax merge, dot and "minus infinity" for both decode kernels.
-from pallas_kernels.decode_attention import (_MIN_DOT, _NEG, _dot, _merge,
+from pallas_kernels.decode_attention import (_MIN_DOT, _NEG, _dot, split_call,
                                              decode_attention_reference)
 
 
@@ -258,27 +258,12 @@ def paged_attention(q, k_pages, v_pages, page_table, lengths, *, layer=None,
                  v_scale.astype(jnp.float32).reshape(rows, kv, ps)]
         in_specs += [scale_spec(), scale_spec()]
 
-    part = (b, kv, t.num_splits, g)
     kernel = functools.partial(_kernel, t=t, num_pages=num_pages, g=g, h=h,
                                has_alibi=alibi_slopes is not None, has_scale=quantized)
-    o, m, l = pl.pallas_call(
-        kernel,
-        grid=(b, kv, t.num_splits),
-        in_specs=in_specs,
-        out_specs=[
-            pl.BlockSpec((None, None, None, t.g_pad, t.h_pad), lambda i, j, p: (i, j, p, 0, 0)),
-            pl.BlockSpec((None, None, None, t.g_pad), lambda i, j, p: (i, j, p, 0)),
-            pl.BlockSpec((None, None, None, t.g_pad), lambda i, j, p: (i, j, p, 0)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct(part + (h,), jnp.float32),
-                   jax.ShapeDtypeStruct(part, jnp.float32),
-                   jax.ShapeDtypeStruct(part, jnp.float32)],
-        # Explicit Triton params: the kernel never silently moves to another backend.
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name="ftjax_paged_attention",
-    )(*args)
-    return _merge(o, m, l, q.dtype).reshape(b, n, h)
+    out = split_call(kernel, args, in_specs, t=t, part=(b, kv, t.num_splits, g), h=h,
+                     dtype=q.dtype, num_warps=num_warps, num_stages=num_stages,
+                     interpret=interpret, name="ftjax_paged_attention")
+    return out.reshape(b, n, h)
 
 
 def gather_pages(pages, page_table, layer=0):

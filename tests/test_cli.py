@@ -8,9 +8,19 @@ import numpy as np
 import pytest
 
 import ftjax
+from ftjax.generation_config import decoding_defaults
 
 pytestmark = pytest.mark.slow
 DEMO = ftjax.demo_model_path()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent compilation cache for this module's subprocesses (as a user's
+    ~/.cache/ftjax/jax), so each CLI run after the first reuses the compiled steps."""
+    os.environ["FTJAX_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax-cache"))
+    yield
+    del os.environ["FTJAX_CACHE_DIR"]
 
 
 def ftjax_cli(*args, stdin=None):
@@ -20,13 +30,17 @@ def ftjax_cli(*args, stdin=None):
 
 
 def test_generate_streams_a_continuation_of_the_prompt():
-    r = ftjax_cli("generate", "def fibonacci(n):", "--max-new-tokens", "24")
+    r = ftjax_cli("generate", "def fibonacci(n):", "--max-new-tokens", "24", "--seed", "3")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("def fibonacci(n):")
     assert len(r.stdout.strip()) > len("def fibonacci(n):")
-    # The streamed text is the greedy continuation the Python API gives.
+    # The default decoding is the model's generation_config.json: the streamed text is
+    # the Python API's sample with those options and the same seed.
+    options, source = decoding_defaults(DEMO)
+    assert source.endswith("generation_config.json") and options["temperature"] > 0
     model = ftjax.load(DEMO)
-    out = model.generate(["def fibonacci(n):"], max_new_tokens=24)
+    out = model.generate(["def fibonacci(n):"], max_new_tokens=24,
+                         sampling=ftjax.SamplingParams(**options, seed=3))
     assert r.stdout == "def fibonacci(n):" + out.texts[0] + "\n"
 
 
@@ -35,8 +49,10 @@ def test_generate_from_stdin_and_seeded_sampling():
             "--seed", "5")
     a = ftjax_cli(*args, stdin="import os\n")
     assert a.returncode == 0, a.stderr
-    # The same seed gives the Python API's sample.
-    sp = ftjax.SamplingParams(temperature=0.8, top_p=0.9, seed=5)
+    # The flags override their fields of the model's defaults; the same seed gives the
+    # Python API's sample.
+    options, _ = decoding_defaults(DEMO)
+    sp = ftjax.SamplingParams(**dict(options, temperature=0.8, top_p=0.9), seed=5)
     out = ftjax.load(DEMO).generate(["import os\n"], max_new_tokens=12, sampling=sp)
     assert a.stdout == "import os\n" + out.texts[0] + "\n"
 

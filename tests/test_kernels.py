@@ -392,7 +392,9 @@ def test_kernels_value_is_checked():
     assert Model(cfg, params).engine.model.kernels == "xla"
 
 
-@pytest.mark.parametrize("quant, kv", [("int8", None), ("int8-g128", None), (None, "int8")])
+@pytest.mark.parametrize("quant, kv", [  # ~10 CPU-s each in the Pallas interpreter
+    ("int8", None), pytest.param("int8-g128", None, marks=pytest.mark.slow),
+    pytest.param(None, "int8", marks=pytest.mark.slow)])
 def test_quantized_model_through_pallas_matches_xla(quant, kv):
     """Int8 weights through int8_matmul, and the int8 KV cache through decode_attention
     (interpreted), give XLA's tokens (dequantize-then-dot, scaled cache reads); log-probs

@@ -289,6 +289,7 @@ def test_quantized_tiny_gpt2_matches_hf(tmp_path):
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
 
 
+@pytest.mark.slow  # ~15 CPU-s: quantized model compiled on 8 devices
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 def test_quantized_model_under_tp_equals_single_device():
     """int8 (per channel) weights and an int8 KV cache on a TP=4 x DP=2 mesh (vocab 97

@@ -249,7 +249,9 @@ HF_MESHES = {
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("arch", sorted(HF_MESHES))
+# GPT-2 in the default run; the others (8-14 CPU-s each: HF model + several meshes) are slow.
+@pytest.mark.parametrize("arch", [a if a == "gpt2" else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in sorted(HF_MESHES)])
 def test_hf_architectures_on_meshes(arch, tmp_path):
     from hf_models import hf_logits, make_hf
 
@@ -361,6 +363,7 @@ def test_distributed_initialize_needs_a_description(monkeypatch):
         distributed.initialize("127.0.0.1:1", num_processes=2, process_id=2)
 
 
+@pytest.mark.slow  # ~23 CPU-s: every request option compiled on a TP x DP mesh
 def test_request_options_on_a_mesh_equal_one_device():
     """Per-request options, n samples (shared prefill) and beams on a TP=2 x DP=2 mesh
     give the single-device results (same tokens; greedy and seeded)."""
