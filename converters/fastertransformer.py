@@ -31,15 +31,14 @@ from __future__ import annotations
 import configparser
 import os
 import re
-import shutil
 
 import numpy as np
 
 from converters import hf_gpt2
 from converters.activations import FT as FT_ACTIVATIONS
-from converters.hf_export import hf_gpt2_config, hf_gpt2_tensors
-from converters.native import TOKENIZER_FILES
-from converters.rules import apply_rules
+from converters.hf_export import hf_gpt2_config, hf_gpt2_layout, hf_gpt2_tensors
+from converters.native import copy_tokenizer
+from converters.rules import apply_rules, supported
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 from ftjax.specs import shapes as param_shapes
@@ -55,25 +54,32 @@ _KNOWN = {"model_name", "head_num", "size_per_head", "inter_size", "max_pos_seq_
           "num_layer", "vocab_size", "start_id", "end_id", "weight_data_type",
           "tensor_para_size", "pipeline_para_size", "layernorm_eps", "activation_type",
           "sparse", "prompt_learning_type", "prompt_learning_start_id", "num_tasks"}
-# FT layer tensor -> (HF GPT-2 name, split axis over TP ranks or None, per-rank shape).
+# FT layer tensor -> HF GPT-2 name. Shapes and TP split axes are GPT-2's
+# (`hf_export.hf_gpt2_layout`, from the spec table), but for the fused qkv, which FT
+# stores as `[.., 3, D]` and splits along D (`_ft_layout`).
 _LAYER = {
-    "input_layernorm.weight": ("ln_1.weight", None, lambda d, f, tp: (d,)),
-    "input_layernorm.bias": ("ln_1.bias", None, lambda d, f, tp: (d,)),
-    "attention.query_key_value.weight": ("attn.c_attn.weight", -1,
-                                         lambda d, f, tp: (d, 3, d // tp)),
-    "attention.query_key_value.bias": ("attn.c_attn.bias", -1, lambda d, f, tp: (3, d // tp)),
-    "attention.dense.weight": ("attn.c_proj.weight", 0, lambda d, f, tp: (d // tp, d)),
-    "attention.dense.bias": ("attn.c_proj.bias", None, lambda d, f, tp: (d,)),
-    "post_attention_layernorm.weight": ("ln_2.weight", None, lambda d, f, tp: (d,)),
-    "post_attention_layernorm.bias": ("ln_2.bias", None, lambda d, f, tp: (d,)),
-    "mlp.dense_h_to_4h.weight": ("mlp.c_fc.weight", -1, lambda d, f, tp: (d, f // tp)),
-    "mlp.dense_h_to_4h.bias": ("mlp.c_fc.bias", -1, lambda d, f, tp: (f // tp,)),
-    "mlp.dense_4h_to_h.weight": ("mlp.c_proj.weight", 0, lambda d, f, tp: (f // tp, d)),
-    "mlp.dense_4h_to_h.bias": ("mlp.c_proj.bias", None, lambda d, f, tp: (d,)),
+    "input_layernorm.weight": "ln_1.weight", "input_layernorm.bias": "ln_1.bias",
+    "attention.query_key_value.weight": "attn.c_attn.weight",
+    "attention.query_key_value.bias": "attn.c_attn.bias",
+    "attention.dense.weight": "attn.c_proj.weight", "attention.dense.bias": "attn.c_proj.bias",
+    "post_attention_layernorm.weight": "ln_2.weight",
+    "post_attention_layernorm.bias": "ln_2.bias",
+    "mlp.dense_h_to_4h.weight": "mlp.c_fc.weight", "mlp.dense_h_to_4h.bias": "mlp.c_fc.bias",
+    "mlp.dense_4h_to_h.weight": "mlp.c_proj.weight", "mlp.dense_4h_to_h.bias": "mlp.c_proj.bias",
 }
 _GLOBAL = {"wte": "wte.weight", "wpe": "wpe.weight",
            "final_layernorm.weight": "ln_f.weight", "final_layernorm.bias": "ln_f.bias",
            "lm_head.weight": "lm_head.weight"}
+
+
+def _ft_layout(layout: dict, hf_key: str, tp: int):
+    """(shape on one of `tp` ranks, split axis or None) of the FT tensor of GPT-2's `hf_key`."""
+    shape, axis = layout[hf_key]
+    if hf_key.endswith(("c_attn.weight", "c_attn.bias")):
+        shape, axis = shape[:-1] + (3, shape[-1] // 3), len(shape)
+    if axis is not None:
+        shape = shape[:axis] + (shape[axis] // tp,) + shape[axis + 1:]
+    return shape, axis
 
 
 def is_fastertransformer(directory: str) -> bool:
@@ -119,18 +125,11 @@ def _read_config(directory: str):
         raise CheckpointError(f"{path}: [gpt] keys this converter does not know (they may "
                               f"change the model's math; refusing to guess): {unknown}")
     for key, want in _DEFAULTS.items():
-        if sec.get(key, want).strip().lower() != want:
-            raise CheckpointError(f"{path}: [gpt] {key} = {sec[key]!r} is not supported "
-                                  f"(supported: {want!r}); refusing to load with different "
-                                  "numerics")
-    act = sec.get("activation_type", "gelu").strip().lower()
-    if act not in FT_ACTIVATIONS:
-        raise CheckpointError(f"{path}: [gpt] activation_type = {act!r} is not supported "
-                              f"(supported: {sorted(FT_ACTIVATIONS)})")
-    dtype = sec.get("weight_data_type", "fp32").strip().lower()
-    if dtype not in _DTYPES:
-        raise CheckpointError(f"{path}: [gpt] weight_data_type = {dtype!r} is not supported "
-                              f"(supported: {sorted(_DTYPES)})")
+        supported(sec.get(key, want).strip().lower(), (want,), f"[gpt] {key}", path)
+    act = supported(sec.get("activation_type", "gelu").strip().lower(), FT_ACTIVATIONS,
+                    "[gpt] activation_type", path)
+    dtype = supported(sec.get("weight_data_type", "fp32").strip().lower(), _DTYPES,
+                      "[gpt] weight_data_type", path)
     n, h = integer("head_num"), integer("size_per_head")
     try:
         eps = float(sec.get("layernorm_eps", 1e-5))
@@ -175,7 +174,7 @@ def load_fastertransformer(directory: str):
     """Reads a c-model directory. Returns (ModelConfig, params of numpy arrays)."""
     where, hf, dtype, tp = _read_config(directory)
     tp = tp or _detect_tp(directory, where)
-    d, f, v = hf["n_embd"], hf["n_inner"], hf["vocab_size"]
+    d, f = hf["n_embd"], hf["n_inner"]
     head = os.path.join(directory, "model.lm_head.weight.bin")
     hf["tie_word_embeddings"] = not os.path.exists(head)
     cfg = hf_gpt2.config_from_hf(hf, where)
@@ -189,29 +188,28 @@ def load_fastertransformer(directory: str):
         used.add(os.path.basename(path))
         return _read_bin(path, dtype, shape)
 
+    layout = hf_gpt2_layout(cfg)
     tensors = {}
-    for name, shape in (("wte", (v, d)), ("wpe", (cfg.max_positions, d)),
-                        ("final_layernorm.weight", (d,)), ("final_layernorm.bias", (d,))):
-        tensors[_GLOBAL[name]] = read(name, shape)
-    if not cfg.tied_embeddings:
-        tensors["lm_head.weight"] = read("lm_head.weight", (v, d))
+    for name, hf_name in _GLOBAL.items():
+        if hf_name in layout:  # the head only when untied
+            tensors[hf_name] = read(name, layout[hf_name][0])
     for i in range(cfg.n_layers):
-        for name, (hf_name, axis, shape) in _LAYER.items():
+        for name, hf_name in _LAYER.items():
             key = f"layers.{i}.{name}"
+            shape, axis = _ft_layout(layout, "h.{i}." + hf_name, tp)
             if axis is None:
-                value = read(key, shape(d, f, 1))
+                value = read(key, shape)
             else:
-                parts = [read(f"{key}.{r}", shape(d, f, tp)) for r in range(tp)]
-                value = np.concatenate(parts, axis=axis)
-            if name.startswith("attention.query_key_value"):
-                value = value.reshape(*value.shape[:-2], 3 * d)  # [.., 3, D] -> GPT-2 c_attn
-            tensors[f"h.{i}.{hf_name}"] = value
+                value = np.concatenate([read(f"{key}.{r}", shape) for r in range(tp)], axis)
+            # FT's [.., 3, D] qkv -> GPT-2's c_attn
+            tensors[f"h.{i}.{hf_name}"] = value.reshape(layout["h.{i}." + hf_name][0])
     extra = sorted(n for n in os.listdir(directory)
                    if n.startswith("model.") and n.endswith(".bin") and n not in used)
     if extra:
         raise CheckpointError(f"{where}: tensor files this converter does not understand "
                               f"(refusing to drop them): {extra[:8]}")
-    params = apply_rules(tensors, hf_gpt2.rules(cfg, ""), cfg, param_shapes(cfg), where=directory)
+    params = apply_rules(tensors, hf_gpt2.ARCH.table(cfg, ""), cfg, param_shapes(cfg),
+                         where=directory)
     return cfg, params
 
 
@@ -239,14 +237,14 @@ def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1
     act = {v: k.capitalize() for k, v in FT_ACTIVATIONS.items()}.get(cfg.activation)
     if act is None:
         raise ValueError(f"ModelConfig.activation = {cfg.activation!r} cannot be expressed in "
-                         f"a FasterTransformer GPT c-model (supported: {sorted(FT_ACTIVATIONS.values())})")
+                         "a FasterTransformer GPT c-model (supported: "
+                         f"{sorted(FT_ACTIVATIONS.values())})")
     if len(cfg.eos_token_ids) > 1:
         raise ValueError(f"ModelConfig.eos_token_id = {cfg.eos_token_id!r}: a FasterTransformer "
                          "c-model has one end_id")
     hf = hf_gpt2_config(cfg, dtype)
     np_dtype = np.dtype(dtype)
     tensors = hf_gpt2_tensors(cfg, params, np_dtype)
-    d = cfg.d_model
     os.makedirs(directory, exist_ok=True)
 
     def write(name, value):
@@ -255,11 +253,11 @@ def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1
     for ft_name, hf_name in _GLOBAL.items():
         if "transformer." + hf_name in tensors:
             write(ft_name, tensors["transformer." + hf_name])
+    layout = hf_gpt2_layout(cfg)
     for i in range(cfg.n_layers):
-        for name, (hf_name, axis, _) in _LAYER.items():
-            value = tensors[f"transformer.h.{i}.{hf_name}"]
-            if name.startswith("attention.query_key_value"):
-                value = value.reshape(*value.shape[:-1], 3, d)
+        for name, hf_name in _LAYER.items():
+            full, axis = _ft_layout(layout, "h.{i}." + hf_name, 1)
+            value = tensors[f"transformer.h.{i}.{hf_name}"].reshape(full)
             if axis is None:
                 write(f"layers.{i}.{name}", value)
             else:
@@ -279,7 +277,5 @@ def save_fastertransformer(directory: str, cfg: ModelConfig, params, tp: int = 1
     with open(os.path.join(directory, CONFIG), "w") as fh:
         parser.write(fh)
     if source and os.path.isdir(source):
-        for name in TOKENIZER_FILES:
-            if os.path.exists(os.path.join(source, name)):
-                shutil.copy(os.path.join(source, name), os.path.join(directory, name))
+        copy_tokenizer(source, directory)
 

@@ -1,4 +1,9 @@
-"""HuggingFace checkpoint directories -> (ModelConfig, canonical numpy params)."""
+"""HuggingFace checkpoint directories -> (ModelConfig, canonical numpy params).
+
+Each supported family is one `converters.hf_common.Architecture` (its config reader,
+key table, key prefixes and ignorable buffers), in `hf_<family>.ARCH`; one loader
+reads them all.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +28,14 @@ def read_hf_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            hf = json.load(f)
     except FileNotFoundError as e:
         raise CheckpointError(f"{path}: not found (is {directory!r} a checkpoint directory?)") from e
     except ValueError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{path}: a JSON {type(hf).__name__}, not an object of config keys")
+    return hf
 
 
 def load_hf(directory: str):
@@ -54,6 +62,6 @@ def load_hf(directory: str):
                 f"{directory}: tensor {arch.head!r} differs from the token embedding but "
                 "config.json says tie_word_embeddings=true")
         ignore += arch.ignore_tied
-    params = apply_rules(tensors, arch.rules(cfg, prefix), cfg, param_shapes(cfg),
+    params = apply_rules(tensors, arch.table(cfg, prefix), cfg, param_shapes(cfg),
                          ignore=ignore, where=directory)
     return cfg, params

@@ -3,8 +3,10 @@
 BLOOM has no position table: attention adds ALiBi biases (`positions="alibi"`),
 and a LayerNorm follows the token embedding (`word_embeddings_layernorm`,
 `embed_norm`). `query_key_value` is one `nn.Linear` whose output axis is laid out
-per head, `[N, 3, H]` (q, k, v interleaved head by head); it is de-interleaved
-here. `apply_residual_connection_post_layernorm` maps to `residual_from_norm`.
+per head, `[N, 3, H]` (q, k, v interleaved head by head), as GPT-NeoX's: the
+block's key table is the Megatron-style one both share
+(`hf_common.megatron_block_rules`), which de-interleaves it.
+`apply_residual_connection_post_layernorm` maps to `residual_from_norm`.
 The MLP is always `4 * hidden_size` wide with BLOOM's tanh GELU (= gelu_new).
 """
 
@@ -12,9 +14,8 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import Architecture, token_id
-from converters.transforms import fused_per_head, linear_out_heads, transpose
-from converters.rules import Rule, check_keys, linear, norm, require_value
+from converters.hf_common import Architecture, megatron_block_rules, token_ids
+from converters.rules import Rule, check_keys, norm, require_value
 
 
 # BLOOM was trained at 2048 tokens; ALiBi has no hard limit, config.json rarely says.
@@ -42,26 +43,14 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation="gelu_new",
         positions="alibi", attn_bias=True, mlp_bias=True,
         residual_from_norm=bool(residual_from_norm), embed_norm=True, final_norm=True,
-        tied_embeddings=hf.get("tie_word_embeddings", True),
-        bos_token_id=token_id(hf, "bos_token_id", where),
-        eos_token_id=token_id(hf, "eos_token_id", where))
+        tied_embeddings=hf.get("tie_word_embeddings", True), **token_ids(hf, where))
 
 
 def rules(cfg: ModelConfig, prefix: str):
-    h = prefix + "h.{i}."
     table = [Rule("embed", prefix + "word_embeddings.weight"),
              *norm("embed_norm", prefix + "word_embeddings_layernorm", cfg),
              *norm("final_norm", prefix + "ln_f", cfg),
-             *norm("layers/ln1", h + "input_layernorm", cfg),
-             *norm("layers/ln2", h + "post_attention_layernorm", cfg),
-             *linear("layers/attn/o", h + "self_attention.dense", linear_out_heads, cfg.attn_bias),
-             *linear("layers/mlp/wi", h + "mlp.dense_h_to_4h", transpose, cfg.mlp_bias),
-             *linear("layers/mlp/wo", h + "mlp.dense_4h_to_h", transpose, cfg.mlp_bias)]
-    for part, name in enumerate("qkv"):
-        table += linear(f"layers/attn/{name}", h + "self_attention.query_key_value",
-                        fused_per_head(part), cfg.attn_bias, fused_per_head(part))
-    if not cfg.tied_embeddings:
-        table.append(Rule("lm_head", "lm_head.weight"))
+             *megatron_block_rules(cfg, prefix + "h.{i}.", "self_attention.")]
     return table
 
 

@@ -18,7 +18,8 @@ import dataclasses
 import numbers
 from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
-from converters.rules import Rule
+from converters.rules import Rule, linear, norm
+from converters.transforms import fused_per_head, linear_out_heads, transpose
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 
@@ -31,11 +32,13 @@ class Architecture:
       model_types: the config.json `model_type` values it reads.
       config: `(config.json dict, where) -> ModelConfig`; refuses (CheckpointError naming
         the key) any value that would change the math.
-      rules: `(cfg, key prefix) -> [Rule]`, the key table.
+      rules: `(cfg, key prefix) -> [Rule]`, the key table but for the untied head
+        (`table` adds it).
       prefixes: base-model key prefixes to try, in order: checkpoints saved from the
         bare model lack the head model's ("transformer.", OPT's "model.").
       embed: the token embedding's key after the prefix (how the prefix is found).
-      head: the untied LM head's key (compared with the embedding when tied).
+      head: the LM head's key (read when untied; when tied, a saved copy must equal
+        the embedding).
       ignore: regexes of keys that carry no weights (causal-mask or rotary buffers).
       ignore_tied: regexes of keys skipped when the embeddings are tied (the saved head).
       aliases: {other name: the key the rules read}, for checkpoints that store a tensor
@@ -51,6 +54,13 @@ class Architecture:
     ignore: Tuple[str, ...] = ()
     ignore_tied: Tuple[str, ...] = (r"lm_head\.weight",)
     aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def table(self, cfg: ModelConfig, prefix: str) -> List[Rule]:
+        """The whole key table: `rules` and, when the embeddings are untied, the head."""
+        table = list(self.rules(cfg, prefix))
+        if not cfg.tied_embeddings:
+            table.append(Rule("lm_head", self.head))
+        return table
 
     def detect_prefix(self, tensors: Mapping) -> str:
         """The first of `prefixes` under which the token embedding is stored; without
@@ -72,6 +82,22 @@ def _number(value, key: str, where: str) -> float:
         raise CheckpointError(f"{where}: config.json key {key!r} must be a positive number, "
                               f"got {value!r}")
     return float(value)
+
+
+def megatron_block_rules(cfg: ModelConfig, h: str, attn: str) -> List[Rule]:
+    """The block's key table of the families that keep Megatron(-DeepSpeed)'s names and
+    its fused qkv laid out per head (BLOOM, GPT-NeoX): `{h}input_layernorm`,
+    `{h}{attn}query_key_value`, `{h}{attn}dense`, `{h}mlp.dense_h_to_4h`, ... with `h`
+    the layer's key prefix ("{i}" the index) and `attn` the attention module's name."""
+    table = [*norm("layers/ln1", h + "input_layernorm", cfg),
+             *norm("layers/ln2", h + "post_attention_layernorm", cfg),
+             *linear("layers/attn/o", h + attn + "dense", linear_out_heads, cfg.attn_bias),
+             *linear("layers/mlp/wi", h + "mlp.dense_h_to_4h", transpose, cfg.mlp_bias),
+             *linear("layers/mlp/wo", h + "mlp.dense_4h_to_h", transpose, cfg.mlp_bias)]
+    for part, name in enumerate("qkv"):
+        table += linear(f"layers/attn/{name}", h + attn + "query_key_value",
+                        fused_per_head(part), cfg.attn_bias, fused_per_head(part))
+    return table
 
 
 def plain_rope(hf: dict, where: str, theta_keys: Sequence[str] = ("rope_theta",),
@@ -132,3 +158,9 @@ def token_id(hf: dict, key: str, where: str):
     if isinstance(value, list):
         return tuple(values) if values else None
     return value
+
+
+def token_ids(hf: dict, where: str) -> dict:
+    """`ModelConfig` bos/eos ids from config.json (see `token_id`)."""
+    return {"bos_token_id": token_id(hf, "bos_token_id", where),
+            "eos_token_id": token_id(hf, "eos_token_id", where)}

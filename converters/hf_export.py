@@ -1,6 +1,6 @@
 """Canonical params -> a HuggingFace GPT-2 directory: the inverse of `converters.hf_gpt2`.
 
-Both directions read one key table, `hf_gpt2.rules`. Each HF tensor is rebuilt by
+Both directions read one key table, `hf_gpt2.ARCH.table`. Each HF tensor is rebuilt by
 scattering the canonical params through the import transforms: the transforms
 are run on an array of flat indices, which says where every element came from.
 The config is checked the same way: the written config.json must read back, via
@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from converters import hf_gpt2
-from converters.spec_shapes import stored_shape
+from converters.spec_shapes import split_axis, stored_shape
 from converters.tensors import write_safetensors
 from ftjax.config import ModelConfig
 from ftjax.specs import flatten, param_specs, spec_at
@@ -76,26 +76,37 @@ def _scatter(shape, parts, cfg: ModelConfig, dtype) -> np.ndarray:
     return out.reshape(shape)
 
 
-def hf_gpt2_shape(cfg: ModelConfig, dsts) -> tuple:
-    """Shape of the HF GPT-2 tensor holding the canonical params `dsts` (one layer of
-    them): GPT-2's Conv1D kernels are `[in, out]`, fused c_attn concatenates q, k, v."""
+def _groups(cfg: ModelConfig, prefix: str) -> dict:
+    """HF key template -> [the rules reading it] (table order kept)."""
+    groups: dict = {}
+    for rule in hf_gpt2.ARCH.table(cfg, prefix):
+        groups.setdefault(rule.src, []).append(rule)
+    return groups
+
+
+def hf_gpt2_layout(cfg: ModelConfig, prefix: str = "") -> dict:
+    """{HF GPT-2 key template ("{i}": the layer): (shape, the axis tensor-parallel ranks
+    split it along or None)}, from the spec table: Conv1D kernels are `[in, out]`, the
+    fused c_attn concatenates q, k, v along out."""
     specs = param_specs(cfg)
-    parts = [spec_at(specs, d) for d in dsts]
-    leaf = dsts[0].rsplit("/", 1)[-1]
-    kind = leaf if leaf in ("kernel", "bias") else "table"
-    return stored_shape(parts, kind, out_first=False)
+    out = {}
+    for src, rules in _groups(cfg, prefix).items():
+        parts = [spec_at(specs, r.dst) for r in rules]
+        leaf = rules[0].dst.rsplit("/", 1)[-1]
+        kind = leaf if leaf in ("kernel", "bias") else "table"
+        out[src] = (stored_shape(parts, kind, out_first=False),
+                    split_axis(parts, kind, out_first=False))
+    return out
 
 
 def hf_gpt2_tensors(cfg: ModelConfig, params, dtype) -> dict:
     """HF GPT-2 state dict (numpy, with the "transformer." prefix) of canonical params."""
     flat = flatten(params)
-    groups: dict = {}  # HF key template -> [rule, ...], table order kept
-    for rule in hf_gpt2.rules(cfg, _PREFIX):
-        groups.setdefault(rule.src, []).append(rule)
+    layout = hf_gpt2_layout(cfg, _PREFIX)
     tensors = {}
-    for src, rules in groups.items():
+    for src, rules in _groups(cfg, _PREFIX).items():
         layers = range(cfg.n_layers) if "{i}" in src else [None]
-        shape = hf_gpt2_shape(cfg, [r.dst for r in rules])
+        shape = layout[src][0]
         for i in layers:
             values = [np.asarray(flat[r.dst]) if i is None else np.asarray(flat[r.dst][i])
                       for r in rules]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import Architecture, token_id
+from converters.hf_common import Architecture, token_ids
 from converters.activations import hf_activation
 from converters.rules import Rule, check_keys, linear, norm, require_value
 
@@ -28,9 +28,7 @@ def config_from_hf(hf: dict, where: str, default_activation: str = "gelu_new") -
         max_positions=hf["n_positions"], norm="layernorm",
         norm_eps=hf.get("layer_norm_epsilon", 1e-5), activation=act,
         positions="learned", attn_bias=True, mlp_bias=True,
-        tied_embeddings=hf.get("tie_word_embeddings", True),
-        bos_token_id=token_id(hf, "bos_token_id", where),
-        eos_token_id=token_id(hf, "eos_token_id", where))
+        tied_embeddings=hf.get("tie_word_embeddings", True), **token_ids(hf, where))
 
 
 def _qkv(part: int):
@@ -60,8 +58,6 @@ def layout_rules(cfg: ModelConfig, prefix: str, qkv, o, mlp):
     for part, name in enumerate("qkv"):
         table += linear(f"layers/attn/{name}", h + "attn.c_attn", qkv(part), cfg.attn_bias,
                         qkv(part))
-    if not cfg.tied_embeddings:
-        table.append(Rule("lm_head", "lm_head.weight"))
     return table
 
 

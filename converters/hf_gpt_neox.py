@@ -7,17 +7,17 @@ output embedding (`embed_out`, which transformers 5.x calls `lm_head` in memory)
 
 `query_key_value` is one torch Linear `[3*N*H, D]` whose output is interleaved
 per head: row n*3H + part*H + h is head n's q (part 0), k (1) or v (2) dim h.
-It is de-interleaved here, once, at load.
+It is de-interleaved once, at load, by the Megatron-style block table GPT-NeoX
+shares with BLOOM (`hf_common.megatron_block_rules`).
 """
 
 from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import Architecture, plain_rope, token_id
-from converters.transforms import fused_per_head, linear_out_heads, transpose
+from converters.hf_common import Architecture, megatron_block_rules, plain_rope, token_ids
 from converters.activations import hf_activation
-from converters.rules import Rule, check_keys, linear, norm, require_value
+from converters.rules import Rule, check_keys, norm, require_value
 
 
 def config_from_hf(hf: dict, where: str) -> ModelConfig:
@@ -47,25 +47,13 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         norm_eps=hf.get("layer_norm_eps", 1e-5), activation=act,
         positions="rotary", rotary_dim=rd, rope_theta=theta, attn_bias=attn_bias,
         mlp_bias=True, parallel_residual=parallel, shared_norm=False,
-        tied_embeddings=hf.get("tie_word_embeddings", False),
-        bos_token_id=token_id(hf, "bos_token_id", where),
-        eos_token_id=token_id(hf, "eos_token_id", where))
+        tied_embeddings=hf.get("tie_word_embeddings", False), **token_ids(hf, where))
 
 
 def rules(cfg: ModelConfig, prefix: str):
-    h = prefix + "layers.{i}."
     table = [Rule("embed", prefix + "embed_in.weight"),
              *norm("final_norm", prefix + "final_layer_norm", cfg),
-             *norm("layers/ln1", h + "input_layernorm", cfg),
-             *norm("layers/ln2", h + "post_attention_layernorm", cfg),
-             *linear("layers/attn/o", h + "attention.dense", linear_out_heads, cfg.attn_bias),
-             *linear("layers/mlp/wi", h + "mlp.dense_h_to_4h", transpose, cfg.mlp_bias),
-             *linear("layers/mlp/wo", h + "mlp.dense_4h_to_h", transpose, cfg.mlp_bias)]
-    for part, name in enumerate("qkv"):
-        table += linear(f"layers/attn/{name}", h + "attention.query_key_value",
-                        fused_per_head(part), cfg.attn_bias, fused_per_head(part))
-    if not cfg.tied_embeddings:
-        table.append(Rule("lm_head", "embed_out.weight"))
+             *megatron_block_rules(cfg, prefix + "layers.{i}.", "attention.")]
     return table
 
 

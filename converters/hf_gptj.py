@@ -16,7 +16,7 @@ import numpy as np
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import Architecture, plain_rope, token_id
+from converters.hf_common import Architecture, plain_rope, token_ids
 from converters.transforms import linear_in_heads, linear_out_heads, transpose
 from converters.activations import hf_activation
 from converters.rules import Rule, check_keys, linear, norm, require_value
@@ -48,8 +48,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         positions="rotary", rotary_dim=rd, rope_theta=10000.0, attn_bias=False,
         mlp_bias=True, parallel_residual=True, shared_norm=True,
         tied_embeddings=hf.get("tie_word_embeddings", False), lm_head_bias=True,
-        bos_token_id=token_id(hf, "bos_token_id", where),
-        eos_token_id=token_id(hf, "eos_token_id", where))
+        **token_ids(hf, where))
 
 
 def every_two_to_half(rotary_dim: int, head_dim: int) -> np.ndarray:
@@ -76,8 +75,6 @@ def rules(cfg: ModelConfig, prefix: str):
              *linear("layers/mlp/wi", h + "mlp.fc_in", transpose, cfg.mlp_bias),
              *linear("layers/mlp/wo", h + "mlp.fc_out", transpose, cfg.mlp_bias),
              Rule("lm_head_bias", "lm_head.bias")]
-    if not cfg.tied_embeddings:
-        table.append(Rule("lm_head", "lm_head.weight"))
     return table
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import Architecture, plain_rope, token_id
+from converters.hf_common import Architecture, plain_rope, token_ids
 from converters.transforms import linear_in_heads, linear_out_heads, transpose
 from converters.activations import hf_activation
 from converters.rules import Rule, check_keys, linear, norm, require_value
@@ -52,8 +52,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6), activation=act,
         positions="rotary", rotary_dim=None, rope_theta=theta, attn_bias=attn_bias,
         mlp_bias=mlp_bias, glu=True, tied_embeddings=hf.get("tie_word_embeddings", False),
-        bos_token_id=token_id(hf, "bos_token_id", where),
-        eos_token_id=token_id(hf, "eos_token_id", where))
+        **token_ids(hf, where))
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -69,8 +68,6 @@ def rules(cfg: ModelConfig, prefix: str):
                         cfg.attn_bias, heads)
     for dst, src in (("wg", "gate_proj"), ("wi", "up_proj"), ("wo", "down_proj")):
         table += linear(f"layers/mlp/{dst}", h + "mlp." + src, transpose, cfg.mlp_bias)
-    if not cfg.tied_embeddings:
-        table.append(Rule("lm_head", "lm_head.weight"))
     return table
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
-from converters.hf_common import Architecture, token_id
+from converters.hf_common import Architecture, token_ids
 from converters.transforms import linear_in_heads, linear_out_heads, transpose
 from converters.activations import hf_activation
 from converters.rules import Rule, check_keys, linear, norm, require_value
@@ -45,9 +45,7 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         attn_bias=bias, mlp_bias=bias, norm_position="pre" if pre else "post",
         # HF builds the final norm only for pre-LN models that keep it.
         final_norm=bool(pre and not remove_final), d_embed=None if e == d else e,
-        tied_embeddings=hf.get("tie_word_embeddings", True),
-        bos_token_id=token_id(hf, "bos_token_id", where),
-        eos_token_id=token_id(hf, "eos_token_id", where))
+        tied_embeddings=hf.get("tie_word_embeddings", True), **token_ids(hf, where))
 
 
 def rules(cfg: ModelConfig, prefix: str):
@@ -68,8 +66,6 @@ def rules(cfg: ModelConfig, prefix: str):
     if cfg.d_embed is not None:
         table += [*linear("project_in", p + "project_in", transpose),
                   *linear("project_out", p + "project_out", transpose)]
-    if not cfg.tied_embeddings:
-        table.append(Rule("lm_head", "lm_head.weight"))
     return table
 
 

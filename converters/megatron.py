@@ -16,6 +16,9 @@ Vocabulary: Megatron pads the embedding to a multiple of
 never be sampled: the true vocabulary size is that of `DIR/vocab.json` (the GPT-2
 BPE tokenizer; with `merges.txt` it becomes the model's tokenizer) or
 `megatron_args["vocab_size"]`; without either, loading is refused.
+
+`build` turns the ranks' weights and args into the model; NeMo (`converters.nemo`)
+maps its yaml onto the args and uses it too.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import json
 import os
 import re
 
-import ml_dtypes
 import numpy as np
 
 from converters import megatron_layout, safe_pickle
+from converters.rules import supported
+from converters.tensors import torch_to_numpy
 from ftjax.config import ModelConfig
 from ftjax.errors import CheckpointError
 
@@ -55,11 +59,7 @@ def to_numpy(state, path: str, prefix: str = "") -> dict[str, np.ndarray]:
         if isinstance(value, dict):
             out.update(to_numpy(value, path, name + "."))
         elif isinstance(value, torch.Tensor):
-            t = value.detach().cpu()
-            if t.dtype == torch.bfloat16:
-                out[name] = t.float().numpy().astype(ml_dtypes.bfloat16)
-            else:
-                out[name] = t.numpy()
+            out[name] = torch_to_numpy(value)
         elif value is not None and not name.endswith("_extra_state"):
             raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, "
                                   "not a tensor")
@@ -127,12 +127,7 @@ def _int(args: dict, key: str, where: str, default=None) -> int:
 
 
 def _refuse(args: dict, key: str, allowed, where: str):
-    value = args.get(key)
-    if value not in allowed:
-        raise CheckpointError(f"{where}: args.{key} = {value!r} is not supported "
-                              f"(supported: {list(allowed)}); refusing to load with different "
-                              "numerics")
-    return value
+    return supported(args.get(key), allowed, f"args.{key}", where)
 
 
 def config_from_args(args: dict, vocab: int, where: str, eos: int | None = None,

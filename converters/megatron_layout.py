@@ -14,6 +14,9 @@ the layout its `checkpoint_version` used:
   1.0:      `[np, hn, 3]`
   2.0, 3.0: `[np, 3, hn]`, with GQA `[ng, np/ng + 2, hn]` (megatron-core the same)
 so that concatenating ranks along groups gives the whole model's tensor.
+
+What each rank's tensor should look like (its shape, and the axis ranks split it
+along) is derived from the parameter spec table (`rank_layout`), not restated.
 """
 
 from __future__ import annotations

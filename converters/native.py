@@ -72,6 +72,8 @@ def read_meta(directory: str, fmt: str = "ftjax", version: int = FORMAT_VERSION)
             meta = json.load(f)
     except ValueError as e:
         raise CheckpointError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: a JSON {type(meta).__name__}, not an object")
     if meta.get("format") != fmt or meta.get("version") != version:
         raise CheckpointError(
             f"{where}: format {meta.get('format')!r} version {meta.get('version')!r} is not "

@@ -3,12 +3,15 @@
 Holds `model_config.yaml` and the weights: `model_weights.ckpt`, or one per rank in
 `mp_rank_XX/` (tensor parallel) or `tp_rank_XX_pp_rank_XXX/` (tensor x pipeline).
 The weights are Megatron modules under `model.` (`model.module.` with O2): legacy
-`model.language_model.*` or megatron-core `model.decoder.*` / `model.embedding.*`,
-merged by `converters.megatron_layout`. The yaml's fields map onto Megatron's args
-(`normalization: layernorm1p` adds 1 to the stored norm gains; `activation:
-fast-swiglu` splits fc1 into gate and up). The padded vocabulary rows are dropped
-using the GPT-2 BPE vocab file named by `tokenizer.vocab_file` (`nemo:NAME` is an
-archive member), which with the merges file becomes the model's tokenizer.
+`model.language_model.*` or megatron-core `model.decoder.*` / `model.embedding.*`.
+The yaml's fields map onto Megatron's args (`normalization: layernorm1p` adds 1 to
+the stored norm gains; `activation: fast-swiglu` splits fc1 into gate and up;
+`apply_residual_connection_post_layernorm` is dropped: NeMo passes False to its
+layers whatever the yaml says), and the model is built as Megatron-LM's
+(`converters.megatron.build`: the same rank-grid, padded-vocabulary and layout
+code). The padded vocabulary rows are dropped using the GPT-2 BPE vocab file named
+by `tokenizer.vocab_file` (`nemo:NAME` is an archive member), which with the
+merges file becomes the model's tokenizer.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import tarfile
 import tempfile
 
 from converters import megatron
+from converters.activations import NEMO_SWIGLU
+from converters.rules import supported
 from ftjax.errors import CheckpointError
 
 CONFIG = "model_config.yaml"
 WEIGHTS = "model_weights.ckpt"
 _RANKS = re.compile(r"(?:mp_rank_(\d{2})|tp_rank_(\d{2})_pp_rank_(\d{3}))/" + WEIGHTS)
-_ACTIVATIONS = {"gelu": False, "fast-swiglu": True, "swiglu": True}
 _NORMS = {"layernorm": "LayerNorm", "layernorm1p": "layernorm1p", "rmsnorm": "RMSNorm"}
 _SAME = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
          "ffn_hidden_size", "kv_channels", "num_query_groups", "layernorm_epsilon",
@@ -84,15 +88,9 @@ def _yaml(src: _Source) -> dict:
 
 def _args(nemo: dict, where: str) -> dict:
     args = {k: nemo[k] for k in _SAME if nemo.get(k) is not None}
-    act = nemo.get("activation", "gelu")
-    if act not in _ACTIVATIONS:
-        raise CheckpointError(f"{where}: activation {act!r} is not supported "
-                              f"(supported: {sorted(_ACTIVATIONS)})")
-    args["swiglu"] = _ACTIVATIONS[act]
-    norm = nemo.get("normalization", "layernorm")
-    if norm not in _NORMS:
-        raise CheckpointError(f"{where}: normalization {norm!r} is not supported "
-                              f"(supported: {sorted(_NORMS)})")
+    act = supported(nemo.get("activation", "gelu"), NEMO_SWIGLU, "activation", where)
+    args["swiglu"] = NEMO_SWIGLU[act]
+    norm = supported(nemo.get("normalization", "layernorm"), _NORMS, "normalization", where)
     args["normalization"] = _NORMS[norm]
     if nemo.get("layernorm_zero_centered_gamma"):
         args["normalization"] = "layernorm1p"
@@ -104,9 +102,7 @@ def _args(nemo: dict, where: str) -> dict:
         "share_embeddings_and_output_weights", True)
     for key, ok in (("headscale", (None, False)), ("normalize_attention_scores", (None, True)),
                     ("seq_len_interpolation_factor", (None,)), ("num_moe_experts", (None, 1))):
-        if nemo.get(key) not in ok:
-            raise CheckpointError(f"{where}: {key} = {nemo[key]!r} is not supported; refusing "
-                                  "to load with different numerics")
+        supported(nemo.get(key), ok, key, where)
     return args
 
 

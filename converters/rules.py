@@ -120,11 +120,15 @@ def check_keys(hf_config: dict, where: str, required: Sequence[str]) -> None:
                                   f"got {v!r}")
 
 
-def require_value(hf_config: dict, key: str, allowed: List, where: str, default=None):
-    """Raises if a math-changing config key holds a value ftjax does not implement."""
-    value = hf_config.get(key, default)
+def supported(value, allowed, what: str, where: str):
+    """`value` if it is one of `allowed`; else CheckpointError naming `what` (e.g. "args.x",
+    "config.json key 'x'"): a math-changing setting ftjax does not implement."""
     if value not in allowed:
-        raise CheckpointError(
-            f"{where}: config.json key {key!r} = {value!r} is not supported "
-            f"(supported: {allowed}); refusing to load with different numerics")
+        raise CheckpointError(f"{where}: {what} = {value!r} is not supported (supported: "
+                              f"{list(allowed)}); refusing to load with different numerics")
     return value
+
+
+def require_value(hf_config: dict, key: str, allowed: List, where: str, default=None):
+    """`supported` for a config.json key (absent: `default`)."""
+    return supported(hf_config.get(key, default), allowed, f"config.json key {key!r}", where)

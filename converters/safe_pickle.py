@@ -75,22 +75,32 @@ def stand_in(module: str, name: str) -> type:
     return _stand_ins[key]
 
 
+def _bytearray(*args):
+    """`bytearray` from bytes only: `bytearray(10**12)` would allocate a terabyte."""
+    if args and not isinstance(args[0], (bytes, bytearray, str)):
+        raise pickle.UnpicklingError(f"bytearray({type(args[0]).__name__}) is refused: only "
+                                     "bytearray(bytes) is read")
+    return bytearray(*args)
+
+
 def _allowed() -> dict:
     out = {("collections", "OrderedDict"): collections.OrderedDict,
            ("argparse", "Namespace"): argparse.Namespace,
            ("_codecs", "encode"): codecs.encode, ("codecs", "encode"): codecs.encode,
            ("_io", "BytesIO"): io.BytesIO, ("io", "BytesIO"): io.BytesIO}
-    for name in ("set", "frozenset", "bytearray", "complex", "slice"):
-        out[("builtins", name)] = out[("__builtin__", name)] = getattr(builtins, name)
+    for name in ("set", "frozenset", "complex", "slice"):
+        out[("builtins", name)] = getattr(builtins, name)
+    out[("builtins", "bytearray")] = _bytearray
     import numpy as np
 
     try:
-        from numpy._core import multiarray
+        from numpy._core import multiarray, numeric
     except ImportError:  # numpy < 2
-        from numpy.core import multiarray
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        out[(mod, "_reconstruct")] = multiarray._reconstruct
-        out[(mod, "scalar")] = multiarray.scalar
+        from numpy.core import multiarray, numeric
+    for mod in ("numpy.core", "numpy._core"):
+        out[(mod + ".multiarray", "_reconstruct")] = multiarray._reconstruct
+        out[(mod + ".multiarray", "scalar")] = multiarray.scalar
+        out[(mod + ".numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5 arrays
     out[("numpy", "ndarray")] = np.ndarray
     out[("numpy", "dtype")] = np.dtype
     for name in dir(np.dtypes):  # numpy >= 1.25 pickles dtypes by their class
@@ -156,7 +166,12 @@ def pickle_module(where: str) -> types.SimpleNamespace:
 def loads(data: bytes, where: str = "<pickle>"):
     """Restricted `pickle.loads` (no torch storages)."""
     cls = type("RestrictedUnpickler", (RestrictedUnpickler,), {"where": where})
-    return cls(io.BytesIO(data)).load()
+    try:
+        return cls(io.BytesIO(data)).load()
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated, corrupt, or a refused constructor argument
+        raise CheckpointError(f"{where}: not a readable pickle ({type(e).__name__}: {e})") from e
 
 
 def torch_load(path, where: str | None = None):

@@ -181,11 +181,18 @@ def read_torch_bin(path: str) -> Dict[str, np.ndarray]:
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor")
-        if t.dtype == torch.bfloat16:
-            out[name] = t.float().numpy().astype(ml_dtypes.bfloat16)
-        else:
-            out[name] = t.numpy()
+        out[name] = torch_to_numpy(t)
     return out
+
+
+def torch_to_numpy(t) -> np.ndarray:
+    """A CPU torch tensor as numpy (bfloat16 as ml_dtypes.bfloat16, which numpy lacks)."""
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.float().numpy().astype(ml_dtypes.bfloat16)
+    return t.numpy()
 
 
 def _files_from_index(directory: str, index_name: str) -> Iterable[str]:
@@ -193,8 +200,17 @@ def _files_from_index(directory: str, index_name: str) -> Iterable[str]:
     try:
         with open(path) as f:
             weight_map = json.load(f)["weight_map"]
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: unreadable shard index ({e})") from e
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: unreadable shard index ({type(e).__name__}: {e})") from e
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{path}: weight_map is a {type(weight_map).__name__}, not an "
+                              "object of {tensor: shard file}")
+    for name in set(weight_map.values()):
+        # Shards are files of this directory: no paths that lead out of it.
+        if not isinstance(name, str) or not name or name != os.path.basename(name) \
+                or name in (".", ".."):
+            raise CheckpointError(f"{path}: weight_map names shard {name!r}, which is not a "
+                                  "file name inside the checkpoint directory")
     return sorted(set(weight_map.values()))
 
 

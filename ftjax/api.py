@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from converters import load_checkpoint, tokenizer_files
+from converters import detect_format, load_checkpoint, tokenizer_files
 from converters.checks import check_finite as check_values
 from converters.native import read_meta
 from converters.orbax_ckpt import FORMAT, VERSION, is_orbax, load_orbax
@@ -137,7 +137,7 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
 def _restore_onto_mesh(path: str, mesh, jdtype):
     """An orbax checkpoint restored straight onto the mesh (each process reads only its
     shards); (None, None) for other formats."""
-    if not is_orbax(path):
+    if detect_format(path) != "ftjax" or not is_orbax(path):  # ambiguity refused here too
         return None, None
     _, cfg = read_meta(path, FORMAT, VERSION)
     shardings = sharding.Layout(mesh, cfg).stored_shardings(shapes(cfg))

@@ -19,7 +19,6 @@ checkpoint; only the model underneath differs. It uses ftjax's public API only:
 
 from __future__ import annotations
 
-import logging
 from typing import List, Optional, Sequence, Tuple
 
 import jax
@@ -33,8 +32,6 @@ from lm_eval.models.utils import (Collator, handle_stop_sequences, normalize_gen
 
 import ftjax
 from ftjax.buckets import MIN_PROMPT_BUCKET, next_pow2
-
-log = logging.getLogger(__name__)
 
 # Generation kwargs of lm-eval task YAMLs that map onto SamplingParams; any other key
 # is refused rather than ignored (an ignored option silently changes the metric).

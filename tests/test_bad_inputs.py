@@ -195,6 +195,12 @@ def restricted_loads(ctx):
     return loads(pickle.dumps(evil_object(ctx.marker())), "crafted.pkl")
 
 
+def restricted(data):
+    from converters.safe_pickle import loads
+
+    return loads(data, "x.pt")
+
+
 def nan_weights(ctx, check=True):
     d = ctx.copy("native")
     path = os.path.join(d, "params.safetensors")
@@ -236,6 +242,21 @@ def orbax_truncated(ctx):
                     data = f.read()
                 with open(path, "wb") as f:
                     f.write(data[:len(data) // 3])
+    return ftjax.load(d)
+
+
+def json_file(ctx, base, name, value):
+    d = ctx.copy(base)
+    with open(os.path.join(d, name), "w") as f:
+        json.dump(value, f)
+    return ftjax.load(d)
+
+
+def shard_index(ctx, index):
+    d = ctx.copy("hf")
+    os.remove(os.path.join(d, "model.safetensors"))
+    with open(os.path.join(d, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
     return ftjax.load(d)
 
 
@@ -316,6 +337,14 @@ CASES = [
     pytest.param(restricted_loads, ftjax.CheckpointError,
                  r"crafted\.pkl: the pickle asks for the global builtins\.exec",
                  id="code-restricted-unpickler"),
+    pytest.param(lambda c: restricted(b"cos\nsystem\n(S'echo hi'\ntR."), ftjax.CheckpointError,
+                 r"x\.pt: the pickle asks for the global os\.system", id="code-os-system"),
+    pytest.param(lambda c: restricted(b"c__builtin__\ngetattr\n(I1\nS'real'\ntR."),
+                 ftjax.CheckpointError, r"x\.pt: the pickle asks for the global builtins\.getattr",
+                 id="code-getattr"),
+    pytest.param(lambda c: restricted(b"c__builtin__\nbytearray\n(I1000000000000\ntR."),
+                 ftjax.CheckpointError, r"x\.pt: not a readable pickle .*bytearray\(int\) is "
+                 "refused", id="pickle-bytearray-bomb"),
     # Format detection.
     pytest.param(lambda c: ftjax.load((lambda d: (
         open(os.path.join(d, "latest_checkpointed_iteration.txt"), "w").write("release"), d)[1])(
@@ -326,6 +355,10 @@ CASES = [
         shutil.copy(os.path.join(c.base["hf"], "config.json"), d), d)[1])(c.copy("native"))),
         ftjax.CheckpointError, r"ftjax: ftjax_config\.json.*huggingface: config\.json",
         id="detect-ftjax-and-hf"),
+    pytest.param(lambda c: ftjax.load((lambda d: (
+        shutil.copy(os.path.join(c.base["hf"], "config.json"), d), d)[1])(c.copy("orbax")),
+        mesh=ftjax.make_mesh(tensor=2)), ftjax.CheckpointError,
+        r"ftjax: ftjax_config\.json.*huggingface: config\.json", id="detect-orbax-on-mesh"),
     pytest.param(lambda c: ftjax.load(c.new_dir()), ftjax.CheckpointError,
                  r"not a checkpoint directory: none of ftjax: ftjax_config\.json",
                  id="detect-empty-dir"),
@@ -374,6 +407,12 @@ CASES = [
                  id="st-metadata"),
     pytest.param(lambda c: st_case(c, b"", header_len=0), ftjax.CheckpointError,
                  r"not a readable safetensors file", id="st-empty-header"),
+    pytest.param(lambda c: shard_index(c, {"weight_map": {"w": "../other/model.safetensors"}}),
+                 ftjax.CheckpointError, r"model\.safetensors\.index\.json: weight_map names shard "
+                 r"'\.\./other/model\.safetensors', which is not a file name inside",
+                 id="index-path-traversal"),
+    pytest.param(lambda c: shard_index(c, {"weight_map": ["model.safetensors"]}),
+                 ftjax.CheckpointError, r"index\.json: weight_map is a list", id="index-list"),
     # Non-finite weights and broken orbax data.
     pytest.param(nan_weights, ftjax.CheckpointError,
                  r"tensor 'layers/mlp/wi/kernel' holds 1 non-finite", id="finite-load"),
@@ -407,6 +446,11 @@ CASES = [
                  id="cfg-vocab-string"),
     pytest.param(lambda c: hf_config(c, model_type="mamba"), ftjax.CheckpointError,
                  r"model_type 'mamba' is not supported", id="cfg-model-type"),
+    pytest.param(lambda c: json_file(c, "hf", "config.json", [1, 2]), ftjax.CheckpointError,
+                 r"config\.json: a JSON list, not an object", id="cfg-json-list"),
+    pytest.param(lambda c: json_file(c, "native", "ftjax_config.json", "x"),
+                 ftjax.CheckpointError, r"ftjax_config\.json: a JSON str, not an object",
+                 id="cfg-native-json-str"),
     pytest.param(lambda c: native_config(c, norm_eps=float("nan")), ftjax.CheckpointError,
                  r"ftjax_config\.json: bad 'config' entry .*norm_eps must be a finite number",
                  id="cfg-native-nan-eps"),
@@ -673,3 +717,30 @@ def test_budget_is_clipped_to_the_model_positions(ctx):
     exact = model.generate(prompt, max_new_tokens=room)
     assert huge.tokens == exact.tokens and len(huge.tokens[0]) == room
     assert huge.finish_reasons == ["length"]
+
+
+def test_restricted_unpickler_reads_plain_data_and_inert_stand_ins():
+    """What Megatron / NeMo pickle besides tensors loads; their classes become stand-ins
+    that only hold their arguments and state (nothing imported, nothing called)."""
+    import argparse
+    import collections
+    import pickle
+    import sys
+
+    from converters.safe_pickle import StandIn, loads
+
+    data = {"od": collections.OrderedDict(a=1), "ns": argparse.Namespace(lr=0.1, layers=2),
+            "arr": np.arange(6, dtype=np.float16).reshape(2, 3), "set": {1, 2},
+            "scalar": np.float32(1.5), "dtype": np.dtype("int8"), "bytes": bytearray(b"ab")}
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        out = loads(pickle.dumps(data, protocol=protocol))
+        assert out["od"] == data["od"] and vars(out["ns"]) == vars(data["ns"])
+        np.testing.assert_array_equal(out["arr"], data["arr"])
+        assert out["set"] == {1, 2} and out["scalar"] == np.float32(1.5)
+        assert out["dtype"] == np.dtype("int8") and out["bytes"] == bytearray(b"ab")
+    # An enum value and a plain object of Megatron's (protocol 0: GLOBAL, REDUCE, BUILD).
+    enum = loads(b"cmegatron.core.enums\nModelType\n(I1\ntR.")
+    assert isinstance(enum, StandIn) and enum.args == (1,)
+    obj = loads(b"cnemo.core.config\nCfg\n)R(dS'hidden'\nI64\nsb.")
+    assert isinstance(obj, StandIn) and obj.state == {"hidden": 64}
+    assert "megatron" not in sys.modules and "nemo" not in sys.modules

@@ -172,7 +172,8 @@ def test_cli_lm_eval_and_ftjax_eval_agree_on_perplexity(offline, tiny_dir, tasks
     out = subprocess.run(
         [sys.executable, "-m", "ftjax", "lm-eval", "--model_args",
          f"pretrained={tiny_dir},max_length={MAX_LEN}", "--tasks", "ftjax_ppl",
-         "--include_path", tasks_dir, "--output_path", str(tmp_path / "out")], capture_output=True, text=True)
+         "--include_path", tasks_dir, "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.load(open(next(p for p in (tmp_path / "out").rglob("results_*.json"))))
     api = _evaluate("ftjax", f"pretrained={tiny_dir},max_length={MAX_LEN}", tasks_dir)

@@ -5,7 +5,8 @@ torch-free Python 3.12 job too.) On the bundled model (it has a tokenizer):
 loglikelihood = the sum of log-softmax entries of `Model.forward`, computed here in
 float64 (tolerance 1e-5 relative: float32 log-softmax vs float64 over a few tokens);
 rolling = `ftjax.evaluate.score_ids` on lm-eval's windows (an independent windowing
-implementation; 1e-4, as it sums in float32); generate_until = `Model.generate` greedy cut at the stop string; and
+implementation; 1e-4, as it sums in float32); generate_until = `Model.generate` greedy
+cut at the stop string; and
 batch_size 1 = batch_size 4 (padding rows do not leak into results).
 """
 

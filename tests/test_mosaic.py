@@ -171,7 +171,10 @@ def test_model_through_mosaic_matches_triton_kernels():
 
     cfg = tiny_config(n_layers=1, vocab_size=97, d_model=64, d_ff=128, n_heads=4,
                       n_kv_heads=2, head_dim=64, positions="alibi")
-    params = quant.quantize_params(cfg, jax.tree_util.tree_map(jnp.asarray, tiny_params(cfg)))
+    # bf16 before quantizing: float leaves of quantized params are not cast by Model (on
+    # main, 2026-12-02: a float32 bias then turns the scanned bf16 carry into float32).
+    params = quant.quantize_params(
+        cfg, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), tiny_params(cfg)))
     sp = ftjax.SamplingParams(stop_token_ids=[])
     prompts = [[5, 1, 7], [9, 2, 4, 4, 8]]
     a = Model(cfg, params, "bfloat16", kernels="pallas").generate(prompts, 3, sp)

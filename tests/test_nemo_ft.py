@@ -156,7 +156,7 @@ def test_nemo_bad_inputs(tmp_path, gpt2):
     bad = dict(files)
     bad["model_config.yaml"] = nemo_yaml(hf.config, 2, 1, mcore_gpt=True,
                                          activation="squared-relu").encode()
-    with pytest.raises(ftjax.CheckpointError, match="activation 'squared-relu'"):
+    with pytest.raises(ftjax.CheckpointError, match="activation = 'squared-relu'"):
         ftjax.load(str(write_nemo_dir(tmp_path / "b", bad)))
     # No vocab file: the padded rows cannot be told apart.
     bad = {k: v for k, v in files.items() if k != "a1b2_vocab.json"}

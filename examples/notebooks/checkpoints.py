@@ -54,7 +54,7 @@ with torch.no_grad():
     ref = hf(torch.as_tensor(ids)).logits.numpy()
 scale = float(np.abs(ref).max())
 work = tempfile.mkdtemp(prefix="ftjax-ckpts-")
-print(f"{model_path}: {cfg.n_params / 1e6:.2f}M params; work dir {work}")
+print(f"{model_path}: {cfg.n_layers} layers, d_model {cfg.d_model}; work dir {work}")
 
 
 def cast(tree, dtype):

@@ -175,8 +175,7 @@ axes[0].legend(fontsize=7, ncol=2)
 axes[1].set(xlabel="log p ftjax - log p HF (target token)", ylabel="tokens",
             title="log-prob differences")
 axes[1].legend(fontsize=7)
-fig.suptitle(f"{os.path.basename(os.path.normpath(model_path))}: {cfg.n_params / 1e6:.2f}M "
-             f"params", fontsize=9)
+fig.suptitle(os.path.basename(os.path.normpath(model_path)), fontsize=9)
 fig.tight_layout()
 if figure_path:
     fig.savefig(figure_path, dpi=80)
