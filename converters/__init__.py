@@ -12,6 +12,7 @@ import contextlib
 import os
 import shutil
 
+from converters import fastertransformer, megatron, nemo
 from converters.hf import ARCHITECTURES, load_hf
 from converters.native import is_native, load_native, save_native
 from converters.orbax_ckpt import is_orbax, load_orbax, save_orbax
@@ -28,8 +29,6 @@ MARKERS = {"ftjax": "ftjax_config.json", "nemo": "model_config.yaml (or a .nemo 
 def _megatron_marked(path: str) -> bool:
     """Megatron-LM's own files: the iteration pointer, or a rank directory holding its
     weights file (NeMo's rank directories hold model_weights.ckpt instead)."""
-    from converters import megatron
-
     if os.path.isfile(os.path.join(path, megatron.LATEST)):
         return True
     return any(megatron._RANK_DIR.fullmatch(n)
@@ -47,8 +46,6 @@ def detect_format(path: str) -> str:
         Megatron or NeMo file in a HuggingFace directory must not send it down the
         pickle path), or none is (naming what was looked for).
     """
-    from converters import fastertransformer, nemo
-
     if os.path.isfile(path):
         if path.endswith(".nemo"):
             return "nemo"
@@ -88,8 +85,6 @@ def load_checkpoint(path: str, megatron_args: dict | None = None):
       CheckpointError: unreadable, ambiguous or unsupported (naming file and key); a
         config describing an invalid model (e.g. a negative norm epsilon).
     """
-    from converters import fastertransformer, megatron, nemo
-
     if megatron_args and not (os.path.isdir(path) and _megatron_marked(path)):
         raise ValueError(f"{path}: megatron_args given but this is not a Megatron-LM "
                          "checkpoint directory")
@@ -114,8 +109,6 @@ def tokenizer_dir(path: str):
     """The directory holding the checkpoint's tokenizer files (a `.nemo` archive's are
     extracted to a new temporary directory the caller removes: prefer
     `tokenizer_files`), or None."""
-    from converters import nemo
-
     if nemo.is_nemo(path):
         return nemo.tokenizer_dir(path)
     return path if os.path.isdir(path) else None
@@ -125,8 +118,6 @@ def tokenizer_dir(path: str):
 def tokenizer_files(path: str):
     """Context manager: the directory holding the checkpoint's tokenizer files, or
     None; a `.nemo` archive's are extracted for the block only (nothing left in /tmp)."""
-    from converters import nemo
-
     directory = tokenizer_dir(path)
     try:
         yield directory

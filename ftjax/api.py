@@ -169,6 +169,18 @@ def _calibration_ids(calibration, tokenizer, cfg: ModelConfig) -> List[List[int]
     return [s for s in out if s]
 
 
+def _on_device(params, dtype):
+    """Params as device arrays, float leaves in the model dtype (a float32 bias beside
+    bfloat16 activations would change the layer scan's carry dtype); int8 weight types
+    are kept as they are."""
+    def put(x):
+        if q.is_quantized(x):
+            return jax.tree_util.tree_map(jnp.asarray, x)
+        x = jnp.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+    return jax.tree_util.tree_map(put, params, is_leaf=q.is_quantized)
+
+
 class Model:
     """A loaded model: teacher-forced `forward`, batched `generate`, token `stream`,
     interactive `session`s."""
@@ -206,6 +218,8 @@ class Model:
                                  "models; the pipe axis is used by `ftjax plan` only")
             self.layout = sharding.Layout(mesh, config)
             params = self.layout.place_params(params, _dtype(dtype))
+        else:
+            params = _on_device(params, _dtype(dtype))
         self.engine = Engine(config, _dtype(dtype), kernels=_kernels(kernels), layout=self.layout,
                              kv_dtype=kv_cache_dtype)
         if layer_loop == "unrolled":

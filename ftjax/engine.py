@@ -2,9 +2,12 @@
 
 The model is only ever called as `Transformer(params, tokens, positions, cache)`;
 the loop never sees its internals, and the cache (`ftjax.cache`) decides how
-attention reads it. Shapes are bucketed by the caller (`ftjax.api`) so that repeated
-calls inside a bucket reuse the compiled functions; `Engine.trace_counts`
-counts how often each function was traced (= compiled) so tests can assert it.
+attention reads it. Shapes are bucketed by the caller (`ftjax.batching`, driven by
+`ftjax.generation`) so that repeated calls inside a bucket reuse the compiled
+functions; `Engine.trace_counts` counts how often each function was traced
+(= compiled) so tests can assert it. Callers (generation, beams, sessions) use only
+the public methods below; the host never writes device state itself (`stop_rows`
+marks rows a host-side stop string ended).
 
 Per row, the state holds the token to feed next (`last`) and its position
 (`pos`). Prompts are right-padded: row b's token t sits at position start + t.

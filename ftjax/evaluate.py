@@ -57,8 +57,9 @@ class Score:
 
 def windows(n: int, width: int, stride: int):
     """[(begin, end, first scored target index)] covering targets 1..n-1 once each."""
-    if not 0 < stride <= width:
-        raise ValueError(f"stride must be in [1, window {width}], got {stride}")
+    # Each later window must keep >= 1 token of context before its first scored target.
+    if not 0 < stride < width:
+        raise ValueError(f"stride must be in [1, window - 1 = {width - 1}], got {stride}")
     out, scored, begin = [], 1, 0
     while scored < n:
         end = min(begin + width, n)
