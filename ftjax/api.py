@@ -282,9 +282,16 @@ class Model:
 
     # -- generation -----------------------------------------------------------
 
-    def _requests(self, prompts: Prompts, max_new_tokens: int, sampling,
-                  soft_prompts=None) -> List[Request]:
-        """Validates a call: one `Request` per prompt."""
+    @property
+    def generator(self) -> Generator:
+        """The runtime object generate / stream / sessions drive (the engine and the
+        params as placed), for other clients of the engine such as `ftjax.LLMEngine`."""
+        return self._gen
+
+    def requests(self, prompts: Prompts, max_new_tokens: int = 32, sampling=None,
+                 soft_prompts=None) -> List[Request]:
+        """Validates a call as `generate` does: one `batching.Request` per prompt
+        (ValueError naming the prompt, option or limit)."""
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         # A prompt must leave room for at least one generated token.
@@ -372,7 +379,7 @@ class Model:
           GenerateOutput. A request with n > 1 (or beams returning n > 1) gets a list
           of n sequences in each field instead of one.
         """
-        reqs = self._requests(prompts, max_new_tokens, sampling, soft_prompts)
+        reqs = self.requests(prompts, max_new_tokens, sampling, soft_prompts)
         return self._gen.output(reqs, self._gen.generate(reqs))
 
     def stream(self, prompts: Prompts, max_new_tokens: int = 32,
@@ -385,7 +392,7 @@ class Model:
         (held back while a multi-byte character is incomplete). With n > 1,
         `sample` tells which of the request's samples the token belongs to.
         """
-        reqs = self._requests(prompts, max_new_tokens, sampling, soft_prompts)
+        reqs = self.requests(prompts, max_new_tokens, sampling, soft_prompts)
         return self._gen.stream(reqs)
 
     def session(self, max_len: Optional[int] = None) -> Session:

@@ -152,7 +152,7 @@ class LLMEngine:
         self.model = model
         self.cfg = cfg = model.config
         self.engine = model.engine
-        self.params = model._gen.params
+        self.params = model.generator.params
         self.tokenizer = model.tokenizer
         self.max_slots = max_slots
         self.page_size = page_size
@@ -364,7 +364,7 @@ class LLMEngine:
             slots, or a request needing more pages than the whole pool.
         """
         sp = sampling or SamplingParams()
-        req = self.model._requests([prompt], max_new_tokens, sp)[0]
+        req = self.model.requests([prompt], max_new_tokens, sp)[0]
         if sp.num_beams > 1:
             raise ValueError("LLMEngine does not serve num_beams > 1; use Model.generate")
         if sp.prompt_logprobs is not None:

@@ -180,7 +180,7 @@ def test_layer_loops_agree(model):
     assert model.layer_loop == "scan"
     unrolled = Model(model.config, model.params, layer_loop="unrolled")
     assert Model(model.config, model.params, layer_loop="auto").layer_loop == "unrolled"
-    assert isinstance(unrolled._gen.params["layers"], tuple)
+    assert isinstance(unrolled.generator.params["layers"], tuple)
     ids = np.asarray([[5, 6, 7, 8, 9, 10]], np.int32)
     np.testing.assert_allclose(np.asarray(unrolled.forward(ids)), np.asarray(model.forward(ids)),
                                atol=1e-5)

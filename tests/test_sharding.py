@@ -101,7 +101,7 @@ def test_megatron_specs_and_kv_replication():
         Model(cfg, None, mesh=make_mesh(tensor=2, pipe=2))  # refused before params are read
     # the CPU layer loop splits the placed stack per layer: each layer keeps its sharding
     split = Model(cfg, _params(cfg), mesh=make_mesh(tensor=2), layer_loop="unrolled")
-    q0 = split._gen.params["layers"][0]["attn"]["q"]["kernel"]
+    q0 = split.generator.params["layers"][0]["attn"]["q"]["kernel"]
     assert tuple(q0.sharding.spec)[:2] == (None, "tensor") and q0.shape == (32, 8, 4)
 
 
