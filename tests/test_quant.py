@@ -318,12 +318,15 @@ def test_quantized_model_under_tp_equals_single_device():
 # -- evaluation ---------------------------------------------------------------------
 
 def test_windows_score_every_target_once():
-    for n, w, s in [(10, 4, 2), (100, 16, 16), (7, 16, 8), (33, 8, 3)]:
+    for n, w, s in [(10, 4, 2), (100, 16, 15), (7, 16, 8), (33, 8, 3)]:
         spans = windows(n, w, s)
         targets = [t for b, e, first in spans for t in range(first, e)]
         assert targets == list(range(1, n))
         assert all(e - b <= w for b, e, _ in spans)
         assert all(first - b >= min(w - s, first) for b, _, first in spans[1:])
+    # stride == window would leave a window's first target with no context in it
+    with pytest.raises(ValueError, match=r"stride must be in \[1, window - 1 = 15\]"):
+        windows(100, 16, 16)
 
 
 def test_perplexity_of_a_known_distribution():
