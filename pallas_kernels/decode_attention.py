@@ -132,6 +132,14 @@ def _kernel(index_ref, length_ref, q_ref, k_ref, v_ref, *rest, t: _Tiles, g: int
         o = o * corr[:, None] + _dot(p.astype(dot_dtype), v)
         return o, m_new, l * corr + p.sum(axis=1)
 
+    run_blocks(body, n_blocks, t, o_ref, m_ref, l_ref, g_mask, h_mask)
+
+
+def run_blocks(body, n_blocks, t: _Tiles, o_ref, m_ref, l_ref, g_mask, h_mask):
+    """Inside a decode kernel: the online softmax over `n_blocks` KV blocks from an empty
+    state (`body(i, (o, m, l)) -> (o, m, l)`), then the stores of the unnormalized
+    output, running max and sum that `_merge` combines across splits (shared by the
+    contiguous and the paged kernels)."""
     init = (jnp.zeros((t.g_pad, t.h_pad), jnp.float32),
             jnp.full((t.g_pad,), _NEG, jnp.float32),
             jnp.zeros((t.g_pad,), jnp.float32))

@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 # One online-softmax merge, dot and "minus infinity" for both decode kernels.
-from pallas_kernels.decode_attention import (_MIN_DOT, _NEG, _dot, split_call,
+from pallas_kernels.decode_attention import (_MIN_DOT, _NEG, _dot, run_blocks, split_call,
                                              decode_attention_reference)
 
 
@@ -149,13 +149,7 @@ def _kernel(layer_ref, length_ref, table_ref, q_ref, k_ref, v_ref, *rest, t: _Ti
         o = o * corr[:, None] + _dot(p.astype(dot_dtype), load(v_ref))
         return o, m_new, l_new
 
-    init = (jnp.zeros((t.g_pad, t.h_pad), jnp.float32),
-            jnp.full((t.g_pad,), _NEG, jnp.float32),
-            jnp.zeros((t.g_pad,), jnp.float32))
-    o, m, l = jax.lax.fori_loop(0, n_blocks, body, init)
-    plgpu.store(o_ref, o, mask=g_mask[:, None] & h_mask[None, :])
-    plgpu.store(m_ref, m, mask=g_mask)
-    plgpu.store(l_ref, l, mask=g_mask)
+    run_blocks(body, n_blocks, t, o_ref, m_ref, l_ref, g_mask, h_mask)
 
 
 def _check(q, k_pages, v_pages, page_table, lengths, alibi_slopes, k_scale, v_scale):

@@ -10,12 +10,12 @@ Interpreter cost grows with grid steps x array size, so shapes are tiny.
 """
 
 import os
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lowering import lower_for_cuda
 
 from pallas_kernels import (
     decode_attention,
@@ -209,20 +209,6 @@ def test_int8_matmul_rejects_bad_input():
 
 # -- CUDA lowering -------------------------------------------------------------
 
-def _lower_for_cuda(fn, *args):
-    """Lowers `fn` for CUDA on this CPU-only machine; returns the StableHLO text.
-
-    Triton lowering needs a target GPU: jax 0.12 reads it from the abstract mesh's
-    device (an H100 here: compute capability 9.0); jax 0.10 accepts it as well.
-    """
-    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
-                                      platform="cuda")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # Triton backend, jax >= 0.11
-        with jax.sharding.use_abstract_mesh(mesh):
-            lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-    return lowered.as_text()
 
 
 def _sds(shape, dtype):
@@ -259,7 +245,7 @@ def test_decode_attention_lowers_for_cuda(h, n, kv, dtype, int8, layout):
         return decode_attention(q, k, v, lengths, alibi_slopes=slopes, k_scale=ks,
                                 v_scale=vs, layout=layout)
 
-    text = _lower_for_cuda(f, *args)
+    text = lower_for_cuda(f, *args)
     assert TRITON_CALL in text
 
 
@@ -274,7 +260,7 @@ def test_decode_attention_on_stacked_cache_lowers_for_cuda(h, n, kv, dtype, int8
                                 layout="BKSH")
 
     args = [_sds((b, n, h), dtype), cache, cache, _sds((b,), jnp.int32), _sds((), jnp.int32)]
-    text = _lower_for_cuda(f, *args, *([scale, scale] if int8 else []))
+    text = lower_for_cuda(f, *args, *([scale, scale] if int8 else []))
     assert TRITON_CALL in text
 
 
@@ -287,7 +273,7 @@ def test_prefill_attention_lowers_for_cuda(h, n, kv, dtype):
     def f(q, k, v, positions, layer, slopes):
         return prefill_attention(q, k, v, positions, alibi_slopes=slopes, layer=layer)
 
-    text = _lower_for_cuda(f, _sds((b, t, n, h), dtype), cache, cache, _sds((b, t), jnp.int32),
+    text = lower_for_cuda(f, _sds((b, t, n, h), dtype), cache, cache, _sds((b, t), jnp.int32),
                            _sds((), jnp.int32), _sds((n,), jnp.float32))
     assert TRITON_CALL in text
 
@@ -300,7 +286,7 @@ def test_prefill_attention_lowers_for_cuda(h, n, kv, dtype):
 ])
 def test_int8_matmul_lowers_for_cuda(m, k, n, group_size, dtype):
     sshape = (n,) if group_size is None else (k // group_size, n)
-    text = _lower_for_cuda(lambda x, w, s: int8_matmul(x, w, s, group_size=group_size),
+    text = lower_for_cuda(lambda x, w, s: int8_matmul(x, w, s, group_size=group_size),
                            _sds((m, k), dtype), _sds((k, n), jnp.int8),
                            _sds(sshape, jnp.float32))
     assert TRITON_CALL in text

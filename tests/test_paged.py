@@ -6,12 +6,12 @@ ragged lengths and shuffled page tables, the reference vs ftjax.numerics.attend 
 same data laid out contiguously, and the real Triton lowering for CUDA on this CPU.
 """
 
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from lowering import lower_for_cuda
 from tiny import tiny_config
 
 from ftjax import paged_kv
@@ -174,16 +174,6 @@ def test_paged_attention_rejects_bad_input():
 
 # -- CUDA lowering -------------------------------------------------------------
 
-def _lower_for_cuda(fn, *args):
-    """As test_kernels.py: Triton lowering for an (abstract) H100 on this CPU."""
-    dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
-                                      platform="cuda")
-    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=dev)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # Triton backend, jax >= 0.11
-        with jax.sharding.use_abstract_mesh(mesh):
-            lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-    return lowered.as_text()
 
 
 # (head_dim, query heads, kv heads, dtype, int8 pages, page_size): GPT-2 (64, MHA),
@@ -210,7 +200,7 @@ def test_paged_attention_lowers_for_cuda(h, n, kv, dtype, int8, page_size):
 
     args = [sds((b, n, h), dtype), pool, pool, sds((b, max_pages), jnp.int32),
             sds((b,), jnp.int32), sds((), jnp.int32), sds((n,), jnp.float32)]
-    text = _lower_for_cuda(f, *args, *([scale, scale] if int8 else []))
+    text = lower_for_cuda(f, *args, *([scale, scale] if int8 else []))
     assert TRITON_CALL in text
 
 
