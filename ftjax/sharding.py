@@ -216,7 +216,10 @@ class Layout:
         with zero rows to `padded_vocab`.
         """
         def place(spec: ParamSpec, x, x_dtype):
-            shape = spec.shape if x.shape[1:] == spec.shape[1:] else tuple(x.shape)
+            # Only the vocabulary axis grows (zero rows up to padded_vocab).
+            shape = tuple(x.shape)
+            if spec.axes[0] == "vocab":
+                shape = (spec.shape[0],) + shape[1:]
             # A size-1 axis (an int8 scale's contraction axis) does not divide: replicated.
             return _place(x, shape, self.sharding(spec.axes, shape), x_dtype)
 
