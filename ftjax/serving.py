@@ -130,6 +130,11 @@ class _Request:
         return self.soft is None and self.sp.prompt_logprobs is None
 
 
+# DecodeState fields with one row per slot (the decode gathers the running slots' rows).
+_ROW_FIELDS = ("tokens", "log_probs", "top_ids", "top_lps", "hist", "seen", "counts", "last",
+               "pos", "n_gen", "finish")
+
+
 def sequences(outputs: List[RequestOutput], n: int) -> Sequences:
     """One request's final `Sequences` (what `Model.generate` returns for it) from the
     `RequestOutput`s the engine gave it, in order."""
@@ -211,6 +216,10 @@ class LLMEngine:
         # of a few precompiled widths (`warmup` compiles them all).
         m = self.pages_per_seq
         self.widths = sorted({max(1, -(-m // d)) for d in (8, 4, 2, 1)})
+        # ... and runs only the running slots, gathered into the smallest of these
+        # row counts (a decode step's cost grows with its rows, busy or not).
+        self.row_buckets = sorted({min(2 ** i, max_slots)
+                                   for i in range(max_slots.bit_length() + 1)})
         dtype, kv_dtype = self.engine.dtype, self.engine.kv_dtype
         if num_pages is None:
             if kv_memory is not None:
@@ -264,9 +273,11 @@ class LLMEngine:
             self.state = self._prefill_fn(self.params, self.state, self.sp,
                                           **self._prefill_inputs(), prompt_lp=lp)[0]
         for w in self.widths:
-            self.state = self._decode_fn(self.params, self.state, self.sp,
-                                         np.zeros((s, m), np.int32), np.zeros((s,), bool),
-                                         pages=w)
+            for r in self.row_buckets:
+                self.state = self._decode_fn(self.params, self.state, self.sp,
+                                             np.arange(r, dtype=np.int32),
+                                             np.zeros((r, m), np.int32), np.zeros((r,), bool),
+                                             pages=w)
         self.state = self._copy_fn(self.state, np.zeros((s,), np.int32), np.zeros((s,), np.int32))
         jax.block_until_ready(self._window_fn(self.state, np.zeros((s,), np.int32)))
         slot = self._free_slots[-1]
@@ -368,19 +379,26 @@ class LLMEngine:
         state = self._advance(state, logits[jnp.maximum(src, 0), 0], sp, src >= 0)
         return self._pin(state), lps
 
-    def _decode_dev(self, params, state: DecodeState, sp, table, active, *, pages: int):
-        """`chunk` decode steps of the slots in `active` `[S]`; the others write nothing.
-        pages: static, every live row's positions lie in its first `pages` pages."""
+    def _decode_dev(self, params, state: DecodeState, sp, slots, table, active, *,
+                    pages: int):
+        """`chunk` decode steps of the slots `slots` `[R]` (distinct) where `active` `[R]`
+        is set; the others write nothing. table: `[R, M]` their page tables. pages:
+        static, every live row's positions lie in its first `pages` pages."""
         self.trace_counts["decode"] += 1
+        rows = state.replace(**{f: getattr(state, f)[slots] for f in _ROW_FIELDS})
+        sp_rows = jax.tree_util.tree_map(lambda a: a[slots], sp)
 
         def body(s, _):
             live = active & (s.finish == FINISH_NONE)
             pos = jnp.where(live, s.pos, -1)
             cache = PagedCache(s.cache, table, pages * self.page_size, self.engine.kernels)
             logits, cache = self.engine.model(params, s.last[:, None], pos[:, None], cache)
-            return self._advance(s.replace(cache=cache.kv), logits[:, 0], sp, active), None
+            return self._advance(s.replace(cache=cache.kv), logits[:, 0], sp_rows,
+                                 active), None
 
-        return self._pin(jax.lax.scan(body, state, None, length=self.chunk)[0])
+        rows = jax.lax.scan(body, rows, None, length=self.chunk)[0]
+        return self._pin(rows.replace(**{f: getattr(state, f).at[slots].set(getattr(rows, f))
+                                         for f in _ROW_FIELDS}))
 
     def _copy_dev(self, state: DecodeState, src, dst):
         self.trace_counts["copy"] += 1
@@ -550,7 +568,7 @@ class LLMEngine:
         self._queue.appendleft(r)
 
     def _admit(self):
-        decoding = sum(len(r.samples) for r in self._requests.values() if r.phase == "decode")
+        headroom = self._next_chunk_pages()
         while self._queue:
             r = self._queue[0]
             n = len(r.samples)
@@ -565,10 +583,9 @@ class LLMEngine:
                 if (not self.blocks.can_allocate(len(r.ids), tokens)
                         or self._prefix_in_flight(r)):
                     return
-                # Leave a page per decoding sequence for growth, so admitting does not
-                # force a preemption at once.
-                if decoding and (self.blocks.num_free - -(-len(r.ids) // self.page_size)
-                                 < decoding):
+                # Leave the pages the running sequences' next decode chunk takes, so
+                # admitting does not force a preemption at once.
+                if self.blocks.num_free - -(-len(r.ids) // self.page_size) < headroom:
                     return
                 cached = self.blocks.allocate(r.key(0), len(r.ids), tokens)
             self._queue.popleft()
@@ -646,6 +663,26 @@ class LLMEngine:
             part[:, :len(copies[i:i + n])] = np.asarray(copies[i:i + n]).T
             self.state = self._copy_fn(self.state, part[0], part[1])
 
+    def _need(self, r: _Request, s: _Sample) -> int:
+        """Tokens sequence `s` must hold for its next decode chunk: the positions the
+        chunk writes (its current one on; the last token, never fed, needs none)."""
+        return min(len(r.ids) + max(s.fetched, 1) - 1 + self.chunk,
+                   len(r.ids) + r.max_new - 1, self.cfg.max_positions)
+
+    def _next_chunk_pages(self) -> int:
+        """New pages the next decode chunk of every admitted sequence will take."""
+        ps, total = self.page_size, 0
+        for r in self._requests.values():
+            if r.phase == "waiting":
+                continue
+            for s in r.samples:
+                key = r.key(s.j)
+                if s.done or key not in self.blocks:
+                    continue
+                have = self.blocks.num_tokens(key)
+                total += max(0, -(-self._need(r, s) // ps) - -(-have // ps))
+        return total
+
     def _prefix_in_flight(self, r: _Request) -> bool:
         """A request now in prefill is computing blocks this prompt could reuse: wait for
         them (so n requests arriving together with one prefix compute it once)."""
@@ -719,11 +756,7 @@ class LLMEngine:
                     if s.done:
                         continue
                     key = r.key(s.j)
-                    n_dev = max(s.fetched, 1)
-                    # Positions the chunk writes: the row's current one on (the last
-                    # token, never fed, needs none).
-                    need = min(len(r.ids) + n_dev - 1 + self.chunk,
-                               len(r.ids) + r.max_new - 1, self.cfg.max_positions)
+                    need = self._need(r, s)
                     grow = max(0, need - self.blocks.num_tokens(key))
                     if grow and not self.blocks.can_append(key, grow) and self._holds:
                         self._drop_hold(next(iter(self._holds)))
@@ -760,16 +793,19 @@ class LLMEngine:
         running = self._reserve()
         decoding = [(r, s) for r in running for s in r.samples if not s.done and s.slot >= 0]
         if decoding:
-            table = np.zeros((self.max_slots, self.pages_per_seq), np.int32)
-            active = np.zeros((self.max_slots,), bool)
+            n = next(b for b in self.row_buckets if b >= len(decoding))
+            busy = [s.slot for _, s in decoding]
+            slots = np.asarray(busy + [i for i in range(self.max_slots)
+                                       if i not in set(busy)][:n - len(busy)], np.int32)
+            table = np.zeros((n, self.pages_per_seq), np.int32)
+            active = np.arange(n) < len(decoding)
             longest = 0
-            for r, s in decoding:
-                table[s.slot] = self.blocks.table([r.key(s.j)])[0]
-                active[s.slot] = True
+            for i, (r, s) in enumerate(decoding):
+                table[i] = self.blocks.table([r.key(s.j)])[0]
                 longest = max(longest, self.blocks.num_tokens(r.key(s.j)))
             pages = next(w for w in self.widths if w * self.page_size >= longest)
-            self.state = self._decode_fn(self.params, self.state, self.sp, table, active,
-                                         pages=pages)
+            self.state = self._decode_fn(self.params, self.state, self.sp, slots, table,
+                                         active, pages=pages)
         if not decoding:
             return out
         start = np.zeros((self.max_slots,), np.int32)
