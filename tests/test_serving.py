@@ -151,9 +151,9 @@ def test_workload_equals_generate(model, engine):
 def test_long_workload_equals_generate():
     """The issue's lengths: 64 requests, prompts 1..400, budgets 1..128, mixed options
     (stop ids / sequences, logprobs, n > 1, seeds, penalties), added at random steps,
-    each prompt prefilled over several steps of a 4 x 32-token budget."""
+    long prompts prefilled over several steps of a 4 x 64-token budget."""
     model = tiny_model(seed=6, eos_token_id=EOS, max_positions=544)
-    eng = ftjax.LLMEngine(model, max_slots=8, page_size=16, chunk=8, prefill_budget=128,
+    eng = ftjax.LLMEngine(model, max_slots=8, page_size=16, chunk=8, prefill_budget=256,
                           prefill_rows=4, max_logprobs=4)
     work = _workload(9, 64, max_prompt=400, max_budget=128)
     ids, got, _ = _drive(eng, work, seed=10)
