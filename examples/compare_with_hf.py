@@ -39,8 +39,11 @@ def main():
     out = ours.generate([ids], max_new_tokens=args.max_new_tokens,
                         sampling=ftjax.SamplingParams(stop_token_ids=[]))
     gen = hf.generation_config
+    # Unset fields come from the checkpoint's generation_config.json (the bundled model's
+    # has repetition penalty 1.2): greedy decoding of the weights sets them to HF's neutral values.
     gen.update(eos_token_id=None, max_new_tokens=args.max_new_tokens, do_sample=False,
-               pad_token_id=0)
+               pad_token_id=0, temperature=1.0, top_k=50, top_p=1.0, repetition_penalty=1.0,
+               no_repeat_ngram_size=0)
     with torch.no_grad():
         hf_out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
                              generation_config=gen)[0, len(ids):].tolist()

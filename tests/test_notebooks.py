@@ -61,7 +61,9 @@ def tiny_gpt2(tmp_path_factory):
     d = tmp_path_factory.mktemp("nb-gpt2")
     # d_model 128: int8-g128 has whole groups.
     make_gpt2(d, vocab_size=4096, n_positions=128, n_embd=128, n_layer=2, n_head=4)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    # generation_config.json too (sampling with repetition penalty 1.2): HF's greedy
+    # reference in compare_with_hf must not pick up the checkpoint's processors.
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(os.path.join(ftjax.demo_model_path(), name), d / name)
     return str(d)
 
