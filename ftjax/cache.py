@@ -121,6 +121,16 @@ class KVCache:
         return attend(q, k, v, positions, jnp.arange(self.max_len), slopes, heads_first=True,
                       k_scale=k_scale, v_scale=v_scale)
 
+    def rows(self, start, size: int) -> "KVCache":
+        """Rows `[start, start + size)` (a pipeline micro-batch; start may be traced)."""
+        return jax.tree_util.tree_map(
+            lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1), self)
+
+    def put_rows(self, start, part: "KVCache") -> "KVCache":
+        """This cache with rows from `start` replaced by `part`'s (inverse of `rows`)."""
+        return jax.tree_util.tree_map(
+            lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, start, axis=1), self, part)
+
     def take_rows(self, rows) -> "KVCache":
         """The cache of rows `rows` `[B']` (shared prefill, beams following parents)."""
         return jax.tree_util.tree_map(lambda a: jnp.take(a, rows, axis=1), self)

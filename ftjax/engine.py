@@ -122,7 +122,8 @@ class Engine:
             self.kernel_mesh = sharded.KernelMesh.of(layout.mesh, RULES)
         self.model = Transformer(cfg, dtype, kernels=kernels,
                                  vocab=layout.padded_vocab if layout else None,
-                                 mesh=self.kernel_mesh)
+                                 mesh=self.kernel_mesh,
+                                 pipe=layout.mesh if layout and layout.pipe > 1 else None)
         self.trace_counts = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "feat"),
                                donate_argnames=("cache",))

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ftjax import quant
+from ftjax import pipeline, quant
 from ftjax.config import ModelConfig
 from ftjax.specs import ParamSpec, flatten, param_specs, unflatten
 
@@ -139,10 +139,15 @@ class Layout:
         if bad:
             raise ValueError(f"tensor parallel size {tp} does not divide {' and '.join(bad)}; "
                              f"allowed tensor sizes: {allowed_tensor_sizes(self.cfg)}")
+        pipeline.check_layers(self.cfg.n_layers, self.pipe)
 
     @property
     def tensor(self) -> int:
         return self.mesh.shape["tensor"]
+
+    @property
+    def pipe(self) -> int:
+        return self.mesh.shape["pipe"]
 
     @property
     def data(self) -> int:
