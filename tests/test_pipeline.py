@@ -145,7 +145,7 @@ def test_decode_step_moves_activations_not_weights(piped):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", [m for m in ALL if m != DEFAULT])
+@pytest.mark.parametrize("mesh", [m for m in ALL if m != DEFAULT], ids=lambda m: "pp%d-tp%d-dp%d" % m)
 def test_every_mesh_equals_one_device(tiny, mesh):
     cfg, params, ref = tiny
     model = Model(cfg, params, mesh=_mesh(*mesh))
