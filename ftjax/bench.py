@@ -66,7 +66,7 @@ def _time(fn, repeats: int) -> float:
 
 
 def _load(args):
-    mesh = mesh_for(tensor=args.tp, data=args.dp)
+    mesh = mesh_for(tensor=args.tp, data=args.dp, pipe=getattr(args, "pp", 1))
     if args.model:
         return ftjax.load(args.model, dtype=args.dtype, mesh=mesh)
     cfg = preset(args.preset or "gpt2-124m")
@@ -94,7 +94,7 @@ def run_bench(args) -> int:
     bandwidth = measure_bandwidth()
     print(f"model: {model.path}  ({n_params(cfg) / 1e6:.1f}M params, {args.dtype}); "
           f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, "
-          f"tp={args.tp} dp={args.dp}")
+          f"tp={args.tp} dp={args.dp} pp={getattr(args, 'pp', 1)}")
     print(f"measured memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     hf = _hf_model(model, args.dtype) if args.compare == "hf" else None
     header = (f"{'batch':>5} {'in':>5} {'out':>5} {'latency ms':>11} {'1st tok ms':>11} "

@@ -144,10 +144,10 @@ def _convert(args) -> int:
 
 
 def mesh_from_args(args):
-    """The mesh --tp / --dp ask for, or None for one device."""
+    """The mesh --tp / --dp / --pp ask for, or None for one device."""
     from ftjax.sharding import mesh_for
 
-    return mesh_for(tensor=args.tp, data=args.dp)
+    return mesh_for(tensor=args.tp, data=args.dp, pipe=args.pp)
 
 
 def _plan(args) -> int:
@@ -157,10 +157,10 @@ def _plan(args) -> int:
 
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+    from ftjax.pipeline import check_layers
+
     cfg = preset(args.preset)
-    if cfg.n_layers % args.pp:
-        raise ValueError(f"--pp {args.pp} must divide the model's {cfg.n_layers} layers "
-                         "(each pipeline stage holds whole layers)")
+    check_layers(cfg.n_layers, args.pp)   # each stage holds whole layers
     max_len = min(args.max_len or cfg.max_positions, cfg.max_positions)
     p = plan_memory(cfg, tensor=args.tp, pipe=args.pp, data=args.dp, batch=args.batch,
                     max_len=max_len, dtype=DTYPES[args.dtype], compile=not args.no_compile)
@@ -225,6 +225,9 @@ def _mesh_args(p) -> None:
                         "devices are made when there is no accelerator)")
     p.add_argument("--dp", type=_positive, default=1,
                    help="data-parallel size: batch shards (default: 1)")
+    p.add_argument("--pp", type=_positive, default=1,
+                   help="pipeline size: stages of whole layers, each on its own devices "
+                        "(must divide the layers; default: 1)")
 
 
 def _dtype_arg(p, default: str, what: str) -> None:

@@ -91,11 +91,12 @@ def make_mesh(tensor: int = 1, data: int = 1, pipe: int = 1, devices=None) -> Me
     return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
-def mesh_for(tensor: int = 1, data: int = 1) -> Optional[Mesh]:
-    """`make_mesh(tensor, data)`, or None for one device (the command line's --tp / --dp)."""
-    if tensor == 1 and data == 1:
+def mesh_for(tensor: int = 1, data: int = 1, pipe: int = 1) -> Optional[Mesh]:
+    """`make_mesh(tensor, data, pipe)`, or None for one device (the command line's --tp /
+    --dp / --pp)."""
+    if tensor == 1 and data == 1 and pipe == 1:
         return None
-    return make_mesh(tensor=tensor, data=data)
+    return make_mesh(tensor=tensor, data=data, pipe=pipe)
 
 
 def use_cpu_devices(n: int) -> None:
