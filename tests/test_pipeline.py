@@ -63,6 +63,35 @@ def test_pipe_size_must_divide_the_layers():
     assert pipeline.bubble_fraction(4, 4) == 3 / 7
 
 
+@pytest.mark.slow   # the default mesh's prefill runs 2 micro-batches already
+def test_micro_batches_equal_one_batch(tiny):
+    """`run_stages` with M = 1, 2, 4 micro-batches (pipe 4: 7 iterations for M = 4, each
+    stage busy in 4) writes the same cache and gives the same activations as the
+    unpipelined stack (XLA's matmul shapes differ with M: 1e-5)."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from ftjax.cache import KVCache
+    from ftjax.model import Transformer
+
+    cfg, params, _ = tiny
+    layout = Layout(_mesh(4, 1, 1), cfg)
+    placed = layout.place_params(params, np.float32)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 97, (4, 6)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(6), (4, 6))
+    base = Transformer(cfg)
+    want, want_cache = jax.jit(base)(jax.tree_util.tree_map(np.asarray, params), tokens,
+                                     positions, KVCache.zeros(cfg, 4, 8, jnp.float32))
+    for m in (1, 2, 4):
+        model = dataclasses.replace(base, pipe=layout.mesh, micro=m)
+        cache = jax.device_put(KVCache.zeros(cfg, 4, 8, jnp.float32),
+                               layout.cache_sharding(4, 8))
+        got, got_cache = jax.jit(model)(placed, tokens, positions, cache)
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= ATOL, m
+        assert np.abs(np.asarray(got_cache.k) - np.asarray(want_cache.k)).max() <= ATOL, m
+
+
 def _check(ref, model, seed=0, sampled=True):
     ids = np.random.default_rng(seed).integers(0, ref.config.vocab_size, (4, 11))
     err = np.abs(np.asarray(model.forward(ids)) - np.asarray(ref.forward(ids))).max()
