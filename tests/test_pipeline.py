@@ -355,3 +355,34 @@ def test_cli_generate_and_bench_with_pp():
     assert r.returncode == 0, r.stderr[-2000:]
     assert "pp=2" in r.stdout and [line.split()[:3] for line in r.stdout.splitlines()
                                    if line.split()[:1] == ["2"]] == [["2", "8", "4"]]
+
+
+@pytest.mark.slow
+def test_two_processes_pipe_across_them(tmp_path):
+    """2 processes x 4 virtual CPU devices: tensor 4 inside a process, pipe 2 across the
+    two (stage p = process p's devices, FasterTransformer's TP-in-node / PP-across-nodes),
+    gloo collectives carry the activation hops. Same tokens as one process."""
+    import json
+    import subprocess
+    import sys
+
+    from converters import save_native
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = tiny_config(n_layers=4, n_heads=8, n_kv_heads=2, head_dim=4, vocab_size=97)
+    params = tiny_params(cfg, seed=3)
+    save_native(str(tmp_path / "ckpt"), cfg, params, "float32")
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    want = Model(cfg, params).generate(prompts, 8, NO_STOP).tokens
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(PYTHON=sys.executable, PYTHONPATH=root + os.pathsep + env.get("PYTHONPATH", ""))
+    cmd = ["bash", os.path.join(root, "examples", "launch_multihost.sh"), "2",
+           os.path.join(root, "examples", "multihost_generate.py"), "--cpu-devices", "4",
+           "--tp", "4", "--pp", "2", "--model", str(tmp_path / "ckpt"),
+           "--max-new-tokens", "8"]
+    cmd += [arg for p in prompts for arg in ("--prompt-ids", ",".join(map(str, p)))]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads([line for line in run.stdout.splitlines() if line.startswith("{")][-1])
+    assert result["processes"] == 2 and result["devices"] == 8
+    assert result["tokens"] == want
