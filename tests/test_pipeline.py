@@ -201,6 +201,24 @@ def test_request_options_n_and_beams_equal_one_device(tiny, piped):
 
 
 @pytest.mark.slow
+def test_int8_weights_and_kv_cache_pipelined(tiny):
+    """Per-channel int8 weights (their scales stacked on "layers" too) and an int8 KV cache
+    (scales `[L, B, K, S]` on "pipe") give what they give on one device."""
+    from ftjax import quant
+
+    cfg, params, _ = tiny
+    qp = quant.quantize_params(cfg, params, 0)
+    mesh = _mesh(2, 2, 1)
+    for kw in (dict(params=qp), dict(params=params, kv_cache_dtype="int8")):
+        ref = Model(cfg, **kw)
+        model = Model(cfg, **kw, mesh=mesh)
+        ids = np.random.default_rng(2).integers(0, 97, (2, 9))
+        assert np.abs(np.asarray(model.forward(ids)) - np.asarray(ref.forward(ids))).max() <= ATOL
+        assert model.generate(PROMPTS, 8, NO_STOP).tokens == ref.generate(PROMPTS, 8,
+                                                                          NO_STOP).tokens
+
+
+@pytest.mark.slow
 def test_serving_engine_on_a_pipelined_mesh(tiny, piped):
     """LLMEngine over the paged pools: their layer axis on "pipe" (each stage its own
     layers' pages), results as `generate` on one device."""
