@@ -219,6 +219,21 @@ def test_int8_weights_and_kv_cache_pipelined(tiny):
 
 
 @pytest.mark.slow
+def test_pallas_kernels_inside_the_stages(tiny):
+    """kernels="pallas" (interpreted here): the per-shard kernel wrappers nest in the
+    stage's shard_map (`pallas_kernels.sharded`), with int8 weights so the row-parallel
+    int8 matmul's psum over "tensor" runs inside a stage too."""
+    from ftjax import quant
+
+    cfg, params, _ = tiny
+    qp = quant.quantize_params(cfg, params, 0)
+    ref = Model(cfg, qp, kernels="pallas")
+    model = Model(cfg, qp, mesh=_mesh(2, 2, 2), kernels="pallas")
+    prompts = PROMPTS[:2]
+    assert model.generate(prompts, 4, NO_STOP).tokens == ref.generate(prompts, 4, NO_STOP).tokens
+
+
+@pytest.mark.slow
 def test_serving_engine_on_a_pipelined_mesh(tiny, piped):
     """LLMEngine over the paged pools: their layer axis on "pipe" (each stage its own
     layers' pages), results as `generate` on one device."""
