@@ -281,8 +281,8 @@ def test_models_health_metrics_tokenize(server, client, model):
     names = {line.split()[2] for line in httpx.get(server + "/metrics").text.splitlines()
              if line.startswith("# TYPE")}
     assert {"ftjax_requests_running", "ftjax_requests_waiting", "ftjax_kv_pages_in_use",
-            "ftjax_kv_pages_total", "ftjax_prompt_tokens", "ftjax_generation_tokens",
-            "ftjax_prefix_cache_hits", "ftjax_time_to_first_token_seconds",
+            "ftjax_kv_pages_total", "ftjax_prompt_tokens_total", "ftjax_generation_tokens_total",
+            "ftjax_prefix_cache_hits_total", "ftjax_time_to_first_token_seconds",
             "ftjax_inter_token_latency_seconds", "ftjax_e2e_request_latency_seconds"} <= names
     m = _metrics(server)
     assert m["ftjax_kv_pages_total"] == 79 and "ftjax_prompt_tokens_total" in m
