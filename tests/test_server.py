@@ -460,3 +460,52 @@ def test_loading_server_is_503_and_text_without_tokenizer_is_400():
     r = c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 2,
                                              "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and "no tokenizer" in r.json()["error"]["message"]
+
+
+# -- lm-evaluation-harness through the server ----------------------------------------------
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_equals_ftjax_backend(server, tmp_path):
+    """lm-eval's `local-completions` (echo + logprobs over HTTP) gives the metrics of
+    ftjax's own lm-eval backend on the same checkpoint. Tolerance 1e-4 relative (as
+    tests/test_lm_eval.py): float32 on both sides, summation order differs; a wrong or
+    shifted log-prob moves a metric by > 1e-2."""
+    lm_eval = pytest.importorskip("lm_eval")
+    import math
+
+    import ftjax.lm_eval  # noqa: F401  (registers "ftjax")
+    from lm_eval.tasks import TaskManager
+
+    from lm_eval_tasks import write_tasks
+
+    tasks = ["ftjax_ll", "ftjax_mc", "ftjax_ppl", "ftjax_gen"]
+    tasks_dir = write_tasks(str(tmp_path / "tasks"))
+    demo = ftjax.demo_model_path()
+    max_len = 510  # a rolling window + the one generated token stays within 512 positions
+
+    def run(model, args):
+        return lm_eval.simple_evaluate(
+            model=model, model_args=args, tasks=tasks, bootstrap_iters=0, log_samples=True,
+            task_manager=TaskManager(include_path=tasks_dir, include_defaults=False))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("OPENAI_API_KEY", KEY)
+        ours = run("ftjax", f"pretrained={demo},dtype=float32,max_length={max_len}")
+        api = run("local-completions",
+                  f"model={NAME},base_url={server}/v1/completions,tokenizer_backend=huggingface,"
+                  f"tokenizer={demo},max_length={max_len},max_gen_toks=12,num_concurrent=2,"
+                  "max_retries=1")
+    for task in tasks:
+        want = {k: v for k, v in ours["results"][task].items()
+                if isinstance(v, float) and not k.endswith("_stderr,none")}
+        got = {k: v for k, v in api["results"][task].items() if k in want}
+        assert got.keys() == want.keys() and want, task
+        for k in want:
+            assert math.isclose(got[k], want[k], rel_tol=1e-4), (task, k, got[k], want[k])
+        if task != "ftjax_gen":
+            for a, b in zip(ours["samples"][task], api["samples"][task]):
+                for ra, rb in zip(a["filtered_resps"], b["filtered_resps"]):
+                    ra, rb = (ra, rb) if isinstance(ra, (list, tuple)) else ([ra], [rb])
+                    assert math.isclose(float(ra[0]), float(rb[0]), rel_tol=1e-4), task
