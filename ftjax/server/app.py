@@ -361,17 +361,23 @@ async def _completions(server: Server, req: CompletionRequest, request: Request)
                         yield _sse(dict(head, choices=[{"index": i * n + j, "text": t,
                                                         "logprobs": None,
                                                         "finish_reason": None}]))
-            async for h, o in _outputs(handles, events, request, poll=False):
-                s = seq(h, o.sample)
-                index = h.index * n + o.sample
-                offset = (len(texts[h.index]) if req.echo else 0) + (s[4].shown if s[4] else 0)
-                delta = s[4].delta(o.tokens, o.finished) if s[4] else ""
-                done_tokens += len(o.new_tokens)
-                yield _sse(dict(head, choices=[{
-                    "index": index, "text": delta,
-                    "logprobs": logprobs_of(index, o.new_tokens, o.new_log_probs,
-                                            o.new_top_logprobs or [], offset),
-                    "finish_reason": o.finish_reason}]))
+            try:
+                async for h, o in _outputs(handles, events, request, poll=False):
+                    s = seq(h, o.sample)
+                    index = h.index * n + o.sample
+                    offset = ((len(texts[h.index]) if req.echo else 0)
+                              + (s[4].shown if s[4] else 0))
+                    delta = s[4].delta(o.tokens, o.finished) if s[4] else ""
+                    done_tokens += len(o.new_tokens)
+                    yield _sse(dict(head, choices=[{
+                        "index": index, "text": delta,
+                        "logprobs": logprobs_of(index, o.new_tokens, o.new_log_probs,
+                                                o.new_top_logprobs or [], offset),
+                        "finish_reason": o.finish_reason}]))
+            except APIError as e:  # headers are sent: the error goes in the stream
+                yield _sse(e.body())
+                yield "data: [DONE]\n\n"
+                return
             if include_usage:
                 yield _sse(dict(head, choices=[], usage=_usage(prompts, done_tokens)))
             yield "data: [DONE]\n\n"
@@ -440,13 +446,19 @@ async def _chat(server: Server, req: ChatRequest, request: Request):
                 yield _sse(dict(chunk, choices=[{"index": j, "delta": {"role": "assistant",
                                                                        "content": ""},
                                                  "logprobs": None, "finish_reason": None}]))
-            async for h, o in _outputs(handles, events, request, poll=False):
-                done_tokens += len(o.new_tokens)
-                delta = detoks[o.sample].delta(o.tokens, o.finished)
-                yield _sse(dict(chunk, choices=[{
-                    "index": o.sample, "delta": {"content": delta} if delta else {},
-                    "logprobs": logprobs_of(o.new_tokens, o.new_log_probs, o.new_top_logprobs),
-                    "finish_reason": o.finish_reason}]))
+            try:
+                async for h, o in _outputs(handles, events, request, poll=False):
+                    done_tokens += len(o.new_tokens)
+                    delta = detoks[o.sample].delta(o.tokens, o.finished)
+                    yield _sse(dict(chunk, choices=[{
+                        "index": o.sample, "delta": {"content": delta} if delta else {},
+                        "logprobs": logprobs_of(o.new_tokens, o.new_log_probs,
+                                                o.new_top_logprobs),
+                        "finish_reason": o.finish_reason}]))
+            except APIError as e:  # headers are sent: the error goes in the stream
+                yield _sse(e.body())
+                yield "data: [DONE]\n\n"
+                return
             if include_usage:
                 yield _sse(dict(chunk, choices=[], usage=_usage([ids], done_tokens)))
             yield "data: [DONE]\n\n"
