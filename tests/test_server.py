@@ -373,6 +373,7 @@ def test_client_disconnect_frees_slot_and_pages(server):
 
 @pytest.mark.slow
 def test_concurrent_staggered_clients_equal_generate_alone(server, model):
+    """32 greedy clients arriving 30 ms apart, and 6 streaming ones hanging up."""
     prompts = [f"{PROMPTS[i % 3]} {i}" for i in range(32)]
     budgets = [4 + (i * 7) % 13 for i in range(32)]
     ref = [_text(model, model.generate([p], b).tokens[0]) for p, b in zip(prompts[:4],
@@ -388,8 +389,21 @@ def test_concurrent_staggered_clients_equal_generate_alone(server, model):
                                                  max_tokens=budgets[i], temperature=0)
             return r.choices[0].text
 
+        async def hang_up(i):  # streaming clients leaving after two chunks
+            await asyncio.sleep(0.05 * i)
+            stream = await aclient.completions.create(model=NAME, prompt=prompts[i], stream=True,
+                                                      max_tokens=200, temperature=0)
+            got = 0
+            async for _ in stream:
+                got += 1
+                if got == 2:
+                    break
+            await stream.close()
+
         try:
-            return await asyncio.gather(*(one(i) for i in range(32)))
+            *texts, = await asyncio.gather(*(one(i) for i in range(32)),
+                                           *(hang_up(i) for i in range(6)))
+            return texts[:32]
         finally:
             await aclient.close()
 
@@ -424,7 +438,7 @@ class _StubRunner:
         return handle
 
 
-def _app(runner, **kw):
+def _app(runner, raise_server_exceptions=True, **kw):
     from fastapi.testclient import TestClient
 
     from ftjax.server.app import Server, create_app
@@ -435,7 +449,8 @@ def _app(runner, **kw):
         config = tiny_config()
         tokenizer = None
 
-    return TestClient(create_app(Server(M(), runner, Metrics(runner.stats), "tiny", **kw)))
+    return TestClient(create_app(Server(M(), runner, Metrics(runner.stats), "tiny", **kw)),
+                      raise_server_exceptions=raise_server_exceptions)
 
 
 def test_full_queue_is_503_with_retry_after():
@@ -509,3 +524,28 @@ def test_lm_eval_local_completions_equals_ftjax_backend(server, tmp_path):
                 for ra, rb in zip(a["filtered_resps"], b["filtered_resps"]):
                     ra, rb = (ra, rb) if isinstance(ra, (list, tuple)) else ([ra], [rb])
                     assert math.isclose(float(ra[0]), float(rb[0]), rel_tol=1e-4), task
+
+
+class _BrokenRunner(_StubRunner):
+    """Its first submit raises (a bug inside the server), later ones are refused by
+    the engine as bad input would be."""
+
+    def submit(self, handle):
+        if not self.submitted:
+            self.submitted.append(handle)
+            raise RuntimeError("boom")
+        handle.put(("error", ValueError("sampling.n=9 exceeds the engine's max_slots=4")))
+        return handle
+
+
+def test_internal_error_is_a_logged_500_and_the_server_keeps_serving(caplog):
+    c = _app(_BrokenRunner(), raise_server_exceptions=False)
+    body = {"model": "tiny", "prompt": [1, 2], "max_tokens": 2}
+    with caplog.at_level("ERROR", logger="ftjax.server"):
+        r = c.post("/v1/completions", json=body)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "internal_error"
+    rid = r.json()["error"]["message"].split("(request ")[1].split(")")[0]
+    assert any(rid in rec.getMessage() for rec in caplog.records)
+    assert c.get("/health").status_code == 200
+    r = c.post("/v1/completions", json=body)  # the engine's refusal is the client's 400
+    assert r.status_code == 400 and "max_slots=4" in r.json()["error"]["message"]
