@@ -549,3 +549,19 @@ def test_internal_error_is_a_logged_500_and_the_server_keeps_serving(caplog):
     assert c.get("/health").status_code == 200
     r = c.post("/v1/completions", json=body)  # the engine's refusal is the client's 400
     assert r.status_code == 400 and "max_slots=4" in r.json()["error"]["message"]
+
+
+def test_serve_flag_errors_are_named(capsys, tmp_path, monkeypatch):
+    from ftjax.cli import main
+
+    monkeypatch.setenv("FTJAX_CACHE_DIR", "")  # leave jax's compilation-cache config alone
+    from ftjax.server.main import parse_bytes
+
+    assert parse_bytes("2GiB") == 2 * 2**30 and parse_bytes("1.5GB") == 1_500_000_000
+    assert main(["serve", "--kv-memory", "lots"]) == 1
+    assert "--kv-memory must be a size such as 2GiB" in capsys.readouterr().err
+    assert main(["serve", "--chat-template", str(tmp_path / "none.jinja")]) == 1
+    assert "--chat-template" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", "--max-slots", "0"])
+    assert "--max-slots: must be >= 1" in capsys.readouterr().err
