@@ -8,7 +8,6 @@ Reference results come from the same checkpoint loaded here (`Model.generate` /
 programs: summation order differs, values not bit-equal)."""
 
 import asyncio
-import json
 import os
 import socket
 import subprocess

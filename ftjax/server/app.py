@@ -17,7 +17,6 @@ import time
 import uuid
 from typing import AsyncIterator, List, Optional, Tuple
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
