@@ -147,6 +147,20 @@ def test_workload_equals_generate(model, engine):
         assert got[rid][0]["streamed"] == (alone.tokens[0] if sp.n == 1 else alone.tokens[0][0])
 
 
+@pytest.mark.slow
+def test_long_workload_equals_generate():
+    """The issue's lengths: 64 requests, prompts 1..400, budgets 1..128, mixed options
+    (stop ids / sequences, logprobs, n > 1, seeds, penalties), added at random steps,
+    long prompts prefilled over several steps of a 4 x 64-token budget."""
+    model = tiny_model(seed=6, eos_token_id=EOS, max_positions=544)
+    eng = ftjax.LLMEngine(model, max_slots=8, page_size=16, chunk=8, prefill_budget=256,
+                          prefill_rows=4, max_logprobs=4)
+    work = _workload(9, 64, max_prompt=400, max_budget=128)
+    ids, got, _ = _drive(eng, work, seed=10)
+    _check_against_generate(model, work, ids, got)
+    _idle(eng)
+
+
 def test_preemption_gives_the_same_results(model):
     # 8 pages of 8 tokens hold one full-length sequence, n = 3 samples need 24: 25 usable
     # pages for 8 slots (up to 64 pages in use) force preemptions.
