@@ -479,10 +479,10 @@ def test_loading_server_is_503_and_text_without_tokenizer_is_400():
 # -- lm-evaluation-harness through the server ----------------------------------------------
 
 @pytest.mark.slow
-def test_lm_eval_local_completions_equals_ftjax_backend(server, tmp_path):
+def test_lm_eval_local_completions_equals_ftjax_and_hf_backends(server, tmp_path):
     """lm-eval's `local-completions` (echo + logprobs over HTTP) gives the metrics of
-    ftjax's own lm-eval backend on the same checkpoint. Tolerance 1e-4 relative (as
-    tests/test_lm_eval.py): float32 on both sides, summation order differs; a wrong or
+    ftjax's own lm-eval backend and of lm-eval's `hf` backend (with torch) on the same
+    checkpoint. Tolerance 1e-4 relative (as tests/test_lm_eval.py): float32 on both sides, summation order differs; a wrong or
     shifted log-prob moves a metric by > 1e-2."""
     lm_eval = pytest.importorskip("lm_eval")
     import math
@@ -523,6 +523,26 @@ def test_lm_eval_local_completions_equals_ftjax_backend(server, tmp_path):
                 for ra, rb in zip(a["filtered_resps"], b["filtered_resps"]):
                     ra, rb = (ra, rb) if isinstance(ra, (list, tuple)) else ([ra], [rb])
                     assert math.isclose(float(ra[0]), float(rb[0]), rel_tol=1e-4), task
+    # And lm-eval's own `hf` backend (transformers, torch) on the same checkpoint, when
+    # torch is installed: the loglikelihood tasks' metrics (the issue's reference).
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        hf = lm_eval.simple_evaluate(
+            model="hf", model_args=f"pretrained={demo},dtype=float32,max_length={max_len}",
+            tasks=tasks[:3], bootstrap_iters=0, batch_size=1, device="cpu",
+            task_manager=TaskManager(include_path=tasks_dir, include_defaults=False))
+    for task in tasks[:3]:
+        want = {k: v for k, v in hf["results"][task].items()
+                if isinstance(v, float) and not k.endswith("_stderr,none")}
+        got = {k: v for k, v in api["results"][task].items() if k in want}
+        assert got.keys() == want.keys() and want, task
+        for k in want:
+            assert math.isclose(got[k], want[k], rel_tol=1e-4), (task, k, got[k], want[k])
 
 
 class _BrokenRunner(_StubRunner):
