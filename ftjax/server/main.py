@@ -29,10 +29,10 @@ def build(args):
     """(app, runner) for parsed `ftjax serve` arguments; the model is loaded here (so a
     bad --model fails at once), the engine is built and compiled on its thread."""
     import ftjax
-    from ftjax.cli import mesh_from_args
     from ftjax.server.app import Server, create_app
     from ftjax.server.metrics import Metrics
     from ftjax.server.runner import EngineRunner
+    from ftjax.sharding import mesh_for
 
     template = None
     if args.chat_template:
@@ -43,7 +43,7 @@ def build(args):
             raise ValueError(f"--chat-template {args.chat_template}: {e.strerror}") from None
     kv_memory = parse_bytes(args.kv_memory) if args.kv_memory else None
     path = args.model or ftjax.demo_model_path()
-    model = ftjax.load(path, dtype=args.dtype, mesh=mesh_from_args(args), quant=args.quant,
+    model = ftjax.load(path, dtype=args.dtype, mesh=mesh_for(tensor=args.tp, data=args.dp), quant=args.quant,
                        kv_cache_dtype=args.kv_cache_dtype)
     name = args.served_model_name or (args.model.rstrip("/") if args.model else "ftjax-demo")
 
