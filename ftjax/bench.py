@@ -137,7 +137,8 @@ def time_hf(args, prompts: dict) -> dict:
         raise RuntimeError(f"bench --compare hf: the HF process printed no result; stderr:\n"
                            f"{r.stderr[-2000:]}")
     out = json.loads(lines[-1])
-    return {int(b): v for b, v in out["rows"].items()}
+    out["rows"] = {int(b): v for b, v in out["rows"].items()}
+    return out
 
 
 def _header(hf: bool) -> str:
@@ -182,7 +183,7 @@ def run_bench(args) -> int:
             "platform": jax.devices()[0].platform, "devices": jax.device_count(),
             "cpu": cpu_description(), "bandwidth_gbs": bandwidth / 1e9,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "pid": os.getpid()}
     extra = "".join(f", {k} {meta[k]}" for k in ("quant", "kv_cache_dtype") if meta[k])
     print(f"model: {model.path}  ({meta['params_m']:.1f}M params, {args.dtype}{extra}); "
           f"jax {jax.__version__} on {meta['platform']} x{meta['devices']}, "
@@ -193,7 +194,9 @@ def run_bench(args) -> int:
     if args.compare == "hf":
         print(f"HF: timed in a separate process (float weights, {args.dtype})")
         sys.stdout.flush()
-        hf = time_hf(args, prompts)
+        hf_run = time_hf(args, prompts)
+        hf = hf_run["rows"]
+        meta.update(hf_pid=hf_run["pid"], hf_peak_rss_mib=hf_run["peak_rss_mib"])
     print(_header(hf is not None))
     rows = []
     for batch in args.batch:
@@ -226,6 +229,8 @@ def run_bench(args) -> int:
         rows.append(r)
         print(_row(r))
         sys.stdout.flush()
+    # torch must never have run here (it would share the cores with XLA's threads)
+    meta["torch_imported"] = "torch" in sys.modules
     if getattr(args, "json", None):
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)

@@ -9,12 +9,13 @@ the checkpoint loader or the preset's numpy initializer, exported for HF by
 
 Job: {"model": DIR or null, "preset": NAME or null, "dtype": "float32", "seed": 0,
 "prompts": {"B": [[ids...], ...]}, "output_len": N, "repeats": R}.
-Result: {"rows": {"B": {"latency_s": .., "first_s": ..}}, "peak_rss_mib": ..}.
+Result: {"rows": {"B": {"latency_s": .., "first_s": ..}}, "pid": .., "peak_rss_mib": ..}.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
@@ -67,7 +68,7 @@ def run(job: dict) -> dict:
 
         rows[batch] = {"latency_s": _median_time(lambda: gen(out_len), repeats),
                        "first_s": _median_time(lambda: gen(1), repeats)}
-    return {"rows": rows,
+    return {"rows": rows, "pid": os.getpid(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
