@@ -3,7 +3,7 @@
 
 Reports throughput (generated tok/s), time to first token and inter-token latency
 p50 / p99 per mode, the memory figure (concurrent sequences at equal cache bytes,
-paged vs contiguous, from the workload's lengths) and the prefix-caching figure (16
+paged vs contiguous, measured on the engine with the workload queued at once) and the prefix-caching figure (16
 requests sharing a prefix: prompt tokens computed). Random weights, eos ignored, so
 every request runs to its budget:
 
@@ -15,6 +15,7 @@ shared or loaded machine are noise: say so beside any number.
 """
 
 import argparse
+import dataclasses
 import statistics
 import time
 
@@ -109,14 +110,32 @@ def engine_mode(eng, work):
     return tokens / (time.perf_counter() - t0), ttft, itl
 
 
-def memory_figure(model, work, page_size):
-    """Concurrent sequences at equal cache bytes, from the workload's lengths."""
-    positions = model.config.max_positions
-    lengths = [min(len(p) + n, positions) for _, p, n in work]
-    paged = statistics.mean(-(-n // page_size) * page_size for n in lengths)
-    budget = 8 * positions          # the cache of 8 contiguous rows of max_positions
-    return dict(contiguous_rows=8, paged_rows=budget / paged,
-                contiguous_reserved_tokens=positions, paged_mean_tokens=paged)
+def memory_figure(cfg, work, page_size, rows=8):
+    """Concurrent sequences at equal cache bytes, measured: the whole workload queued at
+    once on an LLMEngine whose pool has the bytes of `rows` contiguous rows of
+    max_positions (what a contiguous cache must reserve per sequence to accept any
+    request), slots unbounded; the mean and peak number of running sequences while
+    requests wait (the pool, not the slots, is the limit then). Only lengths and the
+    allocator matter, so a 2-layer model with the same positions runs it."""
+    small = dataclasses.replace(cfg, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                                head_dim=16, d_ff=128, vocab_size=512, bos_token_id=0,
+                                eos_token_id=None)
+    model = Model(small, init_params(small), "float32")
+    per_seq = -(-cfg.max_positions // page_size)
+    eng = ftjax.LLMEngine(model, max_slots=len(work), page_size=page_size,
+                          num_pages=rows * per_seq + 1, chunk=8, prefill_budget=1024,
+                          prefill_rows=4, processors=False, max_logprobs=0,
+                          prefix_caching=False)
+    for _, prompt, new in work:
+        eng.add_request([t % 512 for t in prompt], SP, max_new_tokens=new)
+    running = []
+    while eng.has_unfinished():
+        eng.step()
+        s = eng.stats()
+        if s["waiting"]:
+            running.append(s["running"])
+    return dict(contiguous_rows=rows, paged_mean=statistics.mean(running),
+                paged_peak=max(running), preemptions=eng.stats()["preemptions"])
 
 
 def prefix_figure(eng, rng, vocab, prefix_len=256, count=16):
@@ -176,10 +195,11 @@ def main():
         tps, ttft, itl = run()
         print(f"| {name} | {tps:.1f} | {pct(ttft, 50):.2f} | {pct(ttft, 99):.2f} | "
               f"{1e3 * pct(itl, 50):.1f} | {1e3 * pct(itl, 99):.1f} |", flush=True)
-    mem = memory_figure(model, work, args.page_size)
+    mem = memory_figure(cfg, work, args.page_size)
     print(f"memory at equal cache bytes (8 rows x {cfg.max_positions} positions): contiguous "
-          f"{mem['contiguous_rows']} sequences, paged {mem['paged_rows']:.1f} "
-          f"(mean {mem['paged_mean_tokens']:.0f} tokens in pages per finished request)")
+          f"{mem['contiguous_rows']} sequences, paged {mem['paged_mean']:.1f} on average "
+          f"while requests waited (peak {mem['paged_peak']}, {mem['preemptions']} preemptions)",
+          flush=True)
     if cfg.max_positions > 300:
         computed, total = prefix_figure(eng, rng, cfg.vocab_size)
         print(f"prefix caching: 16 requests sharing a 256-token prefix computed {computed} of "

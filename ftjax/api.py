@@ -24,8 +24,11 @@ from ftjax.errors import CheckpointError
 from ftjax.fits import call_bytes, check_fits
 from ftjax.generation import GenerateOutput, Generator, StreamEvent
 from ftjax.model import split_layers, stack_layers
+from ftjax.paged_kv import pages_for_budget
 from ftjax.sampling import SamplingParams
+from ftjax.serving import LLMEngine
 from ftjax.session import Session
+from ftjax.streaming import stream as stream_requests
 from ftjax.smoothquant import quantize_w8a8
 from ftjax.tokenizer import encode_long, load_tokenizer
 from ftjax.specs import n_params, shapes
@@ -225,6 +228,7 @@ class Model:
         if layer_loop == "unrolled":
             params = dict(params, layers=split_layers(params["layers"], config.n_layers))
         self._gen = Generator(self.engine, params, tokenizer)
+        self._serving: Optional[LLMEngine] = None
 
     @property
     def params(self):
@@ -393,8 +397,22 @@ class Model:
         `sample` tells which of the request's samples the token belongs to.
         """
         reqs = self.requests(prompts, max_new_tokens, sampling, soft_prompts)
-        return self._gen.stream(reqs)
+        return stream_requests(self.serving_engine(), reqs, self.tokenizer)
 
     def session(self, max_len: Optional[int] = None) -> Session:
-        """An interactive conversation that keeps its KV cache between turns (see `Session`)."""
-        return Session(self._gen, max_len or self.config.max_positions)
+        """An interactive conversation whose KV pages the serving engine keeps between
+        turns (see `Session`)."""
+        return Session(self._gen, self.serving_engine(), max_len or self.config.max_positions)
+
+    def serving_engine(self) -> LLMEngine:
+        """The model's own `ftjax.LLMEngine` (built on first use), which `stream` and
+        sessions drive: 8 slots, 16-token pages, decode chunks of 4 steps, a pool of
+        at most 1 GiB (or every slot at the model's full length, if less)."""
+        if self._serving is None:
+            page, slots = 16, 8
+            per_seq = -(-self.config.max_positions // page)
+            budget = pages_for_budget(self.config, 1 << 30, page, _dtype(self.dtype),
+                                      self.kv_cache_dtype)
+            self._serving = LLMEngine(self, max_slots=slots, page_size=page, chunk=4,
+                                      num_pages=max(min(slots * per_seq, budget), per_seq) + 1)
+        return self._serving

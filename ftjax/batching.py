@@ -83,14 +83,12 @@ def features(sps: Sequence[SamplingParams], vocab: int) -> Features:
 
 
 def build(requests: Sequence[Request], copies: Sequence[int], cfg: ModelConfig, chunk: int,
-          session: Optional[dict] = None, batch_size: Optional[int] = None,
+          batch_size: Optional[int] = None,
           layout=None) -> Batch:
     """Pads a group of requests into one batch.
 
     Args:
       copies: rows per request (its n samples, or its beams).
-      session: for a session's turn: {"start": int, "max_len": int, "history": [ids]}
-        (one request, continuing a cache that holds `start` positions).
       batch_size: the padded row count (default: the next power of two).
       layout: an `ftjax.sharding.Layout`: rows are padded to a multiple of the data
         size and the arrays placed batch-sharded (the distinct-prompt arrays stay
@@ -106,12 +104,9 @@ def build(requests: Sequence[Request], copies: Sequence[int], cfg: ModelConfig, 
     longest = max(r.length for r in requests)
     plan = buckets.plan(len(rows), longest, max_new, cfg.max_positions, chunk)
     start = 0
-    if session is not None:
-        start = session["start"]
-        plan = dataclasses.replace(plan, batch=1, cache_len=session["max_len"])
     if batch_size is not None:
         plan = dataclasses.replace(plan, batch=batch_size)
-    if layout is not None and session is None:  # every data shard gets whole rows
+    if layout is not None:  # every data shard gets whole rows
         plan = dataclasses.replace(plan, batch=layout.batch_size(plan.batch))
     n_unique = buckets.next_pow2(len(keys))
     t = plan.prompt_len
@@ -128,13 +123,11 @@ def build(requests: Sequence[Request], copies: Sequence[int], cfg: ModelConfig, 
             embeds[u, :p] = r.soft
             mask[u, :p] = True
     hist_width = start + t + plan.width
-    history = [] if session is None else session["history"]
     hist = np.full((plan.batch, hist_width), -1, np.int32)
     row_unique = np.zeros((plan.batch,), np.int32)
     for b, (i, _) in enumerate(rows):
         r = requests[i]
         p = 0 if r.soft is None else len(r.soft)
-        hist[b, :start] = history
         hist[b, start + p:start + r.length] = r.ids
         row_unique[b] = unique_of_request[i]
     sp = SamplingArrays.build([requests[i].sp for i, _ in rows], plan.batch, cfg.vocab_size,

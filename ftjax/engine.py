@@ -85,7 +85,7 @@ class PromptLogprobs:
     top_lps: jax.Array
 
 
-def _log_probs_and_top(logits, tokens, top_n: int):
+def log_probs_and_top(logits, tokens, top_n: int):
     """log-softmax of `logits [..., V]`: the value at `tokens [...]` and the top_n."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     chosen = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
@@ -186,7 +186,7 @@ class Engine:
         # (for rows that started together this equals the global step), so rows can
         # join and leave a running batch without changing what they produce.
         tok = jnp.where(running, sample(scores, sp, state.n_gen, feat.greedy_only), 0)
-        logp, top_ids, top_lps = _log_probs_and_top(logits, tok, feat.top_n)
+        logp, top_ids, top_lps = log_probs_and_top(logits, tok, feat.top_n)
         b = jnp.arange(tok.shape[0])
         idx = jnp.minimum(state.n_gen, state.tokens.shape[1] - 1)
 
@@ -221,7 +221,7 @@ class Engine:
         if prompt_top_n >= 0:
             logits, cache = self.model(params, tokens, positions, cache, soft=soft)
             nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
-            prompt_lp = PromptLogprobs(*_log_probs_and_top(logits, nxt, prompt_top_n))
+            prompt_lp = PromptLogprobs(*log_probs_and_top(logits, nxt, prompt_top_n))
             logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
         else:
             logits, cache = self.model(params, tokens, positions, cache,

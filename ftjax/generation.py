@@ -1,6 +1,6 @@
-"""Runs validated requests through the engine: greedy / sampled batches, beams, streams.
+"""Runs validated requests through the engine: greedy / sampled batches and beams.
 
-This is the host side of one `generate` / `stream` / session turn: it builds the
+This is the host side of one `generate` call: it builds the
 batch (`ftjax.batching`), drives the engine's jitted prefill and decode, checks stop
 strings between decode chunks, and turns device state into per-request outputs. It
 uses only the engine's public methods and never writes device state itself.
@@ -9,7 +9,7 @@ uses only the engine's public methods and never writes device state itself.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,9 +17,7 @@ import numpy as np
 from ftjax import batching, buckets, sharding
 from ftjax.batching import Request, Sequences
 from ftjax.beam import BeamSearch
-from ftjax.engine import DECODE_CHUNK, FINISH_STOP, Engine
-
-STREAM_CHUNK = 1  # decode steps between streamed events
+from ftjax.engine import DECODE_CHUNK, Engine
 
 
 @dataclasses.dataclass
@@ -105,18 +103,16 @@ class Generator:
                 results[i] = seqs
         return results
 
-    def run_sampling(self, reqs: List[Request], session: Optional[dict] = None, cache=None):
+    def run_sampling(self, reqs: List[Request]):
         """Prefill + decode of sampled / greedy requests.
 
-        Args:
-          session: for a session's turn, see `batching.build`; cache: its KV cache.
         Returns:
           (Sequences per request, the final decode state)
         """
         batch = batching.build(reqs, [r.sp.n for r in reqs], self.cfg, DECODE_CHUNK,
-                               session=session, layout=self.engine.layout)
+                               layout=self.engine.layout)
         state, prompt_lp = self.engine.prefill(
-            self.params, **batch.prefill_args, sp=batch.sp, cache=cache,
+            self.params, **batch.prefill_args, sp=batch.sp,
             max_len=batch.max_len, width=batch.width, feat=batch.feat)
         stops = batching.StopStrings(batch, reqs, self.tokenizer)
         if stops:
@@ -189,41 +185,3 @@ class Generator:
             [None if t is None else pick(r, t) for r, t in zip(reqs, tops)],
             prompt_logprobs=None if all(s.prompt_logprobs is None for s in results) else
             [s.prompt_logprobs for s in results])
-
-    def stream(self, reqs: List[Request]) -> Iterator[StreamEvent]:
-        """Yields each token of sampled / greedy requests as soon as it is produced."""
-        if any(r.sp.num_beams > 1 for r in reqs):
-            raise ValueError("stream does not support num_beams > 1: beams are only final "
-                             "when the search ends; use generate")
-        batch = batching.build(reqs, [r.sp.n for r in reqs], self.cfg, STREAM_CHUNK,
-                               layout=self.engine.layout)
-        state, _ = self.engine.prefill(self.params, **batch.prefill_args, sp=batch.sp,
-                                       max_len=batch.max_len, width=batch.width, feat=batch.feat)
-        stops = batching.StopStrings(batch, reqs, self.tokenizer)
-        rows = batch.rows
-        seen = [0] * len(rows)
-        shown = [""] * len(rows)
-        while True:
-            state = self._check_stops(stops, state)
-            tokens, n_gen, finish = sharding.fetch((state.tokens, state.n_gen, state.finish))
-            for b, (i, j) in enumerate(rows):
-                end = stops.cut.get(b, int(n_gen[b]))
-                for k in range(seen[b], end):
-                    last = k + 1 == end and finish[b] != 0
-                    text = None
-                    if self.tokenizer is not None:
-                        full = self.tokenizer.decode(tokens[b, :k + 1].tolist())
-                        if full.endswith("\ufffd") and not last:
-                            text = ""  # an incomplete multi-byte character: wait for more
-                        else:
-                            text, shown[b] = full[len(shown[b]):], full
-                    reason = None
-                    if last:
-                        reason = "stop" if finish[b] == FINISH_STOP else "length"
-                    yield StreamEvent(index=i, token=int(tokens[b, k]), text=text,
-                                      finish_reason=reason, sample=j)
-                seen[b] = max(seen[b], end)
-            if all(finish[:len(rows)] != 0) or int(state.step) >= batch.width:
-                return
-            state = self.engine.decode_chunk(self.params, state, batch.sp, feat=batch.feat,
-                                             chunk=STREAM_CHUNK)

@@ -31,7 +31,7 @@ import collections
 import dataclasses
 import itertools
 import secrets
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +39,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ftjax import paged_kv, processors
-from ftjax.batching import _alternatives, first_stop_hit
+from ftjax.batching import Sequences, _alternatives, first_stop_hit
 from ftjax.blocks import BlockManager, block_hashes
-from ftjax.engine import FINISH_NONE, FINISH_STOP, DecodeState, Features
+from ftjax.engine import (FINISH_NONE, FINISH_STOP, DecodeState, Features,
+                          log_probs_and_top)
 from ftjax.paged_cache import PagedCache
 from ftjax.sampling import MAX_LOGPROBS, SamplingArrays, SamplingParams
 
@@ -65,6 +66,9 @@ class RequestOutput:
       tokens: every token of the sequence so far.
       new_top_logprobs: with logprobs=N, per new token {token: log-prob} of the chosen
         one and the N most likely.
+      prompt_logprobs: with prompt_logprobs=N, per prompt token {token: log-prob} of
+        that token and the N most likely given the tokens before it (None for the
+        first token and soft-prompt rows), as `Model.generate` returns them.
     """
 
     request_id: str
@@ -75,6 +79,7 @@ class RequestOutput:
     finish_reason: Optional[str]
     tokens: List[int]
     new_top_logprobs: Optional[List[Dict[int, float]]] = None
+    prompt_logprobs: Optional[List[Optional[Dict[int, float]]]] = None
 
 
 @dataclasses.dataclass
@@ -97,11 +102,14 @@ class _Sample:
 @dataclasses.dataclass
 class _Request:
     rid: str
-    ids: List[int]
+    ids: List[int]                        # token per prompt position (0 at soft-prompt rows)
     sp: SamplingParams
     max_new: int
     samples: List[_Sample]
     sp_rows: SamplingArrays               # [n] rows, fixed widths
+    soft: Optional[np.ndarray] = None     # [P, E] soft-prompt rows before the tokens
+    session: Optional[str] = None         # the session whose held pages it may continue
+    prompt_lp: Optional[list] = None      # prompt_logprobs entries, filled by prefill
     phase: str = "waiting"                # waiting | prefill | decode
     prefilled: int = 0                    # prompt tokens in the cache
     order: int = 0                        # admission order (preemption picks the newest)
@@ -109,6 +117,47 @@ class _Request:
 
     def key(self, j: int = 0):
         return (self.rid, j)
+
+    @property
+    def n_soft(self) -> int:
+        return 0 if self.soft is None else len(self.soft)
+
+    @property
+    def shareable(self) -> bool:
+        """Whether its prompt may take (and give) prefix-cache pages: not with a soft
+        prompt (positions are not token ids) or prompt log-probs (every position's
+        logits must be computed)."""
+        return self.soft is None and self.sp.prompt_logprobs is None
+
+
+# DecodeState fields with one row per slot (the decode gathers the running slots' rows).
+_ROW_FIELDS = ("tokens", "log_probs", "top_ids", "top_lps", "hist", "seen", "counts", "last",
+               "pos", "n_gen", "finish")
+
+
+def sequences(outputs: List[RequestOutput], n: int) -> Sequences:
+    """One request's final `Sequences` (what `Model.generate` returns for it) from the
+    `RequestOutput`s the engine gave it, in order."""
+    last: Dict[int, RequestOutput] = {}
+    lps: Dict[int, List[float]] = collections.defaultdict(list)
+    tops: Dict[int, list] = collections.defaultdict(list)
+    for o in outputs:
+        last[o.sample] = o
+        lps[o.sample] += o.new_log_probs
+        tops[o.sample] += o.new_top_logprobs or []
+    if sorted(last) != list(range(n)) or not all(o.finished for o in last.values()):
+        raise RuntimeError("the request has not finished")
+    seq = Sequences([], [], [], [])
+    for j in range(n):
+        o = last[j]
+        seq.tokens.append(o.tokens)
+        seq.finish_reasons.append(o.finish_reason)
+        seq.log_probs.append(lps[j])
+        seq.cum_log_probs.append(float(np.sum(lps[j], dtype=np.float64)))
+        if o.new_top_logprobs is not None:
+            seq.top_logprobs = (seq.top_logprobs or []) + [tops[j]]
+        seq.prompt_logprobs = o.prompt_logprobs
+    return seq
 
 
 def _pad_last(a: np.ndarray, width: int, fill) -> np.ndarray:
@@ -167,6 +216,10 @@ class LLMEngine:
         # of a few precompiled widths (`warmup` compiles them all).
         m = self.pages_per_seq
         self.widths = sorted({max(1, -(-m // d)) for d in (8, 4, 2, 1)})
+        # ... and runs only the running slots, gathered into the smallest of these
+        # row counts (a decode step's cost grows with its rows, busy or not).
+        self.row_buckets = sorted({min(2 ** i, max_slots)
+                                   for i in range(max_slots.bit_length() + 1)})
         dtype, kv_dtype = self.engine.dtype, self.engine.kv_dtype
         if num_pages is None:
             if kv_memory is not None:
@@ -195,12 +248,18 @@ class LLMEngine:
         self.preemptions = 0
         self._async_queues: Dict[str, asyncio.Queue] = {}
         self._driver: Optional[asyncio.Task] = None
+        # Sessions: pages of a conversation's last turn kept for its next one.
+        # session id -> (block-manager sequence, the tokens its pages hold), LRU order.
+        self._holds: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
+        self._sessions = set()
+        self._session_ids = itertools.count()
 
     # -- device functions (each traced once) ------------------------------------
 
     def _jit(self):
         self._admit_fn = jax.jit(self._admit_dev, donate_argnames=("state", "sp"))
-        self._prefill_fn = jax.jit(self._prefill_dev, donate_argnames=("state",))
+        self._prefill_fn = jax.jit(self._prefill_dev, donate_argnames=("state",),
+                                   static_argnames=("prompt_lp",))
         self._decode_fn = jax.jit(self._decode_dev, donate_argnames=("state",),
                                   static_argnames=("pages",))
         self._copy_fn = jax.jit(self._copy_dev, donate_argnames=("state",))
@@ -210,15 +269,15 @@ class LLMEngine:
         """Compiles every device function now, with inputs that change nothing (no
         position written, no slot advanced), so no request waits for a compile."""
         s, m = self.max_slots, self.pages_per_seq
-        none = np.full((self.prefill_rows, self.prefill_len), -1, np.int32)
-        self.state = self._prefill_fn(self.params, self.state, self.sp, np.maximum(none, 0),
-                                      none, np.zeros((self.prefill_rows, m), np.int32),
-                                      np.zeros((self.prefill_rows,), np.int32),
-                                      np.full((s,), -1, np.int32))
+        for lp in (False, True):
+            self.state = self._prefill_fn(self.params, self.state, self.sp,
+                                          **self._prefill_inputs(), prompt_lp=lp)[0]
         for w in self.widths:
-            self.state = self._decode_fn(self.params, self.state, self.sp,
-                                         np.zeros((s, m), np.int32), np.zeros((s,), bool),
-                                         pages=w)
+            for r in self.row_buckets:
+                self.state = self._decode_fn(self.params, self.state, self.sp,
+                                             np.arange(r, dtype=np.int32),
+                                             np.zeros((r, m), np.int32), np.zeros((r,), bool),
+                                             pages=w)
         self.state = self._copy_fn(self.state, np.zeros((s,), np.int32), np.zeros((s,), np.int32))
         jax.block_until_ready(self._window_fn(self.state, np.zeros((s,), np.int32)))
         slot = self._free_slots[-1]
@@ -284,30 +343,62 @@ class LLMEngine:
         new = self.engine._advance(shown, logits, sp, self.feat)
         return new.replace(finish=jnp.where(mask, new.finish, state.finish))
 
-    def _prefill_dev(self, params, state: DecodeState, sp, tokens, positions, table,
-                     last_index, src):
-        """Prompt chunks `[R, T]` (positions -1 = padding) written into their pages;
-        slots with `src[s] >= 0` take their first token from row src[s]'s last logits."""
-        self.trace_counts["prefill"] += 1
-        cache = PagedCache(state.cache, table, self.max_len, self.engine.kernels)
-        logits, cache = self.engine.model(params, tokens, positions, cache,
-                                          last_index=last_index)
-        state = state.replace(cache=cache.kv)
-        return self._pin(self._advance(state, logits[jnp.maximum(src, 0), 0], sp, src >= 0))
+    def _prefill_inputs(self) -> dict:
+        """Host arrays of one prefill call that computes nothing (every row padding)."""
+        rows, t, e = self.prefill_rows, self.prefill_len, self.cfg.embed_dim
+        return dict(tokens=np.zeros((rows, t), np.int32),
+                    positions=np.full((rows, t), -1, np.int32),
+                    table=np.zeros((rows, self.pages_per_seq), np.int32),
+                    last_index=np.zeros((rows,), np.int32),
+                    src=np.full((self.max_slots,), -1, np.int32),
+                    embeds=np.zeros((rows, t, e), np.float32), soft=np.zeros((rows, t), bool),
+                    nxt=np.zeros((rows, t), np.int32))
 
-    def _decode_dev(self, params, state: DecodeState, sp, table, active, *, pages: int):
-        """`chunk` decode steps of the slots in `active` `[S]`; the others write nothing.
-        pages: static, every live row's positions lie in its first `pages` pages."""
+    def _prefill_dev(self, params, state: DecodeState, sp, tokens, positions, table,
+                     last_index, src, embeds, soft, nxt, *, prompt_lp: bool = False):
+        """Prompt chunks `[R, T]` (positions -1 = padding) written into their pages;
+        slots with `src[s] >= 0` take their first token from row src[s]'s last logits.
+
+        embeds / soft: `[R, T, E]` / bool `[R, T]`: soft-prompt rows replace the token's
+        embedding where set. prompt_lp (static): also return, per position, the
+        log-prob of the next prompt token `nxt [R, T]` and the top alternatives (the
+        logits of every position are computed; otherwise only the last one's).
+        """
+        self.trace_counts["prefill_lp" if prompt_lp else "prefill"] += 1
+        cache = PagedCache(state.cache, table, self.max_len, self.engine.kernels)
+        if prompt_lp:
+            logits, cache = self.engine.model(params, tokens, positions, cache,
+                                              soft=(embeds, soft))
+            lps = log_probs_and_top(logits, nxt, self.feat.top_n)
+            logits = jnp.take_along_axis(logits, last_index[:, None, None], axis=1)
+        else:
+            logits, cache = self.engine.model(params, tokens, positions, cache,
+                                              last_index=last_index, soft=(embeds, soft))
+            lps = None
+        state = state.replace(cache=cache.kv)
+        state = self._advance(state, logits[jnp.maximum(src, 0), 0], sp, src >= 0)
+        return self._pin(state), lps
+
+    def _decode_dev(self, params, state: DecodeState, sp, slots, table, active, *,
+                    pages: int):
+        """`chunk` decode steps of the slots `slots` `[R]` (distinct) where `active` `[R]`
+        is set; the others write nothing. table: `[R, M]` their page tables. pages:
+        static, every live row's positions lie in its first `pages` pages."""
         self.trace_counts["decode"] += 1
+        rows = state.replace(**{f: getattr(state, f)[slots] for f in _ROW_FIELDS})
+        sp_rows = jax.tree_util.tree_map(lambda a: a[slots], sp)
 
         def body(s, _):
             live = active & (s.finish == FINISH_NONE)
             pos = jnp.where(live, s.pos, -1)
             cache = PagedCache(s.cache, table, pages * self.page_size, self.engine.kernels)
             logits, cache = self.engine.model(params, s.last[:, None], pos[:, None], cache)
-            return self._advance(s.replace(cache=cache.kv), logits[:, 0], sp, active), None
+            return self._advance(s.replace(cache=cache.kv), logits[:, 0], sp_rows,
+                                 active), None
 
-        return self._pin(jax.lax.scan(body, state, None, length=self.chunk)[0])
+        rows = jax.lax.scan(body, rows, None, length=self.chunk)[0]
+        return self._pin(rows.replace(**{f: getattr(state, f).at[slots].set(getattr(rows, f))
+                                         for f in _ROW_FIELDS}))
 
     def _copy_dev(self, state: DecodeState, src, dst):
         self.trace_counts["copy"] += 1
@@ -350,28 +441,40 @@ class LLMEngine:
             stop_seq_len=fit(sp.stop_seq_len, seqs[:1], 0, "stop_sequences"))
 
     def add_request(self, prompt, sampling: Optional[SamplingParams] = None,
-                    max_new_tokens: int = 64) -> str:
+                    max_new_tokens: int = 64, soft_prompt: Optional[np.ndarray] = None,
+                    session: Optional[str] = None) -> str:
         """Queues one request; returns its id.
 
         Args:
           prompt: a string (needs a tokenizer) or a list of token ids.
           sampling: its options (None: greedy). `sampling.max_new_tokens` overrides
             `max_new_tokens`; `n` > 1 decodes n samples sharing the prompt's pages.
+          soft_prompt: optional float `[P, E]` embedding rows before the prompt's tokens
+            (prompt tuning, as `Model.generate(soft_prompts=)`).
+          session: an id from `open_session()`: the request continues that
+            conversation (its prompt is the whole conversation so far), reusing the
+            pages its previous turn left, and leaves its own for the next turn.
         Raises:
           ValueError: bad input (checked as `Model.generate` checks it), an option the
-            engine does not serve (beams, prompt_logprobs, more logprobs than
-            `max_logprobs`, processors when compiled without), more samples than
-            slots, or a request needing more pages than the whole pool.
+            engine does not serve (beams, more logprobs than `max_logprobs`,
+            processors when compiled without), more samples than slots, or a request
+            needing more pages than the whole pool.
+          KeyError: an unknown or closed session.
         """
         sp = sampling or SamplingParams()
-        req = self.model.requests([prompt], max_new_tokens, sp)[0]
+        req = self.model.requests([prompt], max_new_tokens, sp,
+                                  None if soft_prompt is None else [soft_prompt])[0]
         if sp.num_beams > 1:
             raise ValueError("LLMEngine does not serve num_beams > 1; use Model.generate")
-        if sp.prompt_logprobs is not None:
-            raise ValueError("LLMEngine does not return prompt_logprobs; use Model.generate")
-        if sp.logprobs > self.max_logprobs:
-            raise ValueError(f"sampling.logprobs={sp.logprobs} exceeds the engine's "
-                             f"max_logprobs={self.max_logprobs}")
+        for what, n in (("logprobs", sp.logprobs), ("prompt_logprobs", sp.prompt_logprobs or 0)):
+            if n > self.max_logprobs:
+                raise ValueError(f"sampling.{what}={n} exceeds the engine's "
+                                 f"max_logprobs={self.max_logprobs}")
+        if session is not None:
+            if session not in self._sessions:
+                raise KeyError(f"unknown session {session!r} (not opened, or closed)")
+            if sp.n != 1:
+                raise ValueError("a session's request takes n=1 (one conversation)")
         if sp.uses_processors and not self.feat.processors:
             raise ValueError("this engine was built with processors=False; the request uses "
                              "a logits processor (penalties, n-gram or bad-word bans, "
@@ -381,7 +484,7 @@ class LLMEngine:
                              "use stop_sequences (token ids)")
         if sp.n > self.max_slots:
             raise ValueError(f"sampling.n={sp.n} exceeds the engine's max_slots={self.max_slots}")
-        total = min(len(req.ids) + req.max_new, self.cfg.max_positions)
+        total = min(req.length + req.max_new, self.cfg.max_positions)
         need = sp.n * -(-total // self.page_size)
         if need > self.num_pages - 1:
             raise ValueError(f"the request needs up to {need} pages of {self.page_size} tokens "
@@ -395,8 +498,13 @@ class LLMEngine:
                                     sample_index=list(range(sp.n)))
         rows = jax.device_get(self._pad_rows(rows))
         rid = f"req-{next(self._ids)}"
-        r = _Request(rid, req.ids, sp, req.max_new, [_Sample(j) for j in range(sp.n)], rows)
-        if self.blocks.prefix_caching:
+        soft = req.soft
+        ids = [0] * (0 if soft is None else len(soft)) + list(req.ids)
+        r = _Request(rid, ids, sp, req.max_new, [_Sample(j) for j in range(sp.n)], rows,
+                     soft=soft, session=session)
+        if sp.prompt_logprobs is not None:
+            r.prompt_lp = [None] * len(req.ids)
+        if self.blocks.prefix_caching and r.shareable:
             r.hashes = block_hashes(r.ids, self.page_size)
         self._requests[rid] = r
         if req.max_new == 0:
@@ -435,7 +543,8 @@ class LLMEngine:
                     pages_in_use=b["pages_in_use"], pages_total=b["pages_total"],
                     prefix_queries=b["prefix_queries"], prefix_hits=b["prefix_hits"],
                     prefix_cached_tokens=b["cached_tokens"],
-                    prefill_tokens=self.prefill_tokens, preemptions=self.preemptions)
+                    prefill_tokens=self.prefill_tokens, preemptions=self.preemptions,
+                    sessions_kept=len(self._holds))
 
     # -- scheduling ---------------------------------------------------------------
 
@@ -459,28 +568,120 @@ class LLMEngine:
         self._queue.appendleft(r)
 
     def _admit(self):
-        decoding = sum(len(r.samples) for r in self._requests.values() if r.phase == "decode")
+        headroom = self._next_chunk_pages()
         while self._queue:
             r = self._queue[0]
             n = len(r.samples)
             if n > len(self._free_slots):
                 return
-            if not self.blocks.can_allocate(len(r.ids), r.ids) or self._prefix_in_flight(r):
-                return
-            # Leave a page per decoding sequence for growth, so admitting does not
-            # force a preemption at once.
-            if decoding and self.blocks.num_free - -(-len(r.ids) // self.page_size) < decoding:
-                return
+            cached = self._continue(r) if r.session in self._holds else None
+            if cached is None:
+                tokens = r.ids if r.shareable else None
+                # Kept session pages are a cache: given up before a request waits.
+                while self._holds and not self.blocks.can_allocate(len(r.ids), tokens):
+                    self._drop_hold(next(iter(self._holds)))
+                if (not self.blocks.can_allocate(len(r.ids), tokens)
+                        or self._prefix_in_flight(r)):
+                    return
+                # Leave the pages the running sequences' next decode chunk takes, so
+                # admitting does not force a preemption at once.
+                if self.blocks.num_free - -(-len(r.ids) // self.page_size) < headroom:
+                    return
+                cached = self.blocks.allocate(r.key(0), len(r.ids), tokens)
             self._queue.popleft()
-            r.prefilled = self.blocks.allocate(r.key(0), len(r.ids), r.ids)
+            r.prefilled = cached
             r.phase, r.order = "prefill", next(self._order)
             hist = np.full((self.width,), -1, np.int32)
-            hist[:len(r.ids)] = r.ids
+            hist[r.n_soft:len(r.ids)] = r.ids[r.n_soft:]
             for s in r.samples:
                 s.slot = self._free_slots.pop(0)
                 row = jax.tree_util.tree_map(lambda a, j=s.j: a[j], r.sp_rows)
                 self.state, self.sp = self._admit_fn(self.state, self.sp, np.int32(s.slot),
                                                      hist, row, np.int32(len(r.ids)))
+
+    # -- sessions ---------------------------------------------------------------
+
+    def open_session(self) -> str:
+        """A new conversation id for `add_request(session=)`: each of its requests
+        leaves its pages (prompt + reply) for the next one, whose prompt then only
+        needs the new tokens computed. Kept pages are a cache: under memory pressure
+        they are given up (least recently used first) and the next turn recomputes."""
+        sid = f"session-{next(self._session_ids)}"
+        self._sessions.add(sid)
+        return sid
+
+    def close_session(self, sid: str):
+        """Frees the session's kept pages. KeyError: unknown or closed session."""
+        if sid not in self._sessions:
+            raise KeyError(f"unknown session {sid!r} (not opened, or closed)")
+        self._sessions.discard(sid)
+        if sid in self._holds:
+            self._drop_hold(sid)
+
+    def _drop_hold(self, sid: str):
+        seq, _ = self._holds.pop(sid)
+        self.blocks.free(seq)
+
+    def _keep(self, r: _Request, s: _Sample):
+        """A finished session turn: its pages stay, as the session's, holding the
+        prompt and every reply token but the last (sampled, never fed)."""
+        key = r.key(s.j)
+        end = len(s.tokens) if s.cut is None else s.cut
+        if r.session in self._sessions and r.shareable and end >= 1:
+            if r.session in self._holds:
+                self._drop_hold(r.session)
+            hold = ("session", r.session)
+            self.blocks.fork(key, hold)
+            self._holds[r.session] = (hold, r.ids + s.tokens[:end - 1])
+        self.blocks.free(key)
+
+    def _continue(self, r: _Request) -> Optional[int]:
+        """Admits a session's request onto its kept pages: returns the tokens already
+        computed, or None (the pages do not fit the prompt, or growing them needs
+        pages there are not; they are then freed)."""
+        seq, held = self._holds.pop(r.session)
+        n = len(held)
+        if not r.shareable or n >= len(r.ids) or r.ids[:n] != held:
+            self.blocks.free(seq)
+            return None
+        key = r.key(0)
+        self.blocks.fork(seq, key)
+        self.blocks.free(seq)
+        grow = len(r.ids) - self.blocks.num_tokens(key)
+        if grow > 0:
+            if not self.blocks.can_append(key, grow):
+                self.blocks.free(key)
+                return None
+            self._copy(self.blocks.append_slots(key, grow))
+        return n
+
+    def _copy(self, copies):
+        """Copy-on-write page copies `[(src, dst)]`, in fixed-size calls."""
+        n = self.max_slots
+        for i in range(0, len(copies), n):
+            part = np.zeros((2, n), np.int32)
+            part[:, :len(copies[i:i + n])] = np.asarray(copies[i:i + n]).T
+            self.state = self._copy_fn(self.state, part[0], part[1])
+
+    def _need(self, r: _Request, s: _Sample) -> int:
+        """Tokens sequence `s` must hold for its next decode chunk: the positions the
+        chunk writes (its current one on; the last token, never fed, needs none)."""
+        return min(len(r.ids) + max(s.fetched, 1) - 1 + self.chunk,
+                   len(r.ids) + r.max_new - 1, self.cfg.max_positions)
+
+    def _next_chunk_pages(self) -> int:
+        """New pages the next decode chunk of every admitted sequence will take."""
+        ps, total = self.page_size, 0
+        for r in self._requests.values():
+            if r.phase == "waiting":
+                continue
+            for s in r.samples:
+                key = r.key(s.j)
+                if s.done or key not in self.blocks:
+                    continue
+                have = self.blocks.num_tokens(key)
+                total += max(0, -(-self._need(r, s) // ps) - -(-have // ps))
+        return total
 
     def _prefix_in_flight(self, r: _Request) -> bool:
         """A request now in prefill is computing blocks this prompt could reuse: wait for
@@ -492,12 +693,10 @@ class LLMEngine:
 
     def _prefill(self):
         rows, t = self.prefill_rows, self.prefill_len
-        tokens = np.zeros((rows, t), np.int32)
-        positions = np.full((rows, t), -1, np.int32)
-        table = np.zeros((rows, self.pages_per_seq), np.int32)
-        last = np.zeros((rows,), np.int32)
-        src = np.full((self.max_slots,), -1, np.int32)
-        row, work = 0, []
+        a = self._prefill_inputs()
+        tokens, positions, table, last, src = (a["tokens"], a["positions"], a["table"],
+                                               a["last_index"], a["src"])
+        row, work, spans = 0, [], []
         for r in sorted((r for r in self._requests.values() if r.phase == "prefill"),
                         key=lambda r: r.order):
             start = r.prefilled
@@ -507,6 +706,14 @@ class LLMEngine:
                 tokens[row, :end - start] = r.ids[start:end]
                 positions[row, :end - start] = np.arange(start, end)
                 table[row] = page_row
+                if start < r.n_soft:
+                    k = min(end, r.n_soft) - start
+                    a["embeds"][row, :k] = r.soft[start:start + k]
+                    a["soft"][row, :k] = True
+                if r.prompt_lp is not None:
+                    nxt = r.ids[start + 1:end + 1]
+                    a["nxt"][row, :len(nxt)] = nxt
+                    spans.append((r, row, start, end))
                 if end == len(r.ids):
                     last[row] = end - start - 1
                     for s in r.samples:
@@ -518,8 +725,16 @@ class LLMEngine:
                 break
         if not work:
             return
-        self.state = self._prefill_fn(self.params, self.state, self.sp, tokens, positions,
-                                      table, last, src)
+        self.state, lps = self._prefill_fn(self.params, self.state, self.sp, **a,
+                                           prompt_lp=bool(spans))
+        if spans:
+            chosen, top_ids, top_lps = jax.device_get(lps)
+            for r, row, start, end in spans:
+                # Position q's logits give prompt token q + 1 (entry q + 1 - n_soft).
+                for q in range(max(start, r.n_soft), min(end, len(r.ids) - 1)):
+                    r.prompt_lp[q + 1 - r.n_soft] = _alternatives(
+                        r.ids[q + 1], chosen[row, q - start], top_ids[row, q - start],
+                        top_lps[row, q - start], r.sp.prompt_logprobs)
         for r, done in work:
             self.prefill_tokens += done - r.prefilled
             r.prefilled = done
@@ -541,12 +756,11 @@ class LLMEngine:
                     if s.done:
                         continue
                     key = r.key(s.j)
-                    n_dev = max(s.fetched, 1)
-                    # Positions the chunk writes: the row's current one on (the last
-                    # token, never fed, needs none).
-                    need = min(len(r.ids) + n_dev - 1 + self.chunk,
-                               len(r.ids) + r.max_new - 1, self.cfg.max_positions)
+                    need = self._need(r, s)
                     grow = max(0, need - self.blocks.num_tokens(key))
+                    if grow and not self.blocks.can_append(key, grow) and self._holds:
+                        self._drop_hold(next(iter(self._holds)))
+                        break
                     if grow and not self.blocks.can_append(key, grow):
                         victim = max((q for q in self._requests.values()
                                       if q.phase != "waiting"), key=lambda q: q.order)
@@ -564,12 +778,7 @@ class LLMEngine:
                 break
             else:
                 break
-        if copies:
-            n = self.max_slots
-            for i in range(0, len(copies), n):
-                part = np.zeros((2, n), np.int32)
-                part[:, :len(copies[i:i + n])] = np.asarray(copies[i:i + n]).T
-                self.state = self._copy_fn(self.state, part[0], part[1])
+        self._copy(copies)
         return [r for r in self._requests.values() if r.phase == "decode"]
 
     def step(self) -> List[RequestOutput]:
@@ -584,16 +793,19 @@ class LLMEngine:
         running = self._reserve()
         decoding = [(r, s) for r in running for s in r.samples if not s.done and s.slot >= 0]
         if decoding:
-            table = np.zeros((self.max_slots, self.pages_per_seq), np.int32)
-            active = np.zeros((self.max_slots,), bool)
+            n = next(b for b in self.row_buckets if b >= len(decoding))
+            busy = [s.slot for _, s in decoding]
+            slots = np.asarray(busy + [i for i in range(self.max_slots)
+                                       if i not in set(busy)][:n - len(busy)], np.int32)
+            table = np.zeros((n, self.pages_per_seq), np.int32)
+            active = np.arange(n) < len(decoding)
             longest = 0
-            for r, s in decoding:
-                table[s.slot] = self.blocks.table([r.key(s.j)])[0]
-                active[s.slot] = True
+            for i, (r, s) in enumerate(decoding):
+                table[i] = self.blocks.table([r.key(s.j)])[0]
                 longest = max(longest, self.blocks.num_tokens(r.key(s.j)))
             pages = next(w for w in self.widths if w * self.page_size >= longest)
-            self.state = self._decode_fn(self.params, self.state, self.sp, table, active,
-                                         pages=pages)
+            self.state = self._decode_fn(self.params, self.state, self.sp, slots, table,
+                                         active, pages=pages)
         if not decoding:
             return out
         start = np.zeros((self.max_slots,), np.int32)
@@ -619,7 +831,7 @@ class LLMEngine:
                 elif finish[b] != FINISH_NONE:
                     s.done, s.reason = True, "stop" if finish[b] == FINISH_STOP else "length"
                 if s.done:
-                    self.blocks.free(r.key(s.j))
+                    self._keep(r, s)
                     self._free_slots.append(s.slot)
                     s.slot = -1
             out += self._outputs(r)
@@ -640,10 +852,33 @@ class LLMEngine:
                 request_id=r.rid, sample=s.j, new_tokens=s.tokens[new],
                 new_log_probs=s.log_probs[new], finished=fin,
                 finish_reason=s.reason if fin else None, tokens=s.tokens[:end],
-                new_top_logprobs=s.tops[new] if r.sp.logprobs else None))
+                new_top_logprobs=s.tops[new] if r.sp.logprobs else None,
+                prompt_logprobs=r.prompt_lp))
             s.emitted = max(end, s.emitted)
             s.reported = s.reported or fin
         return out
+
+    def iterate(self, rids: List[str]) -> Iterator[RequestOutput]:
+        """Steps the engine until the requests `rids` have finished, yielding their
+        outputs as steps produce them (for synchronous clients: `Model.stream`,
+        sessions). Outputs of other requests made meanwhile are kept for the next
+        `step()`. Closing the iterator early aborts the requests still running."""
+        want, other = set(rids), []
+        try:
+            while True:
+                for o in self.step():
+                    if o.request_id in want:
+                        yield o
+                    else:
+                        other.append(o)
+                if not (any(r in self._requests for r in want)
+                        or any(o.request_id in want for o in self._ready)):
+                    return
+        finally:
+            self._ready = other + self._ready
+            for rid in want:
+                if rid in self._requests:
+                    self.abort(rid)
 
     # -- async --------------------------------------------------------------------
 

@@ -1,30 +1,34 @@
-"""Interactive sessions (FasterTransformer's continue_gen): one conversation, one KV cache.
+"""Interactive sessions (FasterTransformer's continue_gen): one conversation on the serving engine.
 
-Each turn prefills only the tokens the cache does not hold yet (what was
-appended, plus the previous turn's last generated token, which was sampled but
-never fed), then decodes. The result equals running the whole conversation
-from scratch.
+Each turn is one request of `ftjax.LLMEngine` whose prompt is the whole conversation.
+The engine keeps the pages of the previous turn (prompt and reply) for the session,
+so a turn computes only what was appended, plus the previous reply's last token
+(sampled, never fed). The result equals running the whole conversation from scratch.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import List, Optional, Sequence, Union
 
 from ftjax.batching import Request, check_ids
 from ftjax.generation import GenerateOutput, Generator
 from ftjax.sampling import SamplingParams
+from ftjax.serving import LLMEngine, sequences
 
 
 class Session:
     """A conversation with a model: `append` tokens, `generate` a reply, repeat.
 
     Args:
-      gen: the model's `ftjax.generation.Generator` (`Model.session()` passes it).
-      max_len: the most positions the conversation may use (prompt and replies);
-        the KV cache holds this many slots.
+      gen: the model's `ftjax.generation.Generator` (its config, tokenizer, outputs).
+      engine: the `ftjax.LLMEngine` that runs the turns and keeps the pages between them.
+      max_len: the most positions the conversation may use (prompt and replies).
+
+    `close()` (or leaving a `with` block, or dropping the session) frees its pages.
     """
 
-    def __init__(self, gen: Generator, max_len: int):
+    def __init__(self, gen: Generator, engine: LLMEngine, max_len: int):
         limit = gen.cfg.max_positions
         if not isinstance(max_len, int) or not 2 <= max_len <= limit:
             raise ValueError(f"session max_len must be an int in [2, {limit}] (the model's "
@@ -32,13 +36,24 @@ class Session:
                              f"positions, so use model.session(max_len={limit}) or less "
                              "(or max_len=None for all)")
         self.gen = gen
+        self.engine = engine
         self.max_len = max_len
         self.history: List[int] = []  # every token of the conversation, in order
-        self._cached = 0              # how many of them the cache holds
-        self._cache = None
+        self.id = engine.open_session()
+        self._closed = weakref.finalize(self, _close, engine, self.id)
 
     def __len__(self) -> int:
         return len(self.history)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Frees the pages the engine keeps for this conversation."""
+        self._closed()
 
     def append(self, ids: Union[str, Sequence[int]]) -> None:
         """Adds user tokens (or text, with a tokenizer) to the conversation."""
@@ -57,7 +72,8 @@ class Session:
                  sampling: Optional[SamplingParams] = None) -> GenerateOutput:
         """Generates a reply to the conversation so far; the reply joins the conversation.
 
-        Returns a `GenerateOutput` with one entry.
+        Returns a `GenerateOutput` with one entry (prompt_logprobs, if asked for, cover
+        the whole conversation).
         """
         sp = sampling or SamplingParams()
         if not isinstance(sp, SamplingParams):
@@ -66,22 +82,22 @@ class Session:
             raise ValueError("session.generate supports n=1 and num_beams=1 only")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if not self._closed.alive:
+            raise ValueError("this session is closed")
         budget = max_new_tokens if sp.max_new_tokens is None else sp.max_new_tokens
-        pending = self.history[self._cached:]
-        if not pending:
+        if not self.history:
             raise ValueError("nothing to reply to: append tokens first")
         if len(self.history) + budget > self.max_len:
             raise ValueError(f"session length exceeded: {len(self.history)} tokens + "
                              f"max_new_tokens={budget} > max_len={self.max_len}")
-        req = Request(pending, sp, budget)
-        seqs, state = self.gen.run_sampling(
-            [req], session={"start": self._cached, "max_len": self.max_len,
-                            "history": self.history[:self._cached]},
-            cache=self._cache)
-        reply = seqs[0].tokens[0]
-        # The cache now holds the pending tokens and every reply token but the last
-        # (a token is fed the step after it is sampled).
-        self._cached = len(self.history) + max(len(reply) - 1, 0)
-        self.history += reply
-        self._cache = state.cache
-        return self.gen.output([req], seqs)
+        rid = self.engine.add_request(self.history, sp, budget, session=self.id)
+        seq = sequences(list(self.engine.iterate([rid])), 1)
+        self.history += seq.tokens[0]
+        return self.gen.output([Request(self.history, sp, budget)], [seq])
+
+
+def _close(engine: LLMEngine, sid: str) -> None:
+    try:
+        engine.close_session(sid)
+    except KeyError:
+        pass

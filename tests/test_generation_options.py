@@ -256,25 +256,38 @@ def test_soft_prompt_equals_the_tokens_it_embeds(model):
 # -- streaming ----------------------------------------------------------------------------
 
 def test_stream_yields_before_decoding_ends(model):
-    calls = []
-    real = model.engine.decode_chunk
+    """Stream is a client of the model's serving engine: the first tokens are yielded
+    after the engine's first step (prefill + one decode chunk), not after the whole
+    request."""
+    eng = model.serving_engine()
+    steps = []
+    real = eng.step
 
-    def counting(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
+    def counting():
+        steps.append(1)
+        return real()
 
-    model.engine.decode_chunk = counting
+    eng.step = counting
     try:
         it = model.stream([[1, 2, 3]], max_new_tokens=30, sampling=NO_STOP)
         first = next(it)
-        assert len(calls) == 0  # the first token came straight from prefill
-        rest = [first] + [next(it) for _ in range(4)]
-        assert len(calls) <= 4  # one decode step per further token, not the whole loop
-        rest += list(it)
+        assert len(steps) == 1
+        rest = [first] + list(it)
     finally:
-        model.engine.decode_chunk = real
+        del eng.step
+    assert len(steps) >= 30 // eng.chunk
     ref = model.generate([[1, 2, 3]], max_new_tokens=30, sampling=NO_STOP).tokens[0]
     assert [e.token for e in rest] == ref
+
+
+def test_closing_a_stream_early_frees_its_slots(model):
+    eng = model.serving_engine()
+    it = model.stream([[1, 2, 3], [4, 5]], max_new_tokens=30, sampling=NO_STOP)
+    next(it)
+    assert eng.stats()["slots_busy"] == 2
+    it.close()
+    s = eng.stats()
+    assert (s["slots_busy"], s["running"], s["pages_in_use"]) == (0, 0, 0)
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import ftjax
+from ftjax import serving
 from ftjax import SamplingParams as SP
 from tiny import tiny_model
 
@@ -144,6 +145,20 @@ def test_workload_equals_generate(model, engine):
         alone = model.generate([prompt], max_new_tokens=32, sampling=sp)
         rid = next(r for r, i in ids.items() if work[i][0] is prompt)
         assert got[rid][0]["streamed"] == (alone.tokens[0] if sp.n == 1 else alone.tokens[0][0])
+
+
+@pytest.mark.slow
+def test_long_workload_equals_generate():
+    """The issue's lengths: 64 requests, prompts 1..400, budgets 1..128, mixed options
+    (stop ids / sequences, logprobs, n > 1, seeds, penalties), added at random steps,
+    long prompts prefilled over several steps of a 4 x 64-token budget."""
+    model = tiny_model(seed=6, eos_token_id=EOS, max_positions=544)
+    eng = ftjax.LLMEngine(model, max_slots=8, page_size=16, chunk=8, prefill_budget=256,
+                          prefill_rows=4, max_logprobs=4)
+    work = _workload(9, 64, max_prompt=400, max_budget=128)
+    ids, got, _ = _drive(eng, work, seed=10)
+    _check_against_generate(model, work, ids, got)
+    _idle(eng)
 
 
 def test_preemption_gives_the_same_results(model):
@@ -288,4 +303,69 @@ def test_tensor2_data2_mesh_gives_the_same_results():
     assert eng.state.cache.k.sharding.spec[2] == "tensor"
     assert eng.trace_counts["decode"] <= len(eng.widths)
     assert max(v for k, v in eng.trace_counts.items() if k != "decode") == 1
+    _idle(eng)
+
+
+def test_soft_prompts_and_prompt_logprobs_equal_generate(model, engine):
+    rng = np.random.default_rng(0)
+    e = model.config.embed_dim
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [21, 22, 23], list(range(30, 52)), [7]]
+    softs = [rng.normal(size=(3, e)).astype(np.float32), None,
+             rng.normal(size=(6, e)).astype(np.float32), None]
+    sps = [SP(prompt_logprobs=2, logprobs=1), SP(prompt_logprobs=4),
+           SP(temperature=0.9, seed=3), SP(prompt_logprobs=0)]
+    ref = model.generate(prompts, max_new_tokens=6, sampling=sps, soft_prompts=softs)
+    rids = [engine.add_request(p, sp, 6, soft_prompt=s) for p, sp, s in zip(prompts, sps, softs)]
+    outs = list(engine.iterate(rids))
+    for i, rid in enumerate(rids):
+        seq = serving.sequences([o for o in outs if o.request_id == rid], 1)
+        assert seq.tokens[0] == ref.tokens[i], i
+        np.testing.assert_allclose(seq.log_probs[0], ref.log_probs[i], atol=1e-5)
+        want = ref.prompt_logprobs[i] if ref.prompt_logprobs else None
+        if sps[i].prompt_logprobs is None:
+            assert seq.prompt_logprobs is None
+            continue
+        assert len(seq.prompt_logprobs) == len(prompts[i]) and seq.prompt_logprobs[0] is None
+        for a, b in zip(seq.prompt_logprobs[1:], want[1:]):
+            assert sorted(a) == sorted(b)
+            # fp32, chunked prefill vs one call: matmul shapes differ (measured <= 1e-6)
+            np.testing.assert_allclose([a[t] for t in sorted(a)], [b[t] for t in sorted(b)],
+                                       atol=1e-5)
+    _idle(engine)
+
+
+def test_session_keeps_its_pages_between_turns(model, engine):
+    sid = engine.open_session()
+    first = list(range(1, 21))
+    (o,) = [o for o in engine.iterate([engine.add_request(first, SP(), 5, session=sid)])
+            if o.finished]
+    s = engine.stats()
+    assert s["sessions_kept"] == 1 and s["pages_in_use"] > 0 and s["slots_busy"] == 0
+    before = s["prefill_tokens"]
+    second = first + o.tokens + [30, 31, 32]
+    outs = list(engine.iterate([engine.add_request(second, SP(), 6, session=sid)]))
+    # only the 3 new tokens and the last reply token (sampled, never fed) are computed
+    assert engine.stats()["prefill_tokens"] - before == 4
+    assert serving.sequences(outs, 1).tokens[0] == model.generate([second], 6).tokens[0]
+    engine.close_session(sid)
+    _idle(engine)
+    with pytest.raises(KeyError, match=sid):
+        engine.add_request(second, SP(), 2, session=sid)
+
+
+def test_kept_session_pages_give_way_to_new_requests(model):
+    # 9 usable pages of 8 tokens: a kept 40-token conversation (5 pages) must be given up
+    # for a request needing 7 pages; the session's next turn then recomputes, same result.
+    eng = ftjax.LLMEngine(model, max_slots=2, page_size=8, num_pages=10, chunk=4)
+    sid = eng.open_session()
+    talk = list(range(1, 38))
+    out = list(eng.iterate([eng.add_request(talk, SP(), 4, session=sid)]))
+    talk += serving.sequences(out, 1).tokens[0]
+    assert eng.stats()["sessions_kept"] == 1
+    big = list(range(40, 90))
+    list(eng.iterate([eng.add_request(big, SP(), 4)]))
+    assert eng.stats()["sessions_kept"] == 0
+    out = list(eng.iterate([eng.add_request(talk + [5], SP(), 3, session=sid)]))
+    assert serving.sequences(out, 1).tokens[0] == model.generate([talk + [5]], 3).tokens[0]
+    eng.close_session(sid)
     _idle(eng)

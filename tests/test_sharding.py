@@ -183,7 +183,7 @@ def test_tiny_meshes_equal_one_device(name):
     for tp, dp in (ALL_MESHES if FULL else TINY_MESHES[name]):
         model = Model(cfg, params, mesh=make_mesh(tensor=tp, data=dp))
         _check_same(ref, model, ids, prompts)
-    if name == "gqa2_glu_rotary":  # streaming (decode_chunk) gives the same tokens
+    if name == "gqa2_glu_rotary":  # streaming (the serving engine, on the mesh) gives the same tokens
         events = list(model.stream(prompts, 6, NO_STOP))
         streamed = [[e.token for e in events if e.index == i] for i in range(3)]
         assert streamed == ref.generate(prompts, 6, NO_STOP).tokens
