@@ -12,9 +12,9 @@ Python versions in its header):
 - int8 weight-only gpt2-774m, batch 1 and 8, vs ftjax fp32 of the same run;
 - prefill 8 x 128: the batch-8 rows' first-token ms, ftjax vs HF;
 - long context, gpt2-124m batch 1: decode ms per step at in 128 / out 128 and in
-  896 / out 128 (GPT-2 has 1024 positions), and the same 128-token prompt decoded in a
-  session whose KV cache holds 256 vs 1024 slots (per-step time should follow the
-  tokens in the cache, not its capacity).
+  896 / out 128 (GPT-2 has 1024 positions), and the same 128-token prompt and greedy
+  tokens decoded in a `generate` cache of 256 vs 1024 slots (per-step time should
+  follow the tokens in the cache, not its capacity).
 
 `--quick` runs only gpt2-124m (a smoke run of the script itself). Bounded: about 15
 minutes on a quiet 2-core machine at --repeats 3 (fewer repeats, never fewer cells).
@@ -67,9 +67,11 @@ def bench(preset, dtype, *, quant=None, batch="1,8", input_len=128, output_len=3
 
 
 def capacity_check(repeats: int) -> dict:
-    """Decode ms per step of one 128-token prompt (+64 new) in caches of 256 and 1024
-    slots (`Model.session(max_len=...)`), gpt2-124m fp32 batch 1. Runs in this process
-    (called through `--capacity-check`, a process of its own)."""
+    """Decode ms per step of the same 128-token prompt and the same greedy tokens in
+    `generate` caches of 256 and 1024 slots, gpt2-124m fp32 batch 1. `generate` sizes
+    its cache from max_new_tokens (next power of two of prompt + max_new), so the big
+    cache asks for 896 new tokens and stops on a token the greedy run is known to emit
+    first at step `new`. Runs in this process (via `--capacity-check`, its own process)."""
     import numpy as np
 
     import ftjax
@@ -80,21 +82,33 @@ def capacity_check(repeats: int) -> dict:
     cfg = preset("gpt2-124m")
     model = Model(cfg, init_params(cfg, seed=0), "float32", path="preset:gpt2-124m")
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, 128).tolist()
-    sp = ftjax.SamplingParams(temperature=0.0, stop_token_ids=[])
-    new = 64
-    out = {}
-    for slots in (256, 1024):
-        def turn(n):
-            s = model.session(max_len=slots)
-            s.append(prompt)
-            t0 = time.perf_counter()
-            s.generate(n, sampling=sp)
-            return time.perf_counter() - t0
+    greedy = ftjax.SamplingParams(temperature=0.0, stop_token_ids=[])
+    toks = model.generate([prompt], max_new_tokens=64, sampling=greedy).tokens[0]
+    # the last step at which a token appears for the first time: stopping on it ends
+    # the big-cache run after exactly `new` tokens
+    new = max(i + 1 for i, t in enumerate(toks) if t not in toks[:i])
+    if new < 16:
+        raise RuntimeError(f"capacity check: greedy output repeats too early ({toks})")
 
-        turn(new), turn(1)  # compile both
-        times = sorted(turn(new) - turn(1) for _ in range(repeats))
-        out[slots] = 1e3 * times[len(times) // 2] / (new - 1)
-    return out
+    def timed(n, stop, max_new):
+        sp = ftjax.SamplingParams(temperature=0.0, stop_token_ids=[stop] if stop else [])
+        t0 = time.perf_counter()
+        out = model.generate([prompt], max_new_tokens=max_new, sampling=sp).tokens[0]
+        dt = time.perf_counter() - t0
+        if len(out) != n:
+            raise RuntimeError(f"capacity check: expected {n} tokens, got {len(out)}")
+        return dt
+
+    arms = {256: (lambda: timed(new, None, new), lambda: timed(1, None, 1)),
+            1024: (lambda: timed(new, toks[new - 1], 1024 - 128),
+                   lambda: timed(1, toks[0], 1024 - 128))}
+    for full, first in arms.values():  # compile
+        full(), first()
+    per_step = {slots: [] for slots in arms}
+    for _ in range(repeats):  # interleaved, so load drift hits both alike
+        for slots, (full, first) in arms.items():
+            per_step[slots].append(1e3 * (full() - first()) / (new - 1))
+    return {slots: sorted(v)[len(v) // 2] for slots, v in per_step.items()}
 
 
 def _capacity_subprocess(repeats: int, log) -> dict:
@@ -166,7 +180,7 @@ def render(results: dict) -> str:
             lines.append(f"| {r['input_len']} / {r['output_len']} | {slots} | "
                          f"{r['decode_step_ms']:.2f} | {r['roofline_pct']:.0f}% |")
     if cap:
-        lines += ["", "Same 128-token prompt, 64 new tokens, in a session cache of "
+        lines += ["", "Same 128-token prompt and greedy tokens, in a `generate` cache of "
                   + " vs ".join(f"{k} slots: {v:.2f} ms/step" for k, v in sorted(cap.items()))
                   + f" (ratio {cap[1024] / cap[256]:.2f}; 1.00 = time follows the tokens in "
                   "the cache, not its capacity)."]
