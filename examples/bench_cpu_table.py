@@ -136,7 +136,8 @@ def render(results: dict) -> str:
              f"bandwidth {meta['bandwidth_gbs']:.1f} GB/s; in 128 / out 32, greedy; "
              + ("HF: transformers `generate()` in a separate process, same weights and dtype."
                 if has_hf else "HF not measured (torch not installed)."),
-             "XLA_FLAGS: " + (f"`{meta['xla_flags']}`" if meta["xla_flags"] else "(none)"), ""]
+             "XLA_FLAGS: " + (f"`{meta['xla_flags']}`" if meta["xla_flags"] else "(none)")
+             + "".join(f"; {k}={v}" for k, v in meta.get("ftjax_env", {}).items()), ""]
     head = ["model", "dtype", "batch", "ftjax tok/s", "decode tok/s", "% roofline",
             "1st token ms", "peak RSS MiB"]
     if has_hf:

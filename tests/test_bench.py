@@ -37,7 +37,7 @@ def test_bench_int8_weights_and_cache_report_every_field(tmp_path):
     meta = res["meta"]
     assert meta["quant"] == "int8" and meta["kv_cache_dtype"] == "int8"
     assert meta["cpu"] == cpu_description() and "cores" in meta["cpu"]
-    assert meta["bandwidth_gbs"] > 0 and meta["jax"]
+    assert meta["bandwidth_gbs"] > 0 and meta["jax"] and isinstance(meta["ftjax_env"], dict)
     assert [r["batch"] for r in res["rows"]] == [1, 2]
     for r in res["rows"]:
         assert set(r) == ROW_FIELDS
