@@ -5,10 +5,11 @@ Runs every cell of the issue's target table, each configuration in its own
 long-context check, and prints one markdown section (CPU model + ISA, date, jax and
 Python versions in its header):
 
-    python examples/bench_cpu_table.py [--out cpu_table.md] [--repeats 3] [--quick]
+    python examples/bench_cpu_table.py [--out cpu_table.md] [--repeats 2] [--quick] [--bf16-774m]
 
-- fp32 and bf16, gpt2-124m and gpt2-774m, batch 1 and 8, in 128 / out 32, vs HF
-  (HF in the same dtype; the HF columns are left out when torch is not installed);
+- fp32 gpt2-124m and gpt2-774m, bf16 gpt2-124m (and gpt2-774m with --bf16-774m), batch
+  1 and 8, in 128 / out 32, vs HF (HF in the same dtype; the HF columns are left out
+  when torch is not installed);
 - int8 weight-only gpt2-774m, batch 1 and 8, vs ftjax fp32 of the same run;
 - prefill 8 x 128: the batch-8 rows' first-token ms, ftjax vs HF;
 - long context, gpt2-124m batch 1: decode ms per step at in 128 / out 128 and in
@@ -16,8 +17,9 @@ Python versions in its header):
   tokens decoded in a `generate` cache of 256 vs 1024 slots (per-step time should
   follow the tokens in the cache, not its capacity).
 
-`--quick` runs only gpt2-124m (a smoke run of the script itself). Bounded: about 15
-minutes on a quiet 2-core machine at --repeats 3 (fewer repeats, never fewer cells).
+`--quick` runs only gpt2-124m (a smoke run of the script itself). Bounded: meant for
+about 15 minutes on a quiet 2-core machine at --repeats 2 (not yet timed quiet: a
+loaded-machine run of --quick --repeats 1 took 818 s at load average ~10).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-FLOAT_CELLS = [("gpt2-124m", "float32"), ("gpt2-774m", "float32"),
-               ("gpt2-124m", "bfloat16"), ("gpt2-774m", "bfloat16")]
+FLOAT_CELLS = [("gpt2-124m", "float32"), ("gpt2-774m", "float32"), ("gpt2-124m", "bfloat16")]
+# HF bf16 generate() on a CPU without AMX is slow: minutes per 774m cell, so opt-in
+BF16_774M = ("gpt2-774m", "bfloat16")
 INT8_CELL = ("gpt2-774m", "float32", "int8")
 
 
@@ -191,7 +194,9 @@ def render(results: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", help="also write the markdown here")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per number (median)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per number (median)")
+    p.add_argument("--bf16-774m", action="store_true",
+                   help="also gpt2-774m in bfloat16 (HF's bf16 is slow here: several minutes)")
     p.add_argument("--quick", action="store_true", help="gpt2-124m cells only (smoke run)")
     p.add_argument("--no-hf", action="store_true", help="skip HF even if torch is installed")
     p.add_argument("--capacity-check", action="store_true", help=argparse.SUPPRESS)
@@ -202,7 +207,8 @@ def main(argv=None) -> int:
     hf = not args.no_hf and importlib.util.find_spec("torch") is not None
     log = sys.stderr
     t0 = time.perf_counter()
-    cells = [c for c in FLOAT_CELLS if not args.quick or c[0] == "gpt2-124m"]
+    cells = FLOAT_CELLS + [BF16_774M] * args.bf16_774m
+    cells = [c for c in cells if not args.quick or c[0] == "gpt2-124m"]
     results = {"float": {c: bench(*c, repeats=args.repeats, hf=hf, log=log) for c in cells}}
     if not args.quick:
         results["int8"] = bench(*INT8_CELL[:2], quant=INT8_CELL[2], repeats=args.repeats,

@@ -97,7 +97,7 @@ def test_cpu_table_renders_every_cell():
     meta = {"cpu": "AMD EPYC, 2 cores, AVX2", "date": "2026-12-02 10:10 UTC", "jax": "0.10.2",
             "python": "3.11.9", "bandwidth_gbs": 30.0, "xla_flags": ""}
     floats = {c: {"meta": meta, "rows": [_row(1, 60.0), _row(8, 280.0)]}
-              for c in mod.FLOAT_CELLS}
+              for c in mod.FLOAT_CELLS + [mod.BF16_774M]}
     floats[("gpt2-774m", "float32")]["rows"] = [_row(1, 10.0), _row(8, 50.0)]
     int8 = {"meta": meta, "rows": [_row(1, 20.0, hf=False), _row(8, 55.0, hf=False)]}
     longc = [{"meta": meta, "rows": [_row(1, 50.0, input_len=n, output_len=128)]}
