@@ -337,8 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     _dtype_arg(b, "float32", "weights and activations dtype")
     b.add_argument("--repeats", type=_positive, default=3, metavar="N",
                    help="timed runs per measurement; the median is reported (default: 3)")
+    b.add_argument("--quant", choices=["int8", "int8-g128"],
+                   help="int8 weight-only, quantized at load (see ftjax.load's quant)")
+    b.add_argument("--kv-cache-dtype", choices=["int8"], help="quantize the KV cache")
     b.add_argument("--compare", choices=["hf"],
-                   help="also time HuggingFace generate() on the same weights")
+                   help="also time HuggingFace generate() on the same (float) weights, "
+                   "in a separate process")
+    b.add_argument("--json", metavar="FILE", help="also write every number to FILE as JSON")
     _mesh_args(b)
     b.set_defaults(func=_bench)
 
