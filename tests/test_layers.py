@@ -25,7 +25,7 @@ LAYERS = {
     "ftjax.cache": 6, "ftjax.paged_kv": 6, "ftjax.paged_cache": 6, "ftjax.blocks": 0, "ftjax.model": 7, "ftjax.engine": 8, "ftjax.smoothquant": 8,
     "ftjax.batching": 9, "ftjax.beam": 9, "ftjax.generation": 10, "ftjax.serving": 10, "ftjax.session": 11, "ftjax.streaming": 11,
     "ftjax.api": 12, "ftjax": 12,
-    "ftjax.evaluate": 13, "ftjax.plan": 13, "ftjax.bench": 13, "ftjax.distributed": 13,
+    "ftjax.evaluate": 13, "ftjax.plan": 13, "ftjax.bench": 13, "ftjax.bench_hf": 13, "ftjax.distributed": 13,
     "ftjax.cli": 14, "ftjax.__main__": 15,
 }
 
