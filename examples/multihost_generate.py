@@ -22,6 +22,8 @@ def main():
     p.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline size (stages across processes: --tp 4 --pp 2 on 2 hosts)")
     p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
     p.add_argument("--prompt-ids", action="append", default=[],
                    help="a prompt as comma-separated token ids (repeatable)")
@@ -39,7 +41,7 @@ def main():
     import ftjax.distributed
 
     info = ftjax.distributed.initialize()
-    mesh = ftjax.make_mesh(tensor=args.tp, data=args.dp)
+    mesh = ftjax.make_mesh(tensor=args.tp, data=args.dp, pipe=args.pp)
     model = ftjax.load(args.model or ftjax.demo_model_path(), dtype=args.dtype, mesh=mesh)
     prompts = [[int(t) for t in s.split(",")] for s in args.prompt_ids] or args.prompt
     if not prompts:

@@ -206,6 +206,8 @@ class Model:
             raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}")
         if layer_loop == "auto":
             layer_loop = "unrolled" if jax.default_backend() == "cpu" else "scan"
+        if mesh is not None and mesh.shape.get("pipe", 1) > 1:
+            layer_loop = "scan"  # each pipeline stage scans its own slice of the stack
         self.config = config
         self.dtype = dtype
         self.tokenizer = tokenizer
@@ -216,9 +218,6 @@ class Model:
         self.param_bytes = q.param_bytes(params)
         self.layout = None
         if mesh is not None:
-            if mesh.shape.get("pipe", 1) > 1:
-                raise ValueError("pipeline parallelism (pipe > 1) is not implemented for running "
-                                 "models; the pipe axis is used by `ftjax plan` only")
             self.layout = sharding.Layout(mesh, config)
             params = self.layout.place_params(params, _dtype(dtype))
         else:

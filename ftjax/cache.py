@@ -11,6 +11,7 @@ N query heads.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import flax.struct
@@ -23,6 +24,37 @@ from pallas_kernels import prefill_attention, select, sharded
 
 KERNELS = ("xla", "pallas", "mosaic")
 KV_DTYPES = (None, "int8")
+
+
+# Decode attention over length buckets (powers of two from MIN_BUCKET up to the cache's
+# capacity): an A/B lever (issue 19), on when FTJAX_ATTN_BUCKETS=1, read at trace time.
+MIN_BUCKET = 256
+
+
+def buckets_enabled() -> bool:
+    return os.environ.get("FTJAX_ATTN_BUCKETS", "0") == "1"
+
+
+def bucket_sizes(max_len: int) -> tuple:
+    """Slot counts decode attention may read: MIN_BUCKET, 2 * MIN_BUCKET, ..., max_len."""
+    sizes, n = [], MIN_BUCKET
+    while n < max_len:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes) + (max_len,)
+
+
+def _attend_first(n: int, q, positions, slopes, arrays, layer):
+    """`attend` over the first n slots of layer `layer` of the cache's `(k, v, k_scale,
+    v_scale)` (`[L, B, K, S, H]`, scales `[L, B, K, S]` or None); every query position
+    must be < n."""
+    def first(a):
+        start = (layer,) + (0,) * (a.ndim - 1)
+        return jax.lax.dynamic_slice(a, start, (1,) + a.shape[1:3] + (n,) + a.shape[4:])[0]
+
+    k, v, k_scale, v_scale = (None if a is None else first(a) for a in arrays)
+    return attend(q, k, v, positions, jnp.arange(n), slopes, heads_first=True,
+                  k_scale=k_scale, v_scale=v_scale)
 
 
 @flax.struct.dataclass
@@ -115,11 +147,27 @@ class KVCache:
             return sharded.prefill_attention(q, self.k, self.v, positions, mesh=self.mesh,
                                              kernel=prefill_attention, alibi_slopes=slopes,
                                              layer=layer, layout="BKSH", interpret=interpret)
-        k, v, k_scale, v_scale = (
-            None if a is None else jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
-            for a in (self.k, self.v, self.k_scale, self.v_scale))
-        return attend(q, k, v, positions, jnp.arange(self.max_len), slopes, heads_first=True,
-                      k_scale=k_scale, v_scale=v_scale)
+        arrays = (self.k, self.v, self.k_scale, self.v_scale)
+        sizes = bucket_sizes(self.max_len) if decode and buckets_enabled() else ()
+        if len(sizes) < 2:
+            return _attend_first(self.max_len, q, positions, slopes, arrays, layer)
+        # Decode reads only the smallest bucket of slots holding every row's tokens: the
+        # step's cost follows the tokens in the cache, not its capacity. Each branch
+        # slices the whole cache itself (a layer's view passed in would be copied whole).
+        need = jnp.max(positions) + 1
+        index = jnp.searchsorted(jnp.asarray(sizes), need)
+        branches = [functools.partial(_attend_first, n) for n in sizes]
+        return jax.lax.switch(index, branches, q, positions, slopes, arrays, layer)
+
+    def rows(self, start, size: int) -> "KVCache":
+        """Rows `[start, start + size)` (a pipeline micro-batch; start may be traced)."""
+        return jax.tree_util.tree_map(
+            lambda a: jax.lax.dynamic_slice_in_dim(a, start, size, axis=1), self)
+
+    def put_rows(self, start, part: "KVCache") -> "KVCache":
+        """This cache with rows from `start` replaced by `part`'s (inverse of `rows`)."""
+        return jax.tree_util.tree_map(
+            lambda a, p: jax.lax.dynamic_update_slice_in_dim(a, p, start, axis=1), self, part)
 
     def take_rows(self, rows) -> "KVCache":
         """The cache of rows `rows` `[B']` (shared prefill, beams following parents)."""

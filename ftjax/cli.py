@@ -1,4 +1,4 @@
-"""The `ftjax` command: generate, convert, bench, plan, eval, lm-eval."""
+"""The `ftjax` command: generate, serve, convert, bench, plan, eval, lm-eval."""
 
 from __future__ import annotations
 
@@ -144,10 +144,10 @@ def _convert(args) -> int:
 
 
 def mesh_from_args(args):
-    """The mesh --tp / --dp ask for, or None for one device."""
+    """The mesh --tp / --dp / --pp ask for, or None for one device."""
     from ftjax.sharding import mesh_for
 
-    return mesh_for(tensor=args.tp, data=args.dp)
+    return mesh_for(tensor=args.tp, data=args.dp, pipe=args.pp)
 
 
 def _plan(args) -> int:
@@ -157,10 +157,10 @@ def _plan(args) -> int:
 
     if args.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {sorted(DTYPES)}, got {args.dtype!r}")
+    from ftjax.pipeline import check_layers
+
     cfg = preset(args.preset)
-    if cfg.n_layers % args.pp:
-        raise ValueError(f"--pp {args.pp} must divide the model's {cfg.n_layers} layers "
-                         "(each pipeline stage holds whole layers)")
+    check_layers(cfg.n_layers, args.pp)   # each stage holds whole layers
     max_len = min(args.max_len or cfg.max_positions, cfg.max_positions)
     p = plan_memory(cfg, tensor=args.tp, pipe=args.pp, data=args.dp, batch=args.batch,
                     max_len=max_len, dtype=DTYPES[args.dtype], compile=not args.no_compile)
@@ -225,6 +225,9 @@ def _mesh_args(p) -> None:
                         "devices are made when there is no accelerator)")
     p.add_argument("--dp", type=_positive, default=1,
                    help="data-parallel size: batch shards (default: 1)")
+    p.add_argument("--pp", type=_positive, default=1,
+                   help="pipeline size: stages of whole layers, each on its own devices "
+                        "(must divide the layers; default: 1)")
 
 
 def _dtype_arg(p, default: str, what: str) -> None:
@@ -298,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     _mesh_args(g)
     g.set_defaults(func=_generate)
 
+    _serve_parser(sub)
+
     c = sub.add_parser("convert", help="write an ftjax checkpoint that loads fast")
     c.add_argument("src", help="HuggingFace, Megatron-LM, NeMo (.nemo), FasterTransformer or "
                    "ftjax checkpoint")
@@ -335,8 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     _dtype_arg(b, "float32", "weights and activations dtype")
     b.add_argument("--repeats", type=_positive, default=3, metavar="N",
                    help="timed runs per measurement; the median is reported (default: 3)")
+    b.add_argument("--quant", choices=["int8", "int8-g128"],
+                   help="int8 weight-only, quantized at load (see ftjax.load's quant)")
+    b.add_argument("--kv-cache-dtype", choices=["int8"], help="quantize the KV cache")
     b.add_argument("--compare", choices=["hf"],
-                   help="also time HuggingFace generate() on the same weights")
+                   help="also time HuggingFace generate() on the same (float) weights, "
+                   "in a separate process")
+    b.add_argument("--json", metavar="FILE", help="also write every number to FILE as JSON")
     _mesh_args(b)
     b.set_defaults(func=_bench)
 
@@ -381,6 +391,65 @@ def build_parser() -> argparse.ArgumentParser:
                         "(--model_args pretrained=DIR,quant=int8 --tasks T [--include_path D]); "
                         "needs the eval extra")
     return p
+
+
+def _serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (needs the serve extra)",
+                       description="Serve a model over the OpenAI API (/v1/completions, "
+                       "/v1/chat/completions, /v1/models) plus /health, /metrics, /tokenize "
+                       "and /detokenize, on ftjax.LLMEngine (in-flight batching, paged KV "
+                       "cache, prefix caching).")
+    s.add_argument("--model", help="checkpoint directory (default: the bundled demo model)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    s.add_argument("--port", type=_int_at_least(0), default=8000, help="port (default: 8000)")
+    s.add_argument("--served-model-name", metavar="NAME",
+                   help="the model name clients send (default: --model as given, or "
+                        "ftjax-demo for the bundled model)")
+    s.add_argument("--max-slots", type=_positive, default=16, metavar="N",
+                   help="sequences decoded at once (default: 16)")
+    s.add_argument("--page-size", type=_positive, default=16, metavar="N",
+                   help="tokens per KV cache page (default: 16)")
+    pool = s.add_mutually_exclusive_group()
+    pool.add_argument("--num-pages", type=_int_at_least(2), metavar="N",
+                      help="KV cache pages (default: every slot at the model's full length)")
+    pool.add_argument("--kv-memory", metavar="SIZE",
+                      help="KV cache size to fill with pages, e.g. 2GiB")
+    s.add_argument("--max-waiting", type=_non_negative, default=256, metavar="N",
+                   help="requests allowed to wait for a slot; past it: 503 + Retry-After "
+                        "(default: 256)")
+    s.add_argument("--chunk", type=_positive, default=8, metavar="N",
+                   help="decode steps per engine step (default: 8)")
+    s.add_argument("--prefill-budget", type=_positive, default=256, metavar="N",
+                   help="prompt tokens computed per engine step (default: 256)")
+    _dtype_arg(s, "float32", "weights and activations dtype")
+    s.add_argument("--quant", choices=["int8", "int8-g128"],
+                   help="weight-only int8 quantization at load")
+    s.add_argument("--kv-cache-dtype", choices=["int8"], help="quantize the KV cache")
+    _mesh_args(s)
+    s.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: "
+                        "$FTJAX_API_KEY, else none)")
+    s.add_argument("--chat-template", metavar="FILE",
+                   help="a Jinja chat template (overrides the tokenizer's)")
+    s.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn's log level (default: info)")
+    s.set_defaults(func=_serve)
+
+
+def _serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401  (the extra's packages, checked before jax loads)
+        import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        print(f"ftjax serve: needs the serve extra: pip install 'ftjax[serve]' ({e})",
+              file=sys.stderr)
+        return 2
+    _enable_compilation_cache()
+    from ftjax.server.main import serve
+
+    return serve(args)
 
 
 def _lm_eval(argv: List[str]) -> int:

@@ -122,7 +122,15 @@ class Engine:
             self.kernel_mesh = sharded.KernelMesh.of(layout.mesh, RULES)
         self.model = Transformer(cfg, dtype, kernels=kernels,
                                  vocab=layout.padded_vocab if layout else None,
-                                 mesh=self.kernel_mesh)
+                                 mesh=self.kernel_mesh,
+                                 pipe=layout.mesh if layout and layout.pipe > 1 else None)
+        # Pipelined context phase: the batch splits into P micro-batches that follow each
+        # other through the stages (bubble (P-1)/(2P-1) instead of (P-1)/P; see
+        # `ftjax.pipeline`). Decode steps run whole batches: their micro-batch copies of
+        # the cache rows would cost more than the bubble they save.
+        self.context_model = self.model
+        if layout is not None and layout.pipe > 1:
+            self.context_model = dataclasses.replace(self.model, micro=layout.pipe)
         self.trace_counts = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "feat"),
                                donate_argnames=("cache",))
@@ -141,7 +149,7 @@ class Engine:
             # Attend through a cache of the chosen dtype, so teacher-forced logits
             # (e.g. `ftjax eval` perplexity) see the same rounding generation sees.
             cache = self.new_cache(tokens.shape[0], tokens.shape[1])
-        logits, _ = self.model(params, tokens, positions, cache)
+        logits, _ = self.context_model(params, tokens, positions, cache)
         return logits
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
@@ -219,13 +227,13 @@ class Engine:
         positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
         prompt_lp = None
         if prompt_top_n >= 0:
-            logits, cache = self.model(params, tokens, positions, cache, soft=soft)
+            logits, cache = self.context_model(params, tokens, positions, cache, soft=soft)
             nxt = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)
             prompt_lp = PromptLogprobs(*log_probs_and_top(logits, nxt, prompt_top_n))
             logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
         else:
-            logits, cache = self.model(params, tokens, positions, cache,
-                                       last_index=lengths - 1, soft=soft)
+            logits, cache = self.context_model(params, tokens, positions, cache,
+                                               last_index=lengths - 1, soft=soft)
         cache = cache.take_rows(rows)
         return logits[rows, 0], self._constrain(cache), prompt_lp
 

@@ -32,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ftjax import quant
+from ftjax import pipeline, quant
 from ftjax.config import ModelConfig
 from ftjax.numerics import activation, alibi_slopes, attend, rotate  # noqa: F401 (re-exported)
 from ftjax.specs import INIT_STDDEV, ParamSpec, block_specs, param_specs
@@ -249,6 +249,9 @@ class Transformer:
         kernels then run per shard; the cache carries its own), or None.
       vocab: rows of embed / lm_head when padded past vocab_size (vocab-parallel
         sharding pads to a multiple of the tensor size); padded logits are sliced off.
+      pipe: the device mesh when its "pipe" axis is > 1: the stacked layers then run
+        stage by stage over it (`ftjax.pipeline`); None runs them in one `stage`.
+      micro: micro-batches per pipelined call (see `ftjax.pipeline.run_stages`).
     """
 
     cfg: ModelConfig
@@ -256,6 +259,8 @@ class Transformer:
     kernels: str = "xla"
     vocab: Optional[int] = None
     mesh: Optional[KernelMesh] = None
+    pipe: Optional[jax.sharding.Mesh] = None
+    micro: int = 1
 
     def embed(self, params, tokens, positions, soft=None):
         """`[B, T]` ids (and optional soft prompt (embeddings `[B, T, E]`, mask `[B, T]`))
@@ -306,7 +311,11 @@ class Transformer:
           (logits float32 `[B, T, V]` or `[B, 1, V]` with last_index, updated cache)
         """
         x = self.embed(params, tokens, positions, soft)
-        x, cache = self.stage(params["layers"], x, positions, cache)
+        if self.pipe is None:
+            x, cache = self.stage(params["layers"], x, positions, cache)
+        else:
+            x, cache = pipeline.run_stages(self.stage, self.pipe, params["layers"], x,
+                                           positions, cache, self.micro)
         if last_index is not None:
             x = jnp.take_along_axis(x, last_index[:, None, None], axis=1)
         return self.head(params, x), cache

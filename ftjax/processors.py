@@ -6,7 +6,8 @@ where there is no token, e.g. soft-prompt slots), `hist_len` `[B]` (tokens in
 the history) and the per-row options in `SamplingArrays`. A row whose option is
 off passes through unchanged, so one compiled step serves every mix of options.
 
-Order (HuggingFace `generate()`'s): repetition penalty (then OpenAI's presence /
+Order: OpenAI's logit_bias first (added to the model's logits), then HuggingFace
+`generate()`'s order: repetition penalty (then OpenAI's presence /
 frequency penalties), no-repeat n-gram, bad words, min_new_tokens.
 """
 
@@ -102,13 +103,14 @@ def ban_early_stop(logits, n_gen, sp: SamplingArrays):
 
 
 def process(logits, sp: SamplingArrays, hist, hist_len, seen, counts, n_gen):
-    """All history-dependent processors, in HF's order.
+    """logit_bias, then all history-dependent processors in HF's order.
 
     Args:
       logits: float32 `[B, V]` (or log-probabilities, for beam search as HF does).
       seen: bool `[B, V]` tokens in prompt or output; counts: int32 `[B, V]` output counts.
       n_gen: int32 `[B]` tokens generated so far.
     """
+    logits = logits + sp.bias
     logits = penalties(logits, sp, seen, counts)
     logits = ban_repeated_ngrams(logits, hist, hist_len, sp.ngram)
     logits = ban_bad_words(logits, hist, hist_len, sp)

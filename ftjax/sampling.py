@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from typing import Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import flax.struct
 import jax
@@ -61,6 +61,8 @@ class SamplingParams:
       bad_words: token sequences never produced (the last token of a sequence is
         banned whenever the output ends with the rest of it).
       min_new_tokens: stop tokens are banned until this many tokens were generated.
+      logit_bias: {token id: bias} added to those tokens' logits before every other
+        processor (OpenAI's logit_bias; a bias in [-100, 100], -100 bans in effect).
     Sampling (temperature 0 is greedy and ignores the rest):
       temperature, top_k (0 = off), top_p (1 = off), min_p (0 = off: keep tokens
       whose probability is >= min_p x the top token's), seed (None draws one per call).
@@ -104,6 +106,7 @@ class SamplingParams:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: object = False
+    logit_bias: Optional[Mapping[int, float]] = None
 
     def __post_init__(self):
         def fail(field, rule):
@@ -169,6 +172,8 @@ class SamplingParams:
                     isinstance(s, str) and s for s in self.stop_strings):
                 fail("stop_strings", "must be a list of non-empty strings")
             object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", _bias_pairs(self.logit_bias))
 
     @property
     def greedy(self) -> bool:
@@ -179,7 +184,28 @@ class SamplingParams:
         """True when a logits processor (anything that reads the history) is on."""
         return (self.repetition_penalty != 1 or self.presence_penalty != 0
                 or self.frequency_penalty != 0 or self.no_repeat_ngram_size > 0
-                or self.min_new_tokens > 0 or bool(self.bad_words))
+                or self.min_new_tokens > 0 or bool(self.bad_words) or bool(self.logit_bias))
+
+
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
+
+
+def _bias_pairs(value) -> Tuple[Tuple[int, float], ...]:
+    """logit_bias as sorted (token id, bias) pairs (a frozen, hashable value)."""
+    try:
+        items = list(value.items())
+    except AttributeError:
+        raise ValueError(f"SamplingParams.logit_bias must be a mapping token id -> bias, "
+                         f"got {value!r}") from None
+    out = {}
+    for t, b in items:
+        if not _is_int(t) or t < 0:
+            raise ValueError(f"SamplingParams.logit_bias keys must be token ids >= 0, got {t!r}")
+        if not _is_num(b) or not np.isfinite(b) or abs(b) > MAX_LOGIT_BIAS:
+            raise ValueError(f"SamplingParams.logit_bias[{t}] must be a number in "
+                             f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {b!r}")
+        out[int(t)] = float(b)
+    return tuple(sorted(out.items()))
 
 
 def _pack_sequences(rows: Sequence[Tuple[Tuple[int, ...], ...]], batch: int):
@@ -215,6 +241,7 @@ class SamplingArrays:
     bad_len: jax.Array       # i32 [B, W]
     stop_seq_ids: jax.Array  # i32 [B, W, L] stop sequences, -1 padded
     stop_seq_len: jax.Array  # i32 [B, W]
+    bias: jax.Array          # f32 [B, V] logit_bias (dense: one compiled shape for any mix)
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], batch: int, vocab_size: int,
@@ -235,6 +262,7 @@ class SamplingArrays:
                 ids = () if p.ignore_eos else tuple(t for t in eos_token_ids if t < vocab_size)
             stops.append(ids)
             for field, values in (("stop_token_ids", ids),
+                                  ("logit_bias", [t for t, _ in p.logit_bias or ()]),
                                   ("bad_words", [t for s in p.bad_words or () for t in s]),
                                   ("stop_sequences", [t for s in p.stop_sequences or () for t in s])):
                 bad = sorted({t for t in values if t >= vocab_size})
@@ -258,6 +286,10 @@ class SamplingArrays:
             seeds.append((seed + j * 0x9E3779B1) % 2**32)  # a distinct stream per sample
         bad_ids, bad_len = _pack_sequences([p.bad_words or () for p in params], batch)
         seq_ids, seq_len = _pack_sequences([p.stop_sequences or () for p in params], batch)
+        bias = np.zeros((batch, vocab_size), np.float32)
+        for i, p in enumerate(params):
+            for t, b in p.logit_bias or ():
+                bias[i, t] = b
         return cls(
             temperature=col([p.temperature for p in params], 0.0, np.float32),
             top_k=col([p.top_k for p in params], 0, np.int32),
@@ -271,7 +303,8 @@ class SamplingArrays:
             presence=col([p.presence_penalty for p in params], 0.0, np.float32),
             frequency=col([p.frequency_penalty for p in params], 0.0, np.float32),
             ngram=col([p.no_repeat_ngram_size for p in params], 0, np.int32),
-            bad_ids=bad_ids, bad_len=bad_len, stop_seq_ids=seq_ids, stop_seq_len=seq_len)
+            bad_ids=bad_ids, bad_len=bad_len, stop_seq_ids=seq_ids, stop_seq_len=seq_len,
+            bias=jnp.asarray(bias))
 
     def take(self, rows) -> "SamplingArrays":
         """The options of the given rows (e.g. to follow beams or expand samples)."""

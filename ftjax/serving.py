@@ -294,11 +294,12 @@ class LLMEngine:
             return tree
         mesh = self.layout.mesh
         heads = "tensor" if self.cfg.n_kv_heads % self.layout.tensor == 0 else None
+        layers = "pipe" if self.layout.pipe > 1 else None   # each stage its layers' pages
 
         def spec(path, x):
             pool = any(getattr(k, "name", None) == "cache" for k in path)
-            return NamedSharding(mesh, PartitionSpec(None, None, heads) if pool and x.ndim >= 3
-                                 else PartitionSpec())
+            return NamedSharding(mesh, PartitionSpec(layers, None, heads)
+                                 if pool and x.ndim >= 3 else PartitionSpec())
 
         shardings = jax.tree_util.tree_map_with_path(spec, tree)
         if put:

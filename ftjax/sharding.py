@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ftjax import quant
+from ftjax import pipeline, quant
 from ftjax.config import ModelConfig
 from ftjax.specs import ParamSpec, flatten, param_specs, unflatten
 
@@ -91,11 +91,12 @@ def make_mesh(tensor: int = 1, data: int = 1, pipe: int = 1, devices=None) -> Me
     return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
-def mesh_for(tensor: int = 1, data: int = 1) -> Optional[Mesh]:
-    """`make_mesh(tensor, data)`, or None for one device (the command line's --tp / --dp)."""
-    if tensor == 1 and data == 1:
+def mesh_for(tensor: int = 1, data: int = 1, pipe: int = 1) -> Optional[Mesh]:
+    """`make_mesh(tensor, data, pipe)`, or None for one device (the command line's --tp /
+    --dp / --pp)."""
+    if tensor == 1 and data == 1 and pipe == 1:
         return None
-    return make_mesh(tensor=tensor, data=data)
+    return make_mesh(tensor=tensor, data=data, pipe=pipe)
 
 
 def use_cpu_devices(n: int) -> None:
@@ -139,10 +140,15 @@ class Layout:
         if bad:
             raise ValueError(f"tensor parallel size {tp} does not divide {' and '.join(bad)}; "
                              f"allowed tensor sizes: {allowed_tensor_sizes(self.cfg)}")
+        pipeline.check_layers(self.cfg.n_layers, self.pipe)
 
     @property
     def tensor(self) -> int:
         return self.mesh.shape["tensor"]
+
+    @property
+    def pipe(self) -> int:
+        return self.mesh.shape["pipe"]
 
     @property
     def data(self) -> int:

@@ -85,13 +85,33 @@ def interpret(mesh: Optional[KernelMesh] = None) -> bool:
     return platform not in ("gpu", "cuda", "rocm")
 
 
+def _axes(entry) -> tuple:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _shard_map(fn, km: KernelMesh, in_specs, out_specs):
-    used = {a for spec in jax.tree_util.tree_leaves(
-        (in_specs, out_specs), is_leaf=lambda x: isinstance(x, P)) for a in spec if a}
+    mesh, manual = km.mesh, set()
+    ctx = jax.sharding.get_abstract_mesh()
+    if not ctx.empty and tuple(ctx.axis_names) == tuple(mesh.axis_names):
+        # Inside an enclosing shard_map (a pipeline stage, `ftjax.pipeline`): nest in its
+        # mesh; the axes it made manual are local already, so the specs drop them.
+        mesh = ctx
+        manual = {a for a, t in zip(ctx.axis_names, ctx.axis_types)
+                  if t == jax.sharding.AxisType.Manual}
+
+    def local(spec):
+        kept = [tuple(a for a in _axes(e) if a not in manual) for e in spec]
+        return P(*(None if not k else k[0] if len(k) == 1 else k for k in kept))
+
+    is_spec = lambda x: isinstance(x, P)  # noqa: E731
+    in_specs, out_specs = (jax.tree_util.tree_map(local, s, is_leaf=is_spec)
+                           for s in (in_specs, out_specs))
+    used = {a for spec in jax.tree_util.tree_leaves((in_specs, out_specs), is_leaf=is_spec)
+            for e in spec for a in _axes(e)}
+    free = frozenset(mesh.axis_names) - manual
     # check_vma off: the kernels are opaque custom calls; the specs below are exact.
-    return jax.shard_map(fn, mesh=km.mesh, in_specs=in_specs, out_specs=out_specs,
-                         axis_names=frozenset(used) or frozenset(km.mesh.axis_names),
-                         check_vma=False)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         axis_names=frozenset(used) or free, check_vma=False)
 
 
 def _head_plan(km: KernelMesh, n: int, kv: int):

@@ -629,7 +629,7 @@ CASES = [
     pytest.param(lambda c: cli("plan", "--preset", "gpt3-175b", "--batch", "0"), CliFailed,
                  r"exit 2: .*--batch: must be >= 1, got 0", id="cli-plan-batch"),
     pytest.param(lambda c: cli("plan", "--preset", "gpt3-175b", "--pp", "5", "--no-compile"),
-                 CliFailed, r"exit 1: .*--pp 5 must divide the model's 96 layers",
+                 CliFailed, r"exit 1: .*pipe size 5 does not divide n_layers \(96\); allowed pipe sizes",
                  id="cli-plan-pp"),
     pytest.param(lambda c: cli("generate", "x", "--temperature", "nan"), CliFailed,
                  r"exit 2: .*--temperature: must be a finite number", id="cli-generate-nan"),

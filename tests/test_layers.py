@@ -16,14 +16,16 @@ PACKAGES = ("ftjax", "converters", "pallas_kernels")
 # (the same layer: no cycle allowed either). Unlisted modules of a package take its default.
 LAYERS = {
     "ftjax.errors": 0, "ftjax.config": 0, "ftjax.numerics": 0, "ftjax.buckets": 0,
-    "ftjax.assets": 0, "ftjax.sampling": 0, "ftjax.hf_compat": 0, "ftjax.fits": 0, "ftjax.tokenizer": 1, "ftjax.processors": 1,
+    "ftjax.assets": 0, "ftjax.sampling": 0, "ftjax.hf_compat": 0, "ftjax.fits": 0,
+    "ftjax.pipeline": 0,  # the stage schedule: jax only (model and sharding use it)
+    "ftjax.tokenizer": 1, "ftjax.processors": 1,
     "ftjax.specs": 1,
     "pallas_kernels": 2, "ftjax.quant": 3, "ftjax.sharding": 4,
     "converters": 5,
     "ftjax.cache": 6, "ftjax.paged_kv": 6, "ftjax.paged_cache": 6, "ftjax.blocks": 0, "ftjax.model": 7, "ftjax.engine": 8, "ftjax.smoothquant": 8,
     "ftjax.batching": 9, "ftjax.beam": 9, "ftjax.generation": 10, "ftjax.serving": 10, "ftjax.session": 11, "ftjax.streaming": 11,
     "ftjax.api": 12, "ftjax": 12,
-    "ftjax.evaluate": 13, "ftjax.plan": 13, "ftjax.bench": 13, "ftjax.distributed": 13,
+    "ftjax.evaluate": 13, "ftjax.plan": 13, "ftjax.bench": 13, "ftjax.bench_hf": 13, "ftjax.distributed": 13,
     "ftjax.cli": 14, "ftjax.__main__": 15,
 }
 

@@ -98,9 +98,9 @@ def test_sharding(tmp_path, tiny_gpt2):
     run_notebook("sharding", tmp_path, model_path=tiny_gpt2, meshes=["tp4xdp2", "pp2"],
                  dtypes=["float32"], n_prompts=2, new_tokens=8, results_path=str(res))
     r = json.loads(res.read_text())
-    assert r["tokens_identical"][0] == [True]
-    assert r["max_abs_dlogit"][0][0] <= 1e-4
-    assert "pp2" in r["not_run"]  # PP is not implemented for running models: said, not hidden
+    assert r["tokens_identical"] == [[True], [True]]   # pipeline parallelism runs too
+    assert max(e[0] for e in r["max_abs_dlogit"]) <= 1e-4
+    assert r["not_run"] == {}
 
 
 def test_checkpoints_with_megatron(tmp_path, tiny_gpt2):

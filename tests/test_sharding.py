@@ -97,8 +97,9 @@ def test_megatron_specs_and_kv_replication():
         assert layout.param_shapes()["embed"] == (layout.padded_vocab, 32)
         assert layout.padded_vocab % tp == 0 and 97 <= layout.padded_vocab < 97 + tp
         assert layout.cache_sharding(2, 16).spec == P("pipe", "data", kv, None, None)
-    with pytest.raises(ValueError, match="pipeline parallelism"):
-        Model(cfg, None, mesh=make_mesh(tensor=2, pipe=2))  # refused before params are read
+    with pytest.raises(ValueError, match=r"pipe size 4 does not divide n_layers \(2\); "
+                                         r"allowed pipe sizes: \[1, 2\]"):
+        Model(cfg, None, mesh=make_mesh(tensor=2, pipe=4))  # refused before params are read
     # the CPU layer loop splits the placed stack per layer: each layer keeps its sharding
     split = Model(cfg, _params(cfg), mesh=make_mesh(tensor=2), layer_loop="unrolled")
     q0 = split.generator.params["layers"][0]["attn"]["q"]["kernel"]

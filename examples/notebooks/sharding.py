@@ -85,7 +85,7 @@ for j, dtype in enumerate(dtypes):
         try:
             mesh = ftjax.make_mesh(tensor=s["tp"], data=s["dp"], pipe=s["pp"])
             model = ftjax.load(model_path, dtype=dtype, mesh=mesh)
-        except ValueError as e:  # pipe > 1, or heads not divisible by tp
+        except ValueError as e:  # heads not divisible by tp, or layers by pp
             notes[name] = str(e).split(";")[0]
             continue
         logits, tokens = run(model)
