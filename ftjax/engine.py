@@ -193,7 +193,7 @@ class Engine:
         # Slot-based: a row's PRNG counter and buffer index are its own token count
         # (for rows that started together this equals the global step), so rows can
         # join and leave a running batch without changing what they produce.
-        tok = jnp.where(running, sample(scores, sp, state.n_gen, feat.greedy_only), 0)
+        tok = jnp.where(running, sample(scores, sp, state.n_gen, feat.greedy_only, running), 0)
         logp, top_ids, top_lps = log_probs_and_top(logits, tok, feat.top_n)
         b = jnp.arange(tok.shape[0])
         idx = jnp.minimum(state.n_gen, state.tokens.shape[1] - 1)

@@ -332,9 +332,35 @@ def warp(logits, temperature, top_k, top_p, min_p):
     return jnp.where(keep, sorted_logits, NEG_INF), order
 
 
+def _draw(key, filtered):
+    """The sorted rank a Gumbel-max draw picks: `jax.random.categorical`'s own rule,
+    written out so a prefix of the ranks can be drawn with the same noise."""
+    vocab = filtered.shape[-1]
+    noise = jax.random.gumbel(key, (vocab,), filtered.dtype)
+    return jnp.argmax(noise + filtered)
+
+
 def _sample_row(logits, temperature, top_k, top_p, min_p, key):
     filtered, order = warp(logits, temperature, top_k, top_p, min_p)
-    return order[jax.random.categorical(key, filtered)]
+    return order[_draw(key, filtered)]
+
+
+def _sample_row_top(logits, temperature, top_k, top_p, min_p, key):
+    """`_sample_row` for top_k in [1, PREFILTER]: only the PREFILTER best tokens can
+    survive top-k, so they are found by `lax.top_k` instead of a full sort, filtered by
+    the same rules and drawn with the same noise of their ranks: the same token."""
+    vocab = logits.shape[-1]
+    k = min(PREFILTER, vocab)
+    scaled = logits / jnp.maximum(temperature, 1e-6)
+    vals, idx = jax.lax.top_k(scaled, k)
+    rank = jnp.arange(k)
+    keep = rank < top_k
+    probs = jax.nn.softmax(jnp.where(keep, vals, NEG_INF))
+    before = jnp.cumsum(probs) - probs
+    keep = keep & (before < top_p)
+    keep = keep & ((vals >= vals[0] + jnp.log(min_p)) | (rank == 0))
+    noise = jax.random.gumbel(key, (vocab,), vals.dtype)[:k]
+    return idx[jnp.argmax(noise + jnp.where(keep, vals, NEG_INF))]
 
 
 def row_keys(seed, step):
@@ -345,7 +371,12 @@ def row_keys(seed, step):
     return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seed, step)
 
 
-def sample(logits, sp: SamplingArrays, step, greedy_only: bool):
+# top_k at most this is sampled from a `lax.top_k` prefilter instead of a full sort
+# of the vocabulary (XLA:CPU sorts 8 x 50,257 logits in ~87 ms; the top 64 in ~0.7 ms).
+PREFILTER = 64
+
+
+def sample(logits, sp: SamplingArrays, step, greedy_only: bool, live=None):
     """Picks the next token of every row from (already processed) logits.
 
     Args:
@@ -355,12 +386,29 @@ def sample(logits, sp: SamplingArrays, step, greedy_only: bool):
         (folds into the row's key, so a row's sample depends only on its seed and
         its own token count, never on its batch mates or when it joined the batch).
       greedy_only: static; when every row is greedy the sort and draw are skipped.
+      live: optional bool `[B]`, the rows whose token is used (the others' options
+        do not decide which path runs).
     Returns:
       tokens int32 `[B]`.
+
+    Which rows sample is known only at run time, so the paths are chosen per call
+    (`lax.cond`): no draw when no live row samples; the `lax.top_k` prefilter when
+    every sampling row has top_k in [1, PREFILTER]; else a full sort. All give the
+    same tokens for the same seeds.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy_only:
         return greedy
-    drawn = jax.vmap(_sample_row)(logits, sp.temperature, sp.top_k, sp.top_p, sp.min_p,
-                                  row_keys(sp.seed, step))
-    return jnp.where(sp.temperature > 0, drawn.astype(jnp.int32), greedy)
+    hot = sp.temperature > 0
+    if live is not None:
+        hot = hot & live
+    args = (logits, sp.temperature, sp.top_k, sp.top_p, sp.min_p, row_keys(sp.seed, step))
+    k = min(PREFILTER, logits.shape[-1])
+    short = jnp.all(~hot | ((sp.top_k > 0) & (sp.top_k <= k)))
+
+    def drawn(_):
+        tok = jax.lax.cond(short, lambda a: jax.vmap(_sample_row_top)(*a),
+                           lambda a: jax.vmap(_sample_row)(*a), args)
+        return jnp.where(hot, tok.astype(jnp.int32), greedy)
+
+    return jax.lax.cond(jnp.any(hot), drawn, lambda _: greedy, None)

@@ -149,3 +149,44 @@ def test_warpers_keep_the_same_tokens_as_hf(kw):
         ours = np.full(V, -np.inf, np.float32)
         ours[np.asarray(order)] = np.asarray(filtered)
         _same(ours, ref[b])
+
+
+def test_top_k_prefilter_draws_the_full_sorts_token():
+    """Rows with top_k <= PREFILTER are drawn from a lax.top_k prefilter (no full sort):
+    the same token as the full-sort path for every seed, step and filter mix; batches
+    with any other sampling row take the full sort; all-greedy batches draw nothing."""
+    import jax
+    import jax.numpy as jnp
+
+    from ftjax import sampling
+    from ftjax.sampling import SamplingArrays, SamplingParams
+
+    vocab, rows = 300, 6
+    logits = jax.random.normal(jax.random.PRNGKey(1), (rows, vocab)) * 3
+    sps = [SamplingParams(temperature=0.7, top_k=50, seed=1),
+           SamplingParams(temperature=1.3, top_k=5, top_p=0.8, seed=2),
+           SamplingParams(temperature=1.0, top_k=64, min_p=0.05, seed=3),
+           SamplingParams(temperature=0.5, top_k=1, seed=4),
+           SamplingParams(),                                 # greedy
+           SamplingParams(temperature=0.9, top_k=20, top_p=0.5, seed=6)]
+    sp = SamplingArrays.build(sps, rows, vocab, (), [8] * rows)
+    full = jax.jit(lambda lg, st: jnp.where(
+        sp.temperature > 0,
+        jax.vmap(sampling._sample_row)(lg, sp.temperature, sp.top_k, sp.top_p, sp.min_p,
+                                       sampling.row_keys(sp.seed, st)),
+        jnp.argmax(lg, -1)))
+    fast = jax.jit(lambda lg, st: sampling.sample(lg, sp, st, False))
+    for step in range(40):
+        lg = logits + step * 0.01
+        assert fast(lg, step).tolist() == full(lg, step).tolist(), step
+    # one row without top_k: the whole batch takes the full sort, same tokens
+    sps2 = sps[:5] + [SamplingParams(temperature=0.9, top_p=0.9, seed=6)]
+    sp2 = SamplingArrays.build(sps2, rows, vocab, (), [8] * rows)
+    a = sampling.sample(logits, sp2, 3, False)
+    b = jnp.where(sp2.temperature > 0, jax.vmap(sampling._sample_row)(
+        logits, sp2.temperature, sp2.top_k, sp2.top_p, sp2.min_p,
+        sampling.row_keys(sp2.seed, 3)), jnp.argmax(logits, -1))
+    assert a.tolist() == b.tolist()
+    # all greedy (or the sampling rows not live): argmax
+    live = jnp.asarray([False] * 4 + [True, False])
+    assert sampling.sample(logits, sp, 0, False, live)[4] == int(jnp.argmax(logits[4]))
