@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from ftjax.api import DTYPES, Model
 from ftjax.config import preset
 from ftjax.sharding import mesh_for
 from ftjax.specs import init_params, n_params
+from ftjax.timing import median_time
 
 # /proc/cpuinfo flag -> the name tables use, in the order printed.
 _ISA = (("avx2", "AVX2"), ("avx512f", "AVX-512F"), ("avx512bw", "BW"), ("avx512_vnni", "VNNI"),
@@ -87,16 +87,6 @@ def decode_bytes_per_step(model, batch: int, context: int) -> int:
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _time(fn, repeats: int) -> float:
-    fn()  # compile / warm up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _load(args):
@@ -211,8 +201,8 @@ def run_bench(args) -> int:
         def prefill():
             return model.generate(ids, max_new_tokens=1, sampling=sp)
 
-        latency = _time(run, args.repeats)
-        first = _time(prefill, args.repeats)
+        latency = median_time(run, args.repeats)
+        first = median_time(prefill, args.repeats)
         decode_tps = _decode_tps(batch, args.output_len, latency, first)
         context = args.input_len + args.output_len // 2
         roofline = batch * bandwidth / decode_bytes_per_step(model, batch, context)

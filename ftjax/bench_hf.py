@@ -17,20 +17,9 @@ from __future__ import annotations
 import json
 import os
 import resource
-import statistics
 import sys
-import time
 from types import SimpleNamespace
-
-
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm up (allocator, torch's lazy init)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from ftjax.timing import median_time
 
 
 def _weights(job: dict):
@@ -66,8 +55,8 @@ def run(job: dict) -> dict:
                 hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                             do_sample=False, pad_token_id=0)
 
-        rows[batch] = {"latency_s": _median_time(lambda: gen(out_len), repeats),
-                       "first_s": _median_time(lambda: gen(1), repeats)}
+        rows[batch] = {"latency_s": median_time(lambda: gen(out_len), repeats),
+                       "first_s": median_time(lambda: gen(1), repeats)}
     return {"rows": rows, "pid": os.getpid(),
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 

@@ -15,7 +15,7 @@ PACKAGES = ("ftjax", "converters", "pallas_kernels")
 # Lower numbers are lower layers; a module may import only modules of a layer <= its own
 # (the same layer: no cycle allowed either). Unlisted modules of a package take its default.
 LAYERS = {
-    "ftjax.errors": 0, "ftjax.config": 0, "ftjax.numerics": 0, "ftjax.buckets": 0,
+    "ftjax.errors": 0, "ftjax.timing": 0, "ftjax.config": 0, "ftjax.numerics": 0, "ftjax.buckets": 0,
     "ftjax.assets": 0, "ftjax.sampling": 0, "ftjax.hf_compat": 0, "ftjax.fits": 0,
     "ftjax.pipeline": 0,  # the stage schedule: jax only (model and sharding use it)
     "ftjax.tokenizer": 1, "ftjax.processors": 1,
