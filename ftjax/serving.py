@@ -796,8 +796,9 @@ class LLMEngine:
         if decoding:
             n = next(b for b in self.row_buckets if b >= len(decoding))
             busy = [s.slot for _, s in decoding]
-            slots = np.asarray(busy + [i for i in range(self.max_slots)
-                                       if i not in set(busy)][:n - len(busy)], np.int32)
+            taken = set(busy)
+            idle = [i for i in range(self.max_slots) if i not in taken]
+            slots = np.asarray(busy + idle[:n - len(busy)], np.int32)
             table = np.zeros((n, self.pages_per_seq), np.int32)
             active = np.arange(n) < len(decoding)
             longest = 0
