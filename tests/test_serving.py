@@ -206,6 +206,13 @@ def test_bad_input_is_rejected_and_disturbs_nothing(model, engine):
         engine.add_request([1, 2], SP(temperature=1.0, n=9))
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.add_request([1, 200])
+    bad = np.full((2, model.config.embed_dim), np.nan, np.float32)
+    with pytest.raises(ValueError, match="non-finite"):
+        engine.add_request([1, 2], soft_prompt=bad)
+    with pytest.raises(ValueError, match=r"prompt_logprobs=5 exceeds.*max_logprobs=4"):
+        engine.add_request([1, 2], SP(prompt_logprobs=5))
+    with pytest.raises(KeyError, match="session-nope"):
+        engine.add_request([1, 2], session="session-nope")
     outs = []
     while engine.has_unfinished():
         outs += engine.step()
