@@ -11,7 +11,6 @@ N query heads.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import flax.struct
@@ -26,18 +25,15 @@ KERNELS = ("xla", "pallas", "mosaic")
 KV_DTYPES = (None, "int8")
 
 
-# Decode attention over length buckets (powers of two from MIN_BUCKET up to the cache's
-# capacity): an A/B lever (issue 19), on when FTJAX_ATTN_BUCKETS=1, read at trace time.
-MIN_BUCKET = 256
+# The decode loop runs in segments (`ftjax.engine`), each with a static view of the
+# cache's first n slots, n = MIN_VIEW, 2 * MIN_VIEW, ..., capacity: a step's attention
+# then reads the slots its positions can reach, not the whole cache (issue 19).
+MIN_VIEW = 256
 
 
-def buckets_enabled() -> bool:
-    return os.environ.get("FTJAX_ATTN_BUCKETS", "0") == "1"
-
-
-def bucket_sizes(max_len: int) -> tuple:
-    """Slot counts decode attention may read: MIN_BUCKET, 2 * MIN_BUCKET, ..., max_len."""
-    sizes, n = [], MIN_BUCKET
+def view_sizes(max_len: int) -> tuple:
+    """Slot counts a decode segment may read: MIN_VIEW, 2 * MIN_VIEW, ..., max_len."""
+    sizes, n = [], MIN_VIEW
     while n < max_len:
         sizes.append(n)
         n *= 2
@@ -72,6 +68,8 @@ class KVCache:
     (Mosaic GPU decode where it applies, see `pallas_kernels.select`).
     mesh: the `pallas_kernels.sharded.KernelMesh` the cache is sharded on: each kernel
     call then runs per shard (shard_map), never on a gathered cache. None: one device.
+    view: None, or a static slot count n: XLA attention then reads only slots `[0, n)`
+    (the caller promises every query position is < n; see `views`).
     """
 
     k: jax.Array
@@ -80,6 +78,7 @@ class KVCache:
     v_scale: Optional[jax.Array] = None
     kernels: str = flax.struct.field(pytree_node=False, default="xla")
     mesh: Optional[sharded.KernelMesh] = flax.struct.field(pytree_node=False, default=None)
+    view: Optional[int] = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, kv_dtype=None,
@@ -105,6 +104,12 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.k.shape[1]
+
+    def views(self) -> tuple:
+        """The static views a decode loop may run its segments in, smallest first (the
+        last is the whole cache). Only XLA attention has views: the kernels take each
+        row's length themselves."""
+        return view_sizes(self.max_len) if self.kernels == "xla" else (self.max_len,)
 
     def update(self, layer, k, v, positions) -> "KVCache":
         """Writes this step's keys / values `[B, T, K, H]` at their positions `[B, T]`.
@@ -148,16 +153,7 @@ class KVCache:
                                              kernel=prefill_attention, alibi_slopes=slopes,
                                              layer=layer, layout="BKSH", interpret=interpret)
         arrays = (self.k, self.v, self.k_scale, self.v_scale)
-        sizes = bucket_sizes(self.max_len) if decode and buckets_enabled() else ()
-        if len(sizes) < 2:
-            return _attend_first(self.max_len, q, positions, slopes, arrays, layer)
-        # Decode reads only the smallest bucket of slots holding every row's tokens: the
-        # step's cost follows the tokens in the cache, not its capacity. Each branch
-        # slices the whole cache itself (a layer's view passed in would be copied whole).
-        need = jnp.max(positions) + 1
-        index = jnp.searchsorted(jnp.asarray(sizes), need)
-        branches = [functools.partial(_attend_first, n) for n in sizes]
-        return jax.lax.switch(index, branches, q, positions, slopes, arrays, layer)
+        return _attend_first(self.view or self.max_len, q, positions, slopes, arrays, layer)
 
     def rows(self, start, size: int) -> "KVCache":
         """Rows `[start, start + size)` (a pipeline micro-batch; start may be traced)."""

@@ -291,12 +291,27 @@ class Engine:
     def _decode(self, params, state: DecodeState, sp: SamplingArrays, *,
                 feat: Features, chunk: int) -> DecodeState:
         """Decodes until every row has finished: chunks of `chunk` scanned steps
-        inside a while loop that exits as soon as all rows are done."""
+        inside a while loop that exits as soon as all rows are done.
+
+        The loop runs in segments, one per cache view (`KVCache.views`): a segment runs
+        while every position its next chunk can reach lies inside its view, so a step's
+        attention reads the slots in use (rounded up to a power of two), not the whole
+        cache. Each segment compiles its own loop body; static shapes, no cache copy."""
         self.trace_counts["decode"] += 1
         width = state.tokens.shape[1]
 
-        def cond(s):
+        def running(s):
             return jnp.any(s.finish == FINISH_NONE) & (s.step < width)
 
+        def segment(n):
+            def body(s):
+                s = self._scan(params, s.replace(cache=s.cache.replace(view=n)), sp, feat,
+                               chunk)
+                return s.replace(cache=s.cache.replace(view=None))
+            # a chunk feeds positions pos .. pos + chunk - 1 of each row
+            return (lambda s: running(s) & (jnp.max(s.pos) + chunk <= n)), body
+
+        for n in state.cache.views()[:-1]:
+            state = jax.lax.while_loop(*segment(n), state)
         return jax.lax.while_loop(
-            cond, functools.partial(self._scan, params, sp=sp, feat=feat, chunk=chunk), state)
+            running, functools.partial(self._scan, params, sp=sp, feat=feat, chunk=chunk), state)
