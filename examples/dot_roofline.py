@@ -128,11 +128,15 @@ def child(args) -> dict:
     return {"jax": jax.__version__, "bandwidth_gbs": bandwidth / 1e9, "rows": rows}
 
 
-def run_flag_set(name: str, argv) -> dict:
+def run_flag_set(name: str, argv, timeout: float) -> dict:
     env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " +
                                       FLAG_SETS[name]).strip())
-    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *argv],
-                       env=env, capture_output=True, text=True, check=False)
+    try:
+        r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *argv],
+                           env=env, capture_output=True, text=True, check=False,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"rejected": f"timed out after {timeout:.0f} s (some dot pathologically slow)"}
     if r.returncode != 0:
         tail = (r.stderr.strip().splitlines() or ["?"])[-1][:200]
         return {"rejected": f"exit {r.returncode}: {tail}"}
@@ -144,7 +148,7 @@ def render(results: dict) -> str:
     for name, res in results.items():
         flags = FLAG_SETS[name] or "(none)"
         if "rejected" in res:
-            lines.append(f"### {name}: `{flags}` rejected by this jaxlib ({res['rejected']})\n")
+            lines.append(f"### {name}: `{flags}`: no result ({res['rejected']})\n")
             continue
         bw = res["bandwidth_gbs"]
         lines += [f"### {name}: XLA_FLAGS `{flags}` (jax {res['jax']}, read bandwidth "
@@ -171,6 +175,7 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--m", default="1,8", help="rows of x (the decode batch)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=300, help="seconds per flag set")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -181,12 +186,11 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown flag sets {sorted(unknown)}; known: {list(FLAG_SETS)}")
     passthrough = ["--presets", args.presets, "--shapes", args.shapes, "--variants",
                    args.variants, "--m", args.m, "--repeats", str(args.repeats)]
-    results = {}
-    for name in args.flags.split(","):
+    for name in args.flags.split(","):  # each section printed as soon as it is measured
         t0 = time.perf_counter()
-        results[name] = run_flag_set(name, passthrough)
+        res = run_flag_set(name, passthrough, args.timeout)
+        print(render({name: res}), flush=True)
         print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    print(render(results))
     return 0
 
 
