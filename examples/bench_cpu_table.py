@@ -18,8 +18,10 @@ Python versions in its header):
   follow the tokens in the cache, not its capacity).
 
 `--quick` runs only gpt2-124m (a smoke run of the script itself). Bounded: meant for
-about 15 minutes on a quiet 2-core machine at --repeats 2 (not yet timed quiet: a
-loaded-machine run of --quick --repeats 1 took 818 s at load average ~10).
+about 15 minutes on a quiet 2-core machine at --repeats 2, so the gpt2-774m cells run
+at most --repeats-774m (default 1) timed repeats of 32 steps each: on a loaded machine
+(load ~5) the 774m fp32 cell with HF took 10.5 min at 2 repeats, its int8 cell 5 min
+(HF's batch-8 774m generate alone is ~60 s a run).
 """
 
 from __future__ import annotations
@@ -195,6 +197,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", help="also write the markdown here")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per number (median)")
+    p.add_argument("--repeats-774m", type=int, default=1,
+                   help="timed runs of the gpt2-774m cells (at most --repeats; keeps the "
+                        "table near 15 min)")
     p.add_argument("--bf16-774m", action="store_true",
                    help="also gpt2-774m in bfloat16 (HF's bf16 is slow here: several minutes)")
     p.add_argument("--quick", action="store_true", help="gpt2-124m cells only (smoke run)")
@@ -209,10 +214,11 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     cells = FLOAT_CELLS + [BF16_774M] * args.bf16_774m
     cells = [c for c in cells if not args.quick or c[0] == "gpt2-124m"]
-    results = {"float": {c: bench(*c, repeats=args.repeats, hf=hf, log=log) for c in cells}}
+    r774 = min(args.repeats, args.repeats_774m)
+    results = {"float": {c: bench(*c, repeats=r774 if c[0] == "gpt2-774m" else args.repeats,
+                                  hf=hf, log=log) for c in cells}}
     if not args.quick:
-        results["int8"] = bench(*INT8_CELL[:2], quant=INT8_CELL[2], repeats=args.repeats,
-                                log=log)
+        results["int8"] = bench(*INT8_CELL[:2], quant=INT8_CELL[2], repeats=r774, log=log)
     results["long"] = [bench("gpt2-124m", "float32", batch="1", input_len=n, output_len=128,
                              repeats=args.repeats, log=log) for n in (128, 896)]
     results["capacity"] = _capacity_subprocess(args.repeats, log)
