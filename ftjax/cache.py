@@ -18,39 +18,34 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.numerics import attend, quantize_vectors
+from ftjax import numerics
+from ftjax.numerics import quantize_vectors
 from pallas_kernels import prefill_attention, select, sharded
 
 KERNELS = ("xla", "pallas", "mosaic")
 KV_DTYPES = (None, "int8")
 
 
-# The decode loop runs in segments (`ftjax.engine`), each with a static view of the
-# cache's first n slots, n = MIN_VIEW, 2 * MIN_VIEW, ..., capacity: a step's attention
-# then reads the slots its positions can reach, not the whole cache (issue 19).
-MIN_VIEW = 256
+def _attend_xla(q, positions, slopes, arrays, layer):
+    """`numerics.attend_blocks` over layer `layer` of the cache's `(k, v, k_scale,
+    v_scale)` (`[L, B, K, S, H]`, scales `[L, B, K, S]` or None), sliced one block of
+    slots at a time as far as the furthest query reaches: a step's cost follows the
+    tokens in the cache, not its capacity, and nothing is copied whole."""
+    s = arrays[0].shape[3]
+    n = min(numerics.KEY_BLOCK, s)
 
+    def block(i):
+        start = jnp.minimum(i * n, s - n)     # a last partial block overlaps (skipped)
 
-def view_sizes(max_len: int) -> tuple:
-    """Slot counts a decode segment may read: MIN_VIEW, 2 * MIN_VIEW, ..., max_len."""
-    sizes, n = [], MIN_VIEW
-    while n < max_len:
-        sizes.append(n)
-        n *= 2
-    return tuple(sizes) + (max_len,)
+        def take(a):
+            if a is None:
+                return None
+            idx = (layer, 0, 0, start) + (0,) * (a.ndim - 4)
+            return jax.lax.dynamic_slice(a, idx, (1,) + a.shape[1:3] + (n,) + a.shape[4:])[0]
 
+        return (start,) + tuple(take(a) for a in arrays)
 
-def _attend_first(n: int, q, positions, slopes, arrays, layer):
-    """`attend` over the first n slots of layer `layer` of the cache's `(k, v, k_scale,
-    v_scale)` (`[L, B, K, S, H]`, scales `[L, B, K, S]` or None); every query position
-    must be < n."""
-    def first(a):
-        start = (layer,) + (0,) * (a.ndim - 1)
-        return jax.lax.dynamic_slice(a, start, (1,) + a.shape[1:3] + (n,) + a.shape[4:])[0]
-
-    k, v, k_scale, v_scale = (None if a is None else first(a) for a in arrays)
-    return attend(q, k, v, positions, jnp.arange(n), slopes, heads_first=True,
-                  k_scale=k_scale, v_scale=v_scale)
+    return numerics.attend_blocks(q, positions, block, n, -(-s // n), slopes)
 
 
 @flax.struct.dataclass
@@ -68,8 +63,6 @@ class KVCache:
     (Mosaic GPU decode where it applies, see `pallas_kernels.select`).
     mesh: the `pallas_kernels.sharded.KernelMesh` the cache is sharded on: each kernel
     call then runs per shard (shard_map), never on a gathered cache. None: one device.
-    view: None, or a static slot count n: XLA attention then reads only slots `[0, n)`
-    (the caller promises every query position is < n; see `views`).
     """
 
     k: jax.Array
@@ -78,7 +71,6 @@ class KVCache:
     v_scale: Optional[jax.Array] = None
     kernels: str = flax.struct.field(pytree_node=False, default="xla")
     mesh: Optional[sharded.KernelMesh] = flax.struct.field(pytree_node=False, default=None)
-    view: Optional[int] = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod
     def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, kv_dtype=None,
@@ -104,12 +96,6 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.k.shape[1]
-
-    def views(self) -> tuple:
-        """The static views a decode loop may run its segments in, smallest first (the
-        last is the whole cache). Only XLA attention has views: the kernels take each
-        row's length themselves."""
-        return view_sizes(self.max_len) if self.kernels == "xla" else (self.max_len,)
 
     def update(self, layer, k, v, positions) -> "KVCache":
         """Writes this step's keys / values `[B, T, K, H]` at their positions `[B, T]`.
@@ -152,8 +138,8 @@ class KVCache:
             return sharded.prefill_attention(q, self.k, self.v, positions, mesh=self.mesh,
                                              kernel=prefill_attention, alibi_slopes=slopes,
                                              layer=layer, layout="BKSH", interpret=interpret)
-        arrays = (self.k, self.v, self.k_scale, self.v_scale)
-        return _attend_first(self.view or self.max_len, q, positions, slopes, arrays, layer)
+        return _attend_xla(q, positions, slopes, (self.k, self.v, self.k_scale, self.v_scale),
+                           layer)
 
     def rows(self, start, size: int) -> "KVCache":
         """Rows `[start, start + size)` (a pipeline micro-batch; start may be traced)."""

@@ -30,14 +30,13 @@ from typing import Optional
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ftjax import processors
 from ftjax.cache import KERNELS, KVCache
 from ftjax.config import ModelConfig
 from ftjax.model import Transformer
 from ftjax.sampling import SamplingArrays, sample
-from ftjax.sharding import RULES, fetch
+from ftjax.sharding import RULES
 from pallas_kernels import sharded
 
 FINISH_NONE, FINISH_STOP, FINISH_LENGTH = 0, 1, 2
@@ -135,7 +134,7 @@ class Engine:
         self.trace_counts = collections.Counter()
         self.prefill = jax.jit(self._prefill, static_argnames=("max_len", "width", "feat"),
                                donate_argnames=("cache",))
-        self.decode = jax.jit(self._decode, static_argnames=("feat", "chunk", "view"),
+        self.decode = jax.jit(self._decode, static_argnames=("feat", "chunk"),
                               donate_argnames=("state",))
         self.decode_chunk = jax.jit(self._decode_chunk, static_argnames=("feat", "chunk"),
                                     donate_argnames=("state",))
@@ -289,41 +288,15 @@ class Engine:
         self.trace_counts["decode_chunk"] += 1
         return self._scan(params, state, sp, feat, chunk)
 
-    def decode_views(self, params, state: DecodeState, sp: SamplingArrays, *,
-                     feat: Features, chunk: int) -> DecodeState:
-        """`decode` until every row has finished, in segments over the cache's views
-        (`KVCache.views`, smallest first): a segment runs while every position its next
-        chunk can reach lies inside its view, so a step's attention reads the slots in
-        use (rounded up to a power of two), not the whole cache. The host picks the
-        segments (one small fetch per view), so a view the positions never reach is
-        never compiled: a short answer in a big cache compiles one small loop."""
-        views = state.cache.views()
-        width = state.tokens.shape[1]
-        for n in views:
-            pos, finish, step = fetch((state.pos, state.finish, state.step))
-            if not np.any(finish == FINISH_NONE) or int(step) >= width:
-                break
-            if n == views[-1] or int(np.max(pos)) + chunk <= n:
-                state = self.decode(params, state, sp, feat=feat, chunk=chunk,
-                                    view=None if n == views[-1] else n)
-        return state
-
     def _decode(self, params, state: DecodeState, sp: SamplingArrays, *,
-                feat: Features, chunk: int, view: Optional[int] = None) -> DecodeState:
+                feat: Features, chunk: int) -> DecodeState:
         """Decodes until every row has finished: chunks of `chunk` scanned steps
-        inside a while loop that exits as soon as all rows are done. With a `view`
-        (a static slot count), the loop also exits before a chunk could reach a
-        position >= view, and attention reads only slots `[0, view)`."""
+        inside a while loop that exits as soon as all rows are done."""
         self.trace_counts["decode"] += 1
         width = state.tokens.shape[1]
 
         def cond(s):
-            go = jnp.any(s.finish == FINISH_NONE) & (s.step < width)
-            # a chunk feeds positions pos .. pos + chunk - 1 of each row
-            return go if view is None else go & (jnp.max(s.pos) + chunk <= view)
+            return jnp.any(s.finish == FINISH_NONE) & (s.step < width)
 
-        def body(s):
-            s = self._scan(params, s.replace(cache=s.cache.replace(view=view)), sp, feat, chunk)
-            return s.replace(cache=s.cache.replace(view=None))
-
-        return jax.lax.while_loop(cond, body, state)
+        return jax.lax.while_loop(
+            cond, functools.partial(self._scan, params, sp=sp, feat=feat, chunk=chunk), state)

@@ -123,8 +123,8 @@ class Generator:
                                                  feat=batch.feat, chunk=DECODE_CHUNK)
                 state = self._check_stops(stops, state)
         else:
-            state = self.engine.decode_views(self.params, state, batch.sp, feat=batch.feat,
-                                             chunk=DECODE_CHUNK)
+            state = self.engine.decode(self.params, state, batch.sp, feat=batch.feat,
+                                       chunk=DECODE_CHUNK)
         return batching.collect(batch, reqs, state, prompt_lp, stops.cut), state
 
     def _check_stops(self, stops: batching.StopStrings, state):
