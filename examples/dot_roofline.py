@@ -10,6 +10,11 @@ bytes against the machine's measured read bandwidth (a jitted sum over 1 GiB):
     bf16-upcast   x f32 @ w.astype(f32) (XLA may fuse the convert into the dot)
     int8          x f32 @ w.astype(f32), per-column scale applied after the dot
     int8-w8a8     x quantized per row to int8, int8 x int8 -> int32 dot, then scales
+    bf16-copy     w upcast to an f32 copy first (an optimization_barrier keeps the convert
+                  out of the dot), then the f32 dot: "one layer's f32 copy at a time"
+    int8-copy     the same for int8 weights, per-column scale after the dot
+    *-NK          f32 / bf16 / int8 weights stored transposed, `[N, K]`: the dot
+                  contracts each weight row's contiguous K (x @ w.T, w upcast in the dot)
 
 Each XLA flag set runs in its own process (XLA_FLAGS is read once per process; an
 unknown flag or value aborts it, reported as "rejected"). Weights are replicated into
@@ -41,7 +46,8 @@ FLAG_SETS = {
     "onednn-custom-call": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
     "onednn-fusion-dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
 }
-VARIANTS = ("f32", "bf16", "bf16-upcast", "int8", "int8-w8a8")
+VARIANTS = ("f32", "bf16", "bf16-upcast", "int8", "int8-w8a8", "bf16-copy", "int8-copy",
+            "f32-NK", "bf16-NK", "int8-NK")
 DIMS = {"gpt2-124m": 768, "gpt2-774m": 1280}
 VOCAB = 50257
 MIN_BYTES = 256 << 20
@@ -72,6 +78,13 @@ def _fn(variant: str):
         return ((lambda w: (w.astype(jnp.bfloat16),)),
                 over(lambda x, w: jnp.dot(x, w[0].astype(f32))))
 
+    def copy32(w):
+        return jax.lax.optimization_barrier(w.astype(f32))
+
+    if variant == "bf16-copy":
+        return ((lambda w: (w.astype(jnp.bfloat16),)),
+                over(lambda x, w: jnp.dot(x, copy32(w[0]))))
+
     def quantize(w):
         scale = jnp.max(jnp.abs(w), axis=0) / 127.0
         return jnp.round(w / scale).astype(jnp.int8), scale
@@ -85,6 +98,18 @@ def _fn(variant: str):
             acc = jax.lax.dot(xq, w[0], preferred_element_type=jnp.int32)
             return acc.astype(f32) * xs * w[1]
         return quantize, over(w8a8)
+    if variant == "f32-NK":
+        return (lambda w: (w.T.copy(),)), over(lambda x, w: jnp.dot(x, w[0].T))
+    if variant == "bf16-NK":
+        return ((lambda w: (w.T.astype(jnp.bfloat16),)),
+                over(lambda x, w: jnp.dot(x, w[0].astype(f32).T)))
+    if variant == "int8-NK":
+        def make(w):
+            q, scale = quantize(w)
+            return q.T.copy(), scale
+        return make, over(lambda x, w: jnp.dot(x, w[0].astype(f32).T) * w[1])
+    if variant == "int8-copy":
+        return quantize, over(lambda x, w: jnp.dot(x, copy32(w[0])) * w[1])
     raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
 
 
