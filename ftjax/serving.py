@@ -234,8 +234,9 @@ class LLMEngine:
         self.trace_counts = collections.Counter()
         self._jit()
         self.layout = getattr(model, "layout", None)
-        self.state = self._pin(self._init_state(
-            paged_kv.zeros(cfg, self.num_pages, page_size, dtype, kv_dtype)), put=True)
+        # One jitted program fills the whole state (eager zeros compile one per shape).
+        self.state = jax.jit(lambda: self._pin(self._init_state(
+            paged_kv.zeros(cfg, self.num_pages, page_size, dtype, kv_dtype))))()
         self.sp = self._pin(self._pad_rows(SamplingArrays.build([], max_slots, vocab, (), [])),
                             put=True)
         self._requests: Dict[str, _Request] = {}
@@ -431,7 +432,7 @@ class LLMEngine:
                 raise ValueError(f"{what} exceeds the engine's limit "
                                  f"({' x '.join(map(str, width))})")
             out[keep] = a[keep]
-            return jnp.asarray(out)
+            return jax.device_put(out)   # not jnp.asarray: that compiles per shape
 
         seqs = (MAX_SEQUENCES, MAX_SEQUENCE_LEN)
         return sp.replace(
