@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ftjax.buckets import next_pow2
-from ftjax.numerics import NEG_INF
+from ftjax.numerics import NEG_INF, argmax
 
 MAX_LOGPROBS = 20  # the most alternatives `logprobs` / `prompt_logprobs` may ask for
 
@@ -311,6 +311,42 @@ class SamplingArrays:
         return jax.tree_util.tree_map(lambda a: a[rows], self)
 
 
+# The head of the sorted vocabulary that `lax.top_k` finds without a full sort (XLA:CPU
+# sorts 8 x 50,257 logits in ~87 ms; the top 64 take ~0.7 ms). A row whose filters keep
+# only head tokens (top_k <= HEAD, or a top-p / min-p cut inside the head) is drawn
+# from it; a row without filters draws from the whole vocabulary with no sort at all.
+HEAD = 64
+
+
+def _scale(logits, temperature):
+    return logits / jnp.maximum(temperature, 1e-6)
+
+
+def _head_rules(vals, full_lse, top_k, top_p, min_p):
+    """The filters on the `HEAD` best scaled logits `vals` `[k]` (descending).
+
+    Probabilities are normalised over the top-k survivors: the head itself when
+    top_k in [1, k], else `full_lse` (their logsumexp, computed by the caller). Both
+    sampling paths call this on the same values, so they keep the same head tokens.
+
+    Returns (keep `[k]`, the kept mass of the head (for top-p), the min-p threshold).
+    """
+    k = vals.shape[-1]
+    rank = jnp.arange(k)
+    keep = (top_k <= 0) | (rank < top_k)
+    in_head = (top_k > 0) & (top_k <= k)
+    lse = jnp.where(in_head, jax.nn.logsumexp(jnp.where(keep, vals, NEG_INF)), full_lse)
+    lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    probs = jnp.where(keep, jnp.exp(vals - lse), 0.0)
+    mass = jnp.cumsum(probs)
+    # top-p: keep a token if the mass before it is below top_p (the first always stays);
+    # top_p >= 1 is off, as in HF (no float sum reaching 1.0 cuts the tail).
+    keep = keep & ((top_p >= 1) | (mass - probs < top_p))
+    floor = vals[0] + jnp.log(min_p)          # min-p: p >= min_p x the top p
+    keep = keep & ((vals >= floor) | (rank == 0))
+    return keep, mass[-1], floor
+
+
 def warp(logits, temperature, top_k, top_p, min_p):
     """Temperature, top-k, top-p and min-p (HF's order) on one row's logits `[V]`.
 
@@ -318,49 +354,62 @@ def warp(logits, temperature, top_k, top_p, min_p):
     removed tokens are -inf.
     """
     vocab = logits.shape[-1]
-    scaled = logits / jnp.maximum(temperature, 1e-6)
+    k = min(HEAD, vocab)
+    scaled = _scale(logits, temperature)
     order = jnp.argsort(-scaled)
-    sorted_logits = scaled[order]
-    rank = jnp.arange(vocab)
-    keep = rank < jnp.where(top_k > 0, top_k, vocab)
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, NEG_INF))
-    # Keep a token if the mass before it is below top_p (the first token always stays).
-    before = jnp.cumsum(probs) - probs
-    keep = keep & (before < top_p)
-    # min-p: probability >= min_p x the top probability, i.e. in log space.
-    keep = keep & ((sorted_logits >= sorted_logits[0] + jnp.log(min_p)) | (rank == 0))
-    return jnp.where(keep, sorted_logits, NEG_INF), order
+    ranked = scaled[order]
+    # top-k survivors' logsumexp (the whole vocabulary's when top_k is off)
+    lse = jax.nn.logsumexp(scaled)
+    lse = jnp.where((top_k > 0) & (top_k < vocab), jax.nn.logsumexp(
+        jnp.where(jnp.arange(vocab) < top_k, ranked, NEG_INF)), lse)
+    head, mass, floor = _head_rules(ranked[:k], lse, top_k, top_p, min_p)
+    # The tail (ranks >= k): top-k, then top-p continuing the head's mass, then min-p.
+    tail = ranked[k:]
+    rank = jnp.arange(k, vocab)
+    keep = (top_k <= 0) | (rank < top_k)
+    probs = jnp.where(keep, jnp.exp(tail - jnp.where(jnp.isfinite(lse), lse, 0.0)), 0.0)
+    before = mass + jnp.cumsum(probs) - probs
+    keep = keep & ((top_p >= 1) | ((mass < top_p) & (before < top_p))) & (tail >= floor)
+    keep = jnp.concatenate([head, keep])
+    return jnp.where(keep, ranked, NEG_INF), order
 
 
-def _draw(key, filtered):
-    """The sorted rank a Gumbel-max draw picks: `jax.random.categorical`'s own rule,
-    written out so a prefix of the ranks can be drawn with the same noise."""
-    vocab = filtered.shape[-1]
-    noise = jax.random.gumbel(key, (vocab,), filtered.dtype)
-    return jnp.argmax(noise + filtered)
+def _noise(key, vocab):
+    """Gumbel noise of every token id: a draw is argmax(kept scaled logit + noise),
+    `jax.random.categorical`'s rule, the same token whichever path finds it."""
+    return jax.random.gumbel(key, (vocab,), jnp.float32)
 
 
 def _sample_row(logits, temperature, top_k, top_p, min_p, key):
+    """One row's draw through a full sort of the vocabulary (any filters)."""
     filtered, order = warp(logits, temperature, top_k, top_p, min_p)
-    return order[_draw(key, filtered)]
+    return order[argmax(filtered + _noise(key, logits.shape[-1])[order])]
 
 
-def _sample_row_top(logits, temperature, top_k, top_p, min_p, key):
-    """`_sample_row` for top_k in [1, PREFILTER]: only the PREFILTER best tokens can
-    survive top-k, so they are found by `lax.top_k` instead of a full sort, filtered by
-    the same rules and drawn with the same noise of their ranks: the same token."""
+def _covered(logits, temperature, top_k, top_p, min_p):
+    """Whether a row's draw needs no full sort: no filters, or filters that keep only
+    `HEAD` tokens (top_k in [1, HEAD], or a top-p or min-p cut inside the head)."""
     vocab = logits.shape[-1]
-    k = min(PREFILTER, vocab)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
+    k = min(HEAD, vocab)
+    scaled = _scale(logits, temperature)
+    vals = jax.lax.top_k(scaled, k)[0]
+    _, mass, floor = _head_rules(vals, jax.nn.logsumexp(scaled), top_k, top_p, min_p)
+    plain = (top_k <= 0) & (top_p >= 1) & (min_p <= 0)
+    cut = (top_k <= 0) & (((top_p < 1) & (mass >= top_p)) | (vals[-1] < floor))
+    return plain | ((top_k > 0) & (top_k <= k)) | cut | (k == vocab)
+
+
+def _sample_row_fast(logits, temperature, top_k, top_p, min_p, key):
+    """`_sample_row` for a `_covered` row, without a sort: the same token."""
+    vocab = logits.shape[-1]
+    k = min(HEAD, vocab)
+    scaled = _scale(logits, temperature)
+    noise = _noise(key, vocab)
     vals, idx = jax.lax.top_k(scaled, k)
-    rank = jnp.arange(k)
-    keep = rank < top_k
-    probs = jax.nn.softmax(jnp.where(keep, vals, NEG_INF))
-    before = jnp.cumsum(probs) - probs
-    keep = keep & (before < top_p)
-    keep = keep & ((vals >= vals[0] + jnp.log(min_p)) | (rank == 0))
-    noise = jax.random.gumbel(key, (vocab,), vals.dtype)[:k]
-    return idx[jnp.argmax(noise + jnp.where(keep, vals, NEG_INF))]
+    keep = _head_rules(vals, jax.nn.logsumexp(scaled), top_k, top_p, min_p)[0]
+    head = idx[argmax(jnp.where(keep, vals, NEG_INF) + noise[idx])]
+    plain = (top_k <= 0) & (top_p >= 1) & (min_p <= 0)
+    return jnp.where(plain, argmax(scaled + noise), head)
 
 
 def row_keys(seed, step):
@@ -369,11 +418,6 @@ def row_keys(seed, step):
     step: int or int32 `[B]` (per row: the index of the token being generated)."""
     step = jnp.broadcast_to(jnp.asarray(step, jnp.int32), seed.shape)
     return jax.vmap(lambda s, t: jax.random.fold_in(jax.random.PRNGKey(s), t))(seed, step)
-
-
-# top_k at most this is sampled from a `lax.top_k` prefilter instead of a full sort
-# of the vocabulary (XLA:CPU sorts 8 x 50,257 logits in ~87 ms; the top 64 in ~0.7 ms).
-PREFILTER = 64
 
 
 def sample(logits, sp: SamplingArrays, step, greedy_only: bool, live=None):
@@ -392,22 +436,21 @@ def sample(logits, sp: SamplingArrays, step, greedy_only: bool, live=None):
       tokens int32 `[B]`.
 
     Which rows sample is known only at run time, so the paths are chosen per call
-    (`lax.cond`): no draw when no live row samples; the `lax.top_k` prefilter when
-    every sampling row has top_k in [1, PREFILTER]; else a full sort. All give the
-    same tokens for the same seeds.
+    (`lax.cond`): no draw when no live row samples; no sort when every sampling row
+    is `_covered` (no filters, or filters inside the top `HEAD`); else a full sort.
+    All give the same tokens for the same seeds.
     """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits, axis=-1)
     if greedy_only:
         return greedy
     hot = sp.temperature > 0
     if live is not None:
         hot = hot & live
     args = (logits, sp.temperature, sp.top_k, sp.top_p, sp.min_p, row_keys(sp.seed, step))
-    k = min(PREFILTER, logits.shape[-1])
-    short = jnp.all(~hot | ((sp.top_k > 0) & (sp.top_k <= k)))
 
     def drawn(_):
-        tok = jax.lax.cond(short, lambda a: jax.vmap(_sample_row_top)(*a),
+        short = jnp.all(~hot | jax.vmap(_covered)(*args[:-1]))
+        tok = jax.lax.cond(short, lambda a: jax.vmap(_sample_row_fast)(*a),
                            lambda a: jax.vmap(_sample_row)(*a), args)
         return jnp.where(hot, tok.astype(jnp.int32), greedy)
 

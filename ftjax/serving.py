@@ -212,12 +212,10 @@ class LLMEngine:
         self.width = cfg.max_positions       # per-row token buffer and history width
         self.pages_per_seq = -(-cfg.max_positions // page_size)
         self.max_len = self.pages_per_seq * page_size
-        # Decode gathers (XLA path) only the pages the longest live row needs, in one
-        # of a few precompiled widths (`warmup` compiles them all).
-        m = self.pages_per_seq
-        self.widths = sorted({max(1, -(-m // d)) for d in (8, 4, 2, 1)})
-        # ... and runs only the running slots, gathered into the smallest of these
-        # row counts (a decode step's cost grows with its rows, busy or not).
+        # Decode runs only the running slots, gathered into the smallest of these row
+        # counts (a step's cost grows with its rows, busy or not); its attention visits
+        # only the pages the furthest row has reached (a run-time loop bound, no width
+        # to compile for).
         self.row_buckets = sorted({min(2 ** i, max_slots)
                                    for i in range(max_slots.bit_length() + 1)})
         dtype, kv_dtype = self.engine.dtype, self.engine.kv_dtype
@@ -260,8 +258,7 @@ class LLMEngine:
         self._admit_fn = jax.jit(self._admit_dev, donate_argnames=("state", "sp"))
         self._prefill_fn = jax.jit(self._prefill_dev, donate_argnames=("state",),
                                    static_argnames=("prompt_lp",))
-        self._decode_fn = jax.jit(self._decode_dev, donate_argnames=("state",),
-                                  static_argnames=("pages",))
+        self._decode_fn = jax.jit(self._decode_dev, donate_argnames=("state",))
         self._copy_fn = jax.jit(self._copy_dev, donate_argnames=("state",))
         self._window_fn = jax.jit(self._window_dev)
 
@@ -272,12 +269,10 @@ class LLMEngine:
         for lp in (False, True):
             self.state = self._prefill_fn(self.params, self.state, self.sp,
                                           **self._prefill_inputs(), prompt_lp=lp)[0]
-        for w in self.widths:
-            for r in self.row_buckets:
-                self.state = self._decode_fn(self.params, self.state, self.sp,
-                                             np.arange(r, dtype=np.int32),
-                                             np.zeros((r, m), np.int32), np.zeros((r,), bool),
-                                             pages=w)
+        for r in self.row_buckets:
+            self.state = self._decode_fn(self.params, self.state, self.sp,
+                                         np.arange(r, dtype=np.int32),
+                                         np.zeros((r, m), np.int32), np.zeros((r,), bool))
         self.state = self._copy_fn(self.state, np.zeros((s,), np.int32), np.zeros((s,), np.int32))
         jax.block_until_ready(self._window_fn(self.state, np.zeros((s,), np.int32)))
         slot = self._free_slots[-1]
@@ -385,11 +380,9 @@ class LLMEngine:
         state = self._advance(state, logits[jnp.maximum(src, 0), 0], sp, src >= 0)
         return self._pin(state), lps
 
-    def _decode_dev(self, params, state: DecodeState, sp, slots, table, active, *,
-                    pages: int):
+    def _decode_dev(self, params, state: DecodeState, sp, slots, table, active):
         """`chunk` decode steps of the slots `slots` `[R]` (distinct) where `active` `[R]`
-        is set; the others write nothing. table: `[R, M]` their page tables. pages:
-        static, every live row's positions lie in its first `pages` pages."""
+        is set; the others write nothing. table: `[R, M]` their page tables."""
         self.trace_counts["decode"] += 1
         rows = state.replace(**{f: getattr(state, f)[slots] for f in _ROW_FIELDS})
         sp_rows = jax.tree_util.tree_map(lambda a: a[slots], sp)
@@ -397,7 +390,7 @@ class LLMEngine:
         def body(s, _):
             live = active & (s.finish == FINISH_NONE)
             pos = jnp.where(live, s.pos, -1)
-            cache = PagedCache(s.cache, table, pages * self.page_size, self.engine.kernels)
+            cache = PagedCache(s.cache, table, self.max_len, self.engine.kernels)
             logits, cache = self.engine.model(params, s.last[:, None], pos[:, None], cache)
             return self._advance(s.replace(cache=cache.kv), logits[:, 0], sp_rows,
                                  active), None
@@ -806,13 +799,10 @@ class LLMEngine:
             slots = np.asarray(busy + idle[:n - len(busy)], np.int32)
             table = np.zeros((n, self.pages_per_seq), np.int32)
             active = np.arange(n) < len(decoding)
-            longest = 0
             for i, (r, s) in enumerate(decoding):
                 table[i] = self.blocks.table([r.key(s.j)])[0]
-                longest = max(longest, self.blocks.num_tokens(r.key(s.j)))
-            pages = next(w for w in self.widths if w * self.page_size >= longest)
             self.state = self._decode_fn(self.params, self.state, self.sp, slots, table,
-                                         active, pages=pages)
+                                         active)
         if not decoding:
             return out
         start = np.zeros((self.max_slots,), np.int32)

@@ -151,42 +151,74 @@ def test_warpers_keep_the_same_tokens_as_hf(kw):
         _same(ours, ref[b])
 
 
-def test_top_k_prefilter_draws_the_full_sorts_token():
-    """Rows with top_k <= PREFILTER are drawn from a lax.top_k prefilter (no full sort):
-    the same token as the full-sort path for every seed, step and filter mix; batches
-    with any other sampling row take the full sort; all-greedy batches draw nothing."""
+def test_sort_free_paths_draw_the_full_sorts_token():
+    """Rows whose filters keep only the top HEAD tokens (top_k <= HEAD, a top-p or
+    min-p cut inside the head) are drawn from a lax.top_k head, rows without filters
+    from the whole vocabulary, neither sorting: the same token as the full-sort path
+    for every seed, step and filter mix; a batch with any other sampling row takes the
+    full sort; all-greedy batches draw nothing. A row without filters draws what
+    `jax.random.categorical` draws from its scaled logits with its key."""
     import jax
     import jax.numpy as jnp
 
     from ftjax import sampling
     from ftjax.sampling import SamplingArrays, SamplingParams
 
-    vocab, rows = 300, 6
-    logits = jax.random.normal(jax.random.PRNGKey(1), (rows, vocab)) * 3
+    vocab, rows = 300, 8
+    base = jax.random.normal(jax.random.PRNGKey(1), (rows, vocab)) * 3
+    # rows 6 and 7 peaked, so their top-p / min-p cut falls inside the head of 64
+    logits = base.at[6:, :5].add(12.0)
     sps = [SamplingParams(temperature=0.7, top_k=50, seed=1),
            SamplingParams(temperature=1.3, top_k=5, top_p=0.8, seed=2),
            SamplingParams(temperature=1.0, top_k=64, min_p=0.05, seed=3),
            SamplingParams(temperature=0.5, top_k=1, seed=4),
            SamplingParams(),                                 # greedy
-           SamplingParams(temperature=0.9, top_k=20, top_p=0.5, seed=6)]
+           SamplingParams(temperature=0.9, seed=6),          # no filters: no sort
+           SamplingParams(temperature=1.0, top_p=0.9, seed=7),
+           SamplingParams(temperature=1.0, min_p=0.1, seed=8)]
     sp = SamplingArrays.build(sps, rows, vocab, (), [8] * rows)
-    full = jax.jit(lambda lg, st: jnp.where(
-        sp.temperature > 0,
-        jax.vmap(sampling._sample_row)(lg, sp.temperature, sp.top_k, sp.top_p, sp.min_p,
-                                       sampling.row_keys(sp.seed, st)),
-        jnp.argmax(lg, -1)))
-    fast = jax.jit(lambda lg, st: sampling.sample(lg, sp, st, False))
+
+    def full_sort(sp):
+        return jax.jit(lambda lg, st: jnp.where(
+            sp.temperature > 0,
+            jax.vmap(sampling._sample_row)(lg, sp.temperature, sp.top_k, sp.top_p, sp.min_p,
+                                           sampling.row_keys(sp.seed, st)),
+            jnp.argmax(lg, -1)))
+
+    covered = jax.vmap(sampling._covered)(logits, sp.temperature, sp.top_k, sp.top_p,
+                                          sp.min_p)
+    assert bool(jnp.all(covered)), covered   # the fixture exercises the sort-free path
+    full, fast = full_sort(sp), jax.jit(lambda lg, st: sampling.sample(lg, sp, st, False))
     for step in range(40):
         lg = logits + step * 0.01
         assert fast(lg, step).tolist() == full(lg, step).tolist(), step
-    # one row without top_k: the whole batch takes the full sort, same tokens
-    sps2 = sps[:5] + [SamplingParams(temperature=0.9, top_p=0.9, seed=6)]
+        key = sampling.row_keys(sp.seed, step)[5]
+        assert int(fast(lg, step)[5]) == int(jax.random.categorical(key, lg[5] / 0.9))
+    # a row whose top-p nucleus leaves the head: the whole batch takes the full sort
+    sps2 = sps[:7] + [SamplingParams(temperature=0.9, top_p=0.9, seed=9)]
     sp2 = SamplingArrays.build(sps2, rows, vocab, (), [8] * rows)
-    a = sampling.sample(logits, sp2, 3, False)
-    b = jnp.where(sp2.temperature > 0, jax.vmap(sampling._sample_row)(
-        logits, sp2.temperature, sp2.top_k, sp2.top_p, sp2.min_p,
-        sampling.row_keys(sp2.seed, 3)), jnp.argmax(logits, -1))
-    assert a.tolist() == b.tolist()
+    flat = logits.at[7].set(base[7] * 0.1)
+    assert not bool(sampling._covered(flat[7], 0.9, 0, 0.9, 0.0))
+    for step in range(5):
+        assert (sampling.sample(flat, sp2, step, False).tolist()
+                == full_sort(sp2)(flat, step).tolist())
     # all greedy (or the sampling rows not live): argmax
-    live = jnp.asarray([False] * 4 + [True, False])
+    live = jnp.asarray([False] * 4 + [True] + [False] * 3)
     assert sampling.sample(logits, sp, 0, False, live)[4] == int(jnp.argmax(logits[4]))
+
+
+def test_numerics_argmax_is_jnp_argmax():
+    """The decode step's argmax (two plain reductions) picks what jnp.argmax picks:
+    the first maximum, a NaN as the maximum, index 0 of an all -inf row; any axis."""
+    import jax.numpy as jnp
+
+    from ftjax.numerics import argmax
+
+    rng = np.random.default_rng(0)
+    cases = [np.array([[1.0, 3, 3, 2], [np.nan, 1, np.nan, 5], [-np.inf] * 4, [0.0] * 4]),
+             rng.standard_normal((5, 300)).astype(np.float32),
+             rng.integers(0, 3, (6, 9)).astype(np.float32)]     # many ties
+    for x in cases:
+        for axis in (-1, 0):
+            assert (argmax(jnp.asarray(x), axis).tolist()
+                    == jnp.argmax(jnp.asarray(x), axis).tolist())
