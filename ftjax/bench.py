@@ -174,7 +174,7 @@ def run_bench(args) -> int:
             "cpu": cpu_description(), "bandwidth_gbs": bandwidth / 1e9,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "pid": os.getpid(),
-            # the library's own A/B switches (FTJAX_LAYER_LOOP, FTJAX_ATTN_BUCKETS, ...)
+            # the library's own A/B switches (FTJAX_LAYER_LOOP, ...)
             "ftjax_env": {k: v for k, v in sorted(os.environ.items())
                           if k.startswith("FTJAX_") and k != "FTJAX_CACHE_DIR"}}
     extra = "".join(f", {k} {meta[k]}" for k in ("quant", "kv_cache_dtype") if meta[k])

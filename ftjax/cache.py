@@ -11,7 +11,6 @@ N query heads.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import flax.struct
@@ -19,42 +18,34 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.numerics import attend, quantize_vectors
+from ftjax import numerics
+from ftjax.numerics import quantize_vectors
 from pallas_kernels import prefill_attention, select, sharded
 
 KERNELS = ("xla", "pallas", "mosaic")
 KV_DTYPES = (None, "int8")
 
 
-# Decode attention over length buckets (powers of two from MIN_BUCKET up to the cache's
-# capacity): an A/B lever (issue 19), on when FTJAX_ATTN_BUCKETS=1, read at trace time.
-MIN_BUCKET = 256
+def _attend_xla(q, positions, slopes, arrays, layer):
+    """`numerics.attend_blocks` over layer `layer` of the cache's `(k, v, k_scale,
+    v_scale)` (`[L, B, K, S, H]`, scales `[L, B, K, S]` or None), sliced one block of
+    slots at a time as far as the furthest query reaches: a step's cost follows the
+    tokens in the cache, not its capacity, and nothing is copied whole."""
+    s = arrays[0].shape[3]
+    n = min(numerics.KEY_BLOCK, s)
 
+    def block(i):
+        start = jnp.minimum(i * n, s - n)     # a last partial block overlaps (skipped)
 
-def buckets_enabled() -> bool:
-    return os.environ.get("FTJAX_ATTN_BUCKETS", "0") == "1"
+        def take(a):
+            if a is None:
+                return None
+            idx = (layer, 0, 0, start) + (0,) * (a.ndim - 4)
+            return jax.lax.dynamic_slice(a, idx, (1,) + a.shape[1:3] + (n,) + a.shape[4:])[0]
 
+        return (start,) + tuple(take(a) for a in arrays)
 
-def bucket_sizes(max_len: int) -> tuple:
-    """Slot counts decode attention may read: MIN_BUCKET, 2 * MIN_BUCKET, ..., max_len."""
-    sizes, n = [], MIN_BUCKET
-    while n < max_len:
-        sizes.append(n)
-        n *= 2
-    return tuple(sizes) + (max_len,)
-
-
-def _attend_first(n: int, q, positions, slopes, arrays, layer):
-    """`attend` over the first n slots of layer `layer` of the cache's `(k, v, k_scale,
-    v_scale)` (`[L, B, K, S, H]`, scales `[L, B, K, S]` or None); every query position
-    must be < n."""
-    def first(a):
-        start = (layer,) + (0,) * (a.ndim - 1)
-        return jax.lax.dynamic_slice(a, start, (1,) + a.shape[1:3] + (n,) + a.shape[4:])[0]
-
-    k, v, k_scale, v_scale = (None if a is None else first(a) for a in arrays)
-    return attend(q, k, v, positions, jnp.arange(n), slopes, heads_first=True,
-                  k_scale=k_scale, v_scale=v_scale)
+    return numerics.attend_blocks(q, positions, block, n, -(-s // n), slopes)
 
 
 @flax.struct.dataclass
@@ -147,17 +138,8 @@ class KVCache:
             return sharded.prefill_attention(q, self.k, self.v, positions, mesh=self.mesh,
                                              kernel=prefill_attention, alibi_slopes=slopes,
                                              layer=layer, layout="BKSH", interpret=interpret)
-        arrays = (self.k, self.v, self.k_scale, self.v_scale)
-        sizes = bucket_sizes(self.max_len) if decode and buckets_enabled() else ()
-        if len(sizes) < 2:
-            return _attend_first(self.max_len, q, positions, slopes, arrays, layer)
-        # Decode reads only the smallest bucket of slots holding every row's tokens: the
-        # step's cost follows the tokens in the cache, not its capacity. Each branch
-        # slices the whole cache itself (a layer's view passed in would be copied whole).
-        need = jnp.max(positions) + 1
-        index = jnp.searchsorted(jnp.asarray(sizes), need)
-        branches = [functools.partial(_attend_first, n) for n in sizes]
-        return jax.lax.switch(index, branches, q, positions, slopes, arrays, layer)
+        return _attend_xla(q, positions, slopes, (self.k, self.v, self.k_scale, self.v_scale),
+                           layer)
 
     def rows(self, start, size: int) -> "KVCache":
         """Rows `[start, start + size)` (a pipeline micro-batch; start may be traced)."""

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from ftjax.config import ModelConfig
-from ftjax.numerics import attend_blocks, quantize_vectors
+from ftjax import numerics
+from ftjax.numerics import quantize_vectors
 from pallas_kernels import paged_attention
 from pallas_kernels.paged_attention import gather_pages
 
@@ -209,22 +210,16 @@ def attend(kv: PagedKV, layer, q, q_pos, page_table, slopes=None, *, max_len: in
     return attend_pages(kv, layer, q, q_pos, page_table, slopes, max_len=max_len)
 
 
-# Pages per step of the XLA path's loop: a block of keys small enough to stay in cache
-# while it is used, large enough that the loop's per-step cost is paid rarely. Measured
-# (gpt2-124m shapes, 8 rows, 12 layers, 2-core AMD EPYC, CPU time): 4 or 8 pages cost
-# ~1/4 of gathering every row's pages into one copy first; 16 cost more.
-BLOCK_PAGES = 8
-
-
 def attend_pages(kv: PagedKV, layer, q, q_pos, page_table, slopes=None, *, max_len: int):
-    """The XLA path of `attend`: `numerics.attend_blocks` over blocks of `BLOCK_PAGES`
-    pages gathered one block at a time, only as far as the furthest query reaches."""
+    """The XLA path of `attend`: `numerics.attend_blocks` over blocks of
+    `numerics.KEY_BLOCK` keys (whole pages), gathered one block at a time, only as far
+    as the furthest query reaches."""
     m, ps = page_table.shape[1], kv.page_size
     if max_len > m * ps:
         raise ValueError(f"max_len={max_len} exceeds the page table's {m} pages x "
                          f"{ps} tokens")
     pages = -(-max_len // ps)
-    blk = min(BLOCK_PAGES, pages)
+    blk = min(max(1, numerics.KEY_BLOCK // ps), pages)
     nb = -(-pages // blk)
     table = jnp.clip(page_table[:, :pages], 0, kv.num_pages - 1)
     table = jnp.pad(table, ((0, 0), (0, nb * blk - pages)))     # the null page
@@ -236,6 +231,6 @@ def attend_pages(kv: PagedKV, layer, q, q_pos, page_table, slopes=None, *, max_l
         def one(pool):
             return None if pool is None else gather_pages(pool, rows, layer)
 
-        return one(kv.k), one(kv.v), one(kv.k_scale), one(kv.v_scale)
+        return i * blk * ps, one(kv.k), one(kv.v), one(kv.k_scale), one(kv.v_scale)
 
-    return attend_blocks(q, q_pos, block, blk * ps, nb, slopes)
+    return numerics.attend_blocks(q, q_pos, block, blk * ps, nb, slopes)

@@ -14,7 +14,7 @@ import pytest
 from lowering import lower_for_cuda
 from tiny import tiny_config
 
-from ftjax import paged_kv
+from ftjax import numerics, paged_kv
 from ftjax.blocks import BlockManager, OutOfPages
 from ftjax.cache import KVCache
 from ftjax.numerics import attend
@@ -255,16 +255,16 @@ def test_paged_write_then_gather_equals_contiguous_cache(kv_dtype):
         assert not np.asarray(a[:, 0]).any()    # nothing landed in the null page
 
 
-@pytest.mark.parametrize("block_pages", [2, 8])   # 3 blocks of the 6 pages; 1 block
+@pytest.mark.parametrize("key_block", [8, 128])   # 3 blocks of the 6 pages of 4; 1 block
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
-def test_paged_attend_equals_contiguous_attend(kv_dtype, block_pages, monkeypatch):
+def test_paged_attend_equals_contiguous_attend(kv_dtype, key_block, monkeypatch):
     """Attention over the pages (XLA: pages streamed block by block with an online
     softmax; Pallas decode kernel, interpreted) equals ftjax.numerics.attend over the
     contiguous cache: prefill queries (T > 1) and one decode query per row, ALiBi slopes
     on. XLA path: the same math with the softmax summed per block, so equal up to
     float32 rounding (rtol 1e-5: a few ulps of reordered sums); the kernel: within its
     float32 tolerance."""
-    monkeypatch.setattr(paged_kv, "BLOCK_PAGES", block_pages)
+    monkeypatch.setattr(numerics, "KEY_BLOCK", key_block)
     cfg, table, slots, writes, s, ps = _kv_case(kv_dtype, seed=3)
     b, n, h = slots.shape[0], cfg.n_heads, cfg.head_dim
     pool = paged_kv.zeros(cfg, 4 * 6, ps, jnp.float32, kv_dtype)
