@@ -120,10 +120,13 @@ def load(path: str, dtype: str = "float32", mesh: Optional[jax.sharding.Mesh] = 
     if mesh is not None and quant is None and q.mode_of(params_np) is None:
         params = params_np  # Model places them shard by shard, straight from the host arrays
     else:
+        # Cast on the host and left there: `Model` puts them on device (after its
+        # per-layer split, if any) without compiling one op per weight shape.
         params = jax.tree_util.tree_map(
-            lambda x: jax.tree_util.tree_map(jnp.asarray, x) if q.is_quantized(x)
-            else jnp.asarray(x, dtype=jdtype), params_np, is_leaf=q.is_leaf)
+            lambda x: x if q.is_quantized(x) else _host_cast(x, jdtype), params_np,
+            is_leaf=q.is_leaf)
     if quant is not None:
+        params = jax.device_put(params)
         stored = q.mode_of(params)
         if stored is not None:
             raise ValueError(f"{path} already holds {stored} weights; load it with quant=None")
@@ -172,15 +175,28 @@ def _calibration_ids(calibration, tokenizer, cfg: ModelConfig) -> List[List[int]
     return [s for s in out if s]
 
 
+def _host_cast(x, dtype) -> np.ndarray:
+    """A host array with float values in `dtype` (numpy's cast: a device cast would
+    compile one XLA program per weight shape, ~30 ms each at start-up)."""
+    x = np.asarray(x)
+    return x.astype(dtype, copy=False) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
+def _on_host(tree) -> bool:
+    return all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(tree))
+
+
 def _on_device(params, dtype):
     """Params as device arrays, float leaves in the model dtype (a float32 bias beside
     bfloat16 activations would change the layer scan's carry dtype); int8 weight types
-    are kept as they are."""
+    are kept as they are. Host arrays are cast on the host and `device_put`: no
+    per-shape compile (eager `jnp.asarray` / `astype` compile one program each)."""
     def put(x):
         if q.is_quantized(x):
-            return jax.tree_util.tree_map(jnp.asarray, x)
-        x = jnp.asarray(x)
-        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+            return jax.device_put(x)
+        if isinstance(x, jax.Array):
+            return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        return jax.device_put(_host_cast(x, dtype))
     return jax.tree_util.tree_map(put, params, is_leaf=q.is_quantized)
 
 
@@ -217,14 +233,20 @@ class Model:
         self.quant = q.mode_of(params)
         self.param_bytes = q.param_bytes(params)
         self.layout = None
+        split = layer_loop == "unrolled"
         if mesh is not None:
             self.layout = sharding.Layout(mesh, config)
             params = self.layout.place_params(params, _dtype(dtype))
         else:
+            if split and _on_host(params["layers"]):
+                # Split on the host (numpy views): indexing device arrays would compile
+                # a slice program per weight shape.
+                params = dict(params, layers=split_layers(params["layers"], config.n_layers))
+                split = False
             params = _on_device(params, _dtype(dtype))
         self.engine = Engine(config, _dtype(dtype), kernels=_kernels(kernels), layout=self.layout,
                              kv_dtype=kv_cache_dtype)
-        if layer_loop == "unrolled":
+        if split:
             params = dict(params, layers=split_layers(params["layers"], config.n_layers))
         self._gen = Generator(self.engine, params, tokenizer)
         self._serving: Optional[LLMEngine] = None

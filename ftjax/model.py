@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence, Union
 
+import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,12 @@ def weight(module: nn.Module, name: str, spec: ParamSpec, dtype):
         w = module.get_variable("params", name)
         if quant.is_quantized(w):
             return w
+        # flax's `param` checks an existing value by `jax.eval_shape` of its initializer
+        # (a random-init trace per weight, ~40% of a model trace): the same check, direct.
+        if tuple(jnp.shape(w)) != tuple(spec.shape):
+            raise flax.errors.ScopeParamShapeError(name, module.scope.path_text,
+                                                   jnp.shape(w), tuple(spec.shape))
+        return w
     return module.param(name, _INITS[spec.init], spec.shape, dtype)
 
 

@@ -218,7 +218,7 @@ def _pack_sequences(rows: Sequence[Tuple[Tuple[int, ...], ...]], batch: int):
         for w, s in enumerate(r):
             ids[b, w, :len(s)] = s
             lens[b, w] = len(s)
-    return jnp.asarray(ids), jnp.asarray(lens)
+    return jax.device_put(ids), jax.device_put(lens)
 
 
 @flax.struct.dataclass
@@ -277,7 +277,7 @@ class SamplingArrays:
         def col(values, pad, dtype):
             arr = np.full((batch,), pad, dtype)
             arr[:n] = values
-            return jnp.asarray(arr)
+            return jax.device_put(arr)   # jnp.asarray would compile per shape
 
         seeds = []
         for i, p in enumerate(params):
@@ -296,7 +296,7 @@ class SamplingArrays:
             top_p=col([p.top_p for p in params], 1.0, np.float32),
             min_p=col([p.min_p for p in params], 0.0, np.float32),
             seed=col(seeds, 0, np.uint32),
-            stop_ids=jnp.asarray(stop_ids),
+            stop_ids=jax.device_put(stop_ids),
             max_new=col(list(max_new), 0, np.int32),
             min_new=col([p.min_new_tokens for p in params], 0, np.int32),
             rep_penalty=col([p.repetition_penalty for p in params], 1.0, np.float32),
@@ -304,7 +304,7 @@ class SamplingArrays:
             frequency=col([p.frequency_penalty for p in params], 0.0, np.float32),
             ngram=col([p.no_repeat_ngram_size for p in params], 0, np.int32),
             bad_ids=bad_ids, bad_len=bad_len, stop_seq_ids=seq_ids, stop_seq_len=seq_len,
-            bias=jnp.asarray(bias))
+            bias=jax.device_put(bias))
 
     def take(self, rows) -> "SamplingArrays":
         """The options of the given rows (e.g. to follow beams or expand samples)."""

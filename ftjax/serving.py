@@ -232,8 +232,8 @@ class LLMEngine:
         self.trace_counts = collections.Counter()
         self._jit()
         self.layout = getattr(model, "layout", None)
-        self.state = self._pin(self._init_state(
-            paged_kv.zeros(cfg, self.num_pages, page_size, dtype, kv_dtype)), put=True)
+        # One jitted program fills the whole state (eager zeros compile one per shape).
+        self.state = jax.jit(self._empty_state)()
         self.sp = self._pin(self._pad_rows(SamplingArrays.build([], max_slots, vocab, (), [])),
                             put=True)
         self._requests: Dict[str, _Request] = {}
@@ -300,6 +300,11 @@ class LLMEngine:
         if put:
             return jax.device_put(tree, shardings)
         return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, tree, shardings)
+
+    def _empty_state(self) -> DecodeState:
+        e = self.engine
+        return self._pin(self._init_state(
+            paged_kv.zeros(self.cfg, self.num_pages, self.page_size, e.dtype, e.kv_dtype)))
 
     def _init_state(self, kv) -> DecodeState:
         s, w, v = self.max_slots, self.width, self.cfg.vocab_size if self.feat.processors else 0
@@ -424,7 +429,7 @@ class LLMEngine:
                 raise ValueError(f"{what} exceeds the engine's limit "
                                  f"({' x '.join(map(str, width))})")
             out[keep] = a[keep]
-            return jnp.asarray(out)
+            return jax.device_put(out)   # not jnp.asarray: that compiles per shape
 
         seqs = (MAX_SEQUENCES, MAX_SEQUENCE_LEN)
         return sp.replace(

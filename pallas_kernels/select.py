@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+import importlib
+
 import jax
 
-from pallas_kernels import mosaic
 from pallas_kernels.decode_attention import decode_attention as triton_decode_attention
 from pallas_kernels.int8_matmul import int8_matmul as triton_int8_matmul
 
@@ -32,6 +33,12 @@ def auto(devices: Optional[list] = None) -> str:
     return "mosaic" if major >= 9 else "pallas"
 
 
+def mosaic():
+    """`pallas_kernels.mosaic`, imported on first use: Mosaic GPU's modules take ~0.2 s
+    to import, which every start-up off Hopper GPUs would pay for nothing."""
+    return importlib.import_module("pallas_kernels.mosaic")
+
+
 def _check(impl: str):
     if impl not in IMPLS:
         raise ValueError(f"kernel implementation must be one of {IMPLS}, got {impl!r}")
@@ -44,9 +51,9 @@ def decode_attention(q, k_cache, v_cache, lengths, *, impl: str = "pallas", alib
     _check(impl)
     kw = dict(alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale, layer=layer,
               kv_head=kv_head, layout=layout, interpret=interpret)
-    if impl == "mosaic" and k_scale is None and mosaic.decode_supported(
+    if impl == "mosaic" and k_scale is None and mosaic().decode_supported(
             q, k_cache, kv_head=kv_head, layout=layout) is None:
-        return mosaic.decode_attention(q, k_cache, v_cache, lengths, **kw)
+        return mosaic().decode_attention(q, k_cache, v_cache, lengths, **kw)
     return triton_decode_attention(q, k_cache, v_cache, lengths, **kw)
 
 
@@ -54,6 +61,6 @@ def int8_matmul(x, w_q, scale, *, impl: str = "pallas", group_size=None,
                 interpret: bool = False):
     """`pallas_kernels.int8_matmul`'s arguments; `impl` picks the backend."""
     _check(impl)
-    if impl == "mosaic" and mosaic.int8_matmul_supported(x, w_q, scale, group_size) is None:
-        return mosaic.int8_matmul(x, w_q, scale, interpret=interpret)
+    if impl == "mosaic" and mosaic().int8_matmul_supported(x, w_q, scale, group_size) is None:
+        return mosaic().int8_matmul(x, w_q, scale, interpret=interpret)
     return triton_int8_matmul(x, w_q, scale, group_size=group_size, interpret=interpret)
