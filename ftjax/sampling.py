@@ -10,6 +10,7 @@ bad-word bans, min_new_tokens) live in `ftjax.processors`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
 from typing import Mapping, Optional, Sequence, Tuple
 
@@ -386,27 +387,31 @@ def _sample_row(logits, temperature, top_k, top_p, min_p, key):
     return order[argmax(filtered + _noise(key, logits.shape[-1])[order])]
 
 
-def _covered(logits, temperature, top_k, top_p, min_p):
+def _head(logits, temperature):
+    """The batch's scaled logits `[B, V]`, their top `HEAD` (values, ids) and logsumexp.
+
+    Computed once, outside every branch of `sample`: XLA:CPU runs `lax.top_k` as its
+    TopK library call only in some program positions (inside `sample`'s branches it
+    became a full sort of the vocabulary, measured), so the branches get its result."""
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    vals, idx = jax.lax.top_k(scaled, min(HEAD, logits.shape[-1]))
+    return scaled, vals, idx, jax.nn.logsumexp(scaled, axis=-1)
+
+
+def _covered(vals, lse, top_k, top_p, min_p, vocab: int):
     """Whether a row's draw needs no full sort: no filters, or filters that keep only
     `HEAD` tokens (top_k in [1, HEAD], or a top-p or min-p cut inside the head)."""
-    vocab = logits.shape[-1]
-    k = min(HEAD, vocab)
-    scaled = _scale(logits, temperature)
-    vals = jax.lax.top_k(scaled, k)[0]
-    _, mass, floor = _head_rules(vals, jax.nn.logsumexp(scaled), top_k, top_p, min_p)
+    k = vals.shape[-1]
+    _, mass, floor = _head_rules(vals, lse, top_k, top_p, min_p)
     plain = (top_k <= 0) & (top_p >= 1) & (min_p <= 0)
     cut = (top_k <= 0) & (((top_p < 1) & (mass >= top_p)) | (vals[-1] < floor))
     return plain | ((top_k > 0) & (top_k <= k)) | cut | (k == vocab)
 
 
-def _sample_row_fast(logits, temperature, top_k, top_p, min_p, key):
+def _sample_row_fast(scaled, vals, idx, lse, top_k, top_p, min_p, key):
     """`_sample_row` for a `_covered` row, without a sort: the same token."""
-    vocab = logits.shape[-1]
-    k = min(HEAD, vocab)
-    scaled = _scale(logits, temperature)
-    noise = _noise(key, vocab)
-    vals, idx = jax.lax.top_k(scaled, k)
-    keep = _head_rules(vals, jax.nn.logsumexp(scaled), top_k, top_p, min_p)[0]
+    noise = _noise(key, scaled.shape[-1])
+    keep = _head_rules(vals, lse, top_k, top_p, min_p)[0]
     head = idx[argmax(jnp.where(keep, vals, NEG_INF) + noise[idx])]
     plain = (top_k <= 0) & (top_p >= 1) & (min_p <= 0)
     return jnp.where(plain, argmax(scaled + noise), head)
@@ -446,12 +451,17 @@ def sample(logits, sp: SamplingArrays, step, greedy_only: bool, live=None):
     hot = sp.temperature > 0
     if live is not None:
         hot = hot & live
-    args = (logits, sp.temperature, sp.top_k, sp.top_p, sp.min_p, row_keys(sp.seed, step))
+    keys = row_keys(sp.seed, step)
+    scaled, vals, idx, lse = _head(logits, sp.temperature)
+    filters = (sp.top_k, sp.top_p, sp.min_p)
 
     def drawn(_):
-        short = jnp.all(~hot | jax.vmap(_covered)(*args[:-1]))
-        tok = jax.lax.cond(short, lambda a: jax.vmap(_sample_row_fast)(*a),
-                           lambda a: jax.vmap(_sample_row)(*a), args)
+        covered = jax.vmap(functools.partial(_covered, vocab=logits.shape[-1]))(
+            vals, lse, *filters)
+        short = jnp.all(~hot | covered)
+        tok = jax.lax.cond(
+            short, lambda: jax.vmap(_sample_row_fast)(scaled, vals, idx, lse, *filters, keys),
+            lambda: jax.vmap(_sample_row)(logits, sp.temperature, *filters, keys))
         return jnp.where(hot, tok.astype(jnp.int32), greedy)
 
     return jax.lax.cond(jnp.any(hot), drawn, lambda _: greedy, None)

@@ -185,8 +185,12 @@ def test_sort_free_paths_draw_the_full_sorts_token():
                                            sampling.row_keys(sp.seed, st)),
             jnp.argmax(lg, -1)))
 
-    covered = jax.vmap(sampling._covered)(logits, sp.temperature, sp.top_k, sp.top_p,
-                                          sp.min_p)
+    def covered_rows(lg, sp):
+        _, vals, _, lse = sampling._head(lg, sp.temperature)
+        return jax.vmap(lambda *a: sampling._covered(*a, vocab=vocab))(
+            vals, lse, sp.top_k, sp.top_p, sp.min_p)
+
+    covered = covered_rows(logits, sp)
     assert bool(jnp.all(covered)), covered   # the fixture exercises the sort-free path
     full, fast = full_sort(sp), jax.jit(lambda lg, st: sampling.sample(lg, sp, st, False))
     for step in range(40):
@@ -198,7 +202,7 @@ def test_sort_free_paths_draw_the_full_sorts_token():
     sps2 = sps[:7] + [SamplingParams(temperature=0.9, top_p=0.9, seed=9)]
     sp2 = SamplingArrays.build(sps2, rows, vocab, (), [8] * rows)
     flat = logits.at[7].set(base[7] * 0.1)
-    assert not bool(sampling._covered(flat[7], 0.9, 0, 0.9, 0.0))
+    assert not bool(covered_rows(flat, sp2)[7])
     for step in range(5):
         assert (sampling.sample(flat, sp2, step, False).tolist()
                 == full_sort(sp2)(flat, step).tolist())
