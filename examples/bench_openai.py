@@ -39,9 +39,9 @@ def rss_mib(pid):
 
 
 def pct(xs, q):
+    xs = sorted(x for x in xs if x == x)   # a request that streamed no text has no TTFT
     if not xs:
         return float("nan")
-    xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
