@@ -144,7 +144,8 @@ def write(kv: PagedKV, layer, page_table, slots, positions, k, v) -> PagedKV:
 
 
 def gather(kv: PagedKV, layer, page_table, max_len: int):
-    """A contiguous copy of one layer's keys / values for the XLA attention path.
+    """A contiguous copy of one layer's keys / values (the `KVCache` layout), to inspect
+    or check the pools; attention itself streams the pages (`attend_pages`).
 
     Args:
       kv: the pools. layer: int32 scalar (may be traced).
