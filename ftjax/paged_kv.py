@@ -211,6 +211,10 @@ def attend(kv: PagedKV, layer, q, q_pos, page_table, slopes=None, *, max_len: in
     return attend_pages(kv, layer, q, q_pos, page_table, slopes, max_len=max_len)
 
 
+# Queries per row and kv head up to which `attend_pages` attends page by page.
+PAGE_DOT_QUERIES = 8
+
+
 def attend_pages(kv: PagedKV, layer, q, q_pos, page_table, slopes=None, *, max_len: int):
     """The XLA path of `attend`: `numerics.attend_blocks` over blocks of
     `numerics.KEY_BLOCK` keys (whole pages), gathered one block at a time, only as far
@@ -226,11 +230,21 @@ def attend_pages(kv: PagedKV, layer, q, q_pos, page_table, slopes=None, *, max_l
     table = jnp.pad(table, ((0, 0), (0, nb * blk - pages)))     # the null page
     table = table.reshape(table.shape[0], nb, blk)
 
+    # Few queries per row (decode): the block stays in pages (`numerics._page_scores`);
+    # many (prefill): one contiguous copy per block, as the per-page dots would copy
+    # the queries once per page instead.
+    as_pages = q.shape[1] * q.shape[2] // kv.k.shape[2] <= PAGE_DOT_QUERIES
+
     def block(i):
         rows = jax.lax.dynamic_index_in_dim(table, i, axis=1, keepdims=False)   # [B, blk]
 
         def one(pool):
-            return None if pool is None else gather_pages(pool, rows, layer)
+            if pool is None:
+                return None
+            if not as_pages:
+                return gather_pages(pool, rows, layer)
+            # rows are clipped above: no out-of-range fill (a select per element)
+            return pool[layer].at[rows].get(mode="promise_in_bounds")
 
         return i * blk * ps, one(kv.k), one(kv.v), one(kv.k_scale), one(kv.v_scale)
 

@@ -255,16 +255,19 @@ def test_paged_write_then_gather_equals_contiguous_cache(kv_dtype):
         assert not np.asarray(a[:, 0]).any()    # nothing landed in the null page
 
 
+@pytest.mark.parametrize("page_dots", [0, 64])    # blocks copied contiguous / kept as pages
 @pytest.mark.parametrize("key_block", [8, 128])   # 3 blocks of the 6 pages of 4; 1 block
 @pytest.mark.parametrize("kv_dtype", [None, "int8"])
-def test_paged_attend_equals_contiguous_attend(kv_dtype, key_block, monkeypatch):
+def test_paged_attend_equals_contiguous_attend(kv_dtype, key_block, page_dots, monkeypatch):
     """Attention over the pages (XLA: pages streamed block by block with an online
-    softmax; Pallas decode kernel, interpreted) equals ftjax.numerics.attend over the
-    contiguous cache: prefill queries (T > 1) and one decode query per row, ALiBi slopes
-    on. XLA path: the same math with the softmax summed per block, so equal up to
-    float32 rounding (rtol 1e-5: a few ulps of reordered sums); the kernel: within its
-    float32 tolerance."""
+    softmax, each block either copied contiguous or attended page by page; Pallas decode
+    kernel, interpreted) equals ftjax.numerics.attend over the contiguous cache: prefill
+    queries (T > 1) and one decode query per row, ALiBi slopes on, grouped kv heads.
+    XLA path: the same math with the softmax summed per block, so equal up to float32
+    rounding (rtol 1e-5: a few ulps of reordered sums); the kernel: within its float32
+    tolerance."""
     monkeypatch.setattr(numerics, "KEY_BLOCK", key_block)
+    monkeypatch.setattr(paged_kv, "PAGE_DOT_QUERIES", page_dots)
     cfg, table, slots, writes, s, ps = _kv_case(kv_dtype, seed=3)
     b, n, h = slots.shape[0], cfg.n_heads, cfg.head_dim
     pool = paged_kv.zeros(cfg, 4 * 6, ps, jnp.float32, kv_dtype)
