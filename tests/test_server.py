@@ -224,6 +224,13 @@ def test_streaming_equals_non_streaming(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == \
         full.choices[0].finish_reason
     assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+    # echo, n = 2: the prompt comes first once per choice, then each choice's text
+    kw.update(echo=True, n=2, max_tokens=6)
+    full = client.completions.create(**kw)
+    chunks = list(client.completions.create(stream=True, **kw))
+    for i in range(2):
+        texts = [c.choices[0].text for c in chunks if c.choices[0].index == i]
+        assert texts[0] == PROMPTS[2] and "".join(texts) == full.choices[i].text
 
 
 # -- chat -------------------------------------------------------------------------------

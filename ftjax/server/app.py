@@ -170,6 +170,39 @@ def _usage(prompts: List[List[int]], completion: int) -> dict:
     return {"prompt_tokens": p, "completion_tokens": completion, "total_tokens": p + completion}
 
 
+async def _event_stream(preamble, outputs, chunk, usage):
+    """A streamed response's SSE body: the `preamble` events, one event per engine output
+    (`chunk(handle, output)` -> dict), then, if `usage` is given, the usage event
+    (`usage(tokens streamed)` -> dict), and `[DONE]`. An APIError raised once the headers
+    are sent goes into the stream, followed by `[DONE]`."""
+    for obj in preamble:
+        yield _sse(obj)
+    done_tokens = 0
+    try:
+        async for h, o in outputs:
+            done_tokens += len(o.new_tokens)
+            yield _sse(chunk(h, o))
+    except APIError as e:
+        yield _sse(e.body())
+        yield "data: [DONE]\n\n"
+        return
+    if usage is not None:
+        yield _sse(usage(done_tokens))
+    yield "data: [DONE]\n\n"
+
+
+async def _collect(outputs, seq_of):
+    """Accumulates a non-streamed response: per sequence `seq_of(handle, output)`, a list
+    [tokens, log-probs, top log-probs, finish reason] updated from each output."""
+    async for h, o in outputs:
+        s = seq_of(h, o)
+        s[0] = list(o.tokens)
+        s[1] += o.new_log_probs
+        s[2] += o.new_top_logprobs or []
+        if o.finished:
+            s[3] = o.finish_reason
+
+
 def create_app(server: Server) -> FastAPI:
     """The FastAPI application over a `Server`."""
     app = FastAPI(title="ftjax", docs_url=None, redoc_url=None)
@@ -352,45 +385,30 @@ async def _completions(server: Server, req: CompletionRequest, request: Request)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-        async def stream():
-            done_tokens = 0
-            if req.echo:
-                for i, t in enumerate(texts):
-                    for j in range(n):
-                        yield _sse(dict(head, choices=[{"index": i * n + j, "text": t,
-                                                        "logprobs": None,
-                                                        "finish_reason": None}]))
-            try:
-                async for h, o in _outputs(handles, events, request, poll=False):
-                    s = seq(h, o.sample)
-                    index = h.index * n + o.sample
-                    offset = ((len(texts[h.index]) if req.echo else 0)
-                              + (s[4].shown if s[4] else 0))
-                    delta = s[4].delta(o.tokens, o.finished) if s[4] else ""
-                    done_tokens += len(o.new_tokens)
-                    yield _sse(dict(head, choices=[{
-                        "index": index, "text": delta,
-                        "logprobs": logprobs_of(index, o.new_tokens, o.new_log_probs,
-                                                o.new_top_logprobs or [], offset),
-                        "finish_reason": o.finish_reason}]))
-            except APIError as e:  # headers are sent: the error goes in the stream
-                yield _sse(e.body())
-                yield "data: [DONE]\n\n"
-                return
-            if include_usage:
-                yield _sse(dict(head, choices=[], usage=_usage(prompts, done_tokens)))
-            yield "data: [DONE]\n\n"
+        echoed = [dict(head, choices=[{"index": i * n + j, "text": t, "logprobs": None,
+                                       "finish_reason": None}])
+                  for i, t in enumerate(texts) if req.echo for j in range(n)]
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        def chunk(h, o):
+            s = seq(h, o.sample)
+            index = h.index * n + o.sample
+            offset = (len(texts[h.index]) if req.echo else 0) + (s[4].shown if s[4] else 0)
+            delta = s[4].delta(o.tokens, o.finished) if s[4] else ""
+            return dict(head, choices=[{
+                "index": index, "text": delta,
+                "logprobs": logprobs_of(index, o.new_tokens, o.new_log_probs,
+                                        o.new_top_logprobs or [], offset),
+                "finish_reason": o.finish_reason}])
+
+        usage = ((lambda done: dict(head, choices=[], usage=_usage(prompts, done)))
+                 if include_usage else None)
+        return StreamingResponse(
+            _event_stream(echoed, _outputs(handles, events, request, poll=False), chunk,
+                          usage), media_type="text/event-stream")
 
     if handles:
-        async for h, o in _outputs(handles, events, request, poll=True):
-            s = seq(h, o.sample)
-            s[0] = list(o.tokens)
-            s[1] += o.new_log_probs
-            s[2] += o.new_top_logprobs or []
-            if o.finished:
-                s[3] = o.finish_reason
+        await _collect(_outputs(handles, events, request, poll=True),
+                       lambda h, o: seq(h, o.sample))
     choices, completion = [], 0
     for index in sorted(seqs):
         toks, lps, tops, reason, detok = seqs[index]
@@ -439,39 +457,25 @@ async def _chat(server: Server, req: ChatRequest, request: Request):
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         chunk = dict(head, object="chat.completion.chunk")
 
-        async def stream():
-            done_tokens = 0
-            for j in range(n):
-                yield _sse(dict(chunk, choices=[{"index": j, "delta": {"role": "assistant",
-                                                                       "content": ""},
-                                                 "logprobs": None, "finish_reason": None}]))
-            try:
-                async for h, o in _outputs(handles, events, request, poll=False):
-                    done_tokens += len(o.new_tokens)
-                    delta = detoks[o.sample].delta(o.tokens, o.finished)
-                    yield _sse(dict(chunk, choices=[{
-                        "index": o.sample, "delta": {"content": delta} if delta else {},
-                        "logprobs": logprobs_of(o.new_tokens, o.new_log_probs,
-                                                o.new_top_logprobs),
-                        "finish_reason": o.finish_reason}]))
-            except APIError as e:  # headers are sent: the error goes in the stream
-                yield _sse(e.body())
-                yield "data: [DONE]\n\n"
-                return
-            if include_usage:
-                yield _sse(dict(chunk, choices=[], usage=_usage([ids], done_tokens)))
-            yield "data: [DONE]\n\n"
+        roles = [dict(chunk, choices=[{"index": j, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}])
+                 for j in range(n)]
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        def event(h, o):
+            delta = detoks[o.sample].delta(o.tokens, o.finished)
+            return dict(chunk, choices=[{
+                "index": o.sample, "delta": {"content": delta} if delta else {},
+                "logprobs": logprobs_of(o.new_tokens, o.new_log_probs, o.new_top_logprobs),
+                "finish_reason": o.finish_reason}])
+
+        usage = ((lambda done: dict(chunk, choices=[], usage=_usage([ids], done)))
+                 if include_usage else None)
+        return StreamingResponse(
+            _event_stream(roles, _outputs(handles, events, request, poll=False), event, usage),
+            media_type="text/event-stream")
 
     seqs = [[[], [], [], None] for _ in range(n)]
-    async for h, o in _outputs(handles, events, request, poll=True):
-        s = seqs[o.sample]
-        s[0] = list(o.tokens)
-        s[1] += o.new_log_probs
-        s[2] += o.new_top_logprobs or []
-        if o.finished:
-            s[3] = o.finish_reason
+    await _collect(_outputs(handles, events, request, poll=True), lambda h, o: seqs[o.sample])
     choices = [{"index": j, "message": {"role": "assistant", "content": detoks[j].text(s[0])},
                 "logprobs": logprobs_of(s[0], s[1], s[2]), "finish_reason": s[3]}
                for j, s in enumerate(seqs)]
