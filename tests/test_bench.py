@@ -121,3 +121,16 @@ def test_cpu_table_without_hf_omits_its_columns():
     md = mod.render({"float": floats})
     assert "HF not measured" in md and "HF tok/s" not in md and "Prefill" not in md
     assert "`--xla_cpu_prefer_vector_width=256`" in md
+
+
+@pytest.mark.slow
+def test_profile_engine_decode_runs_on_live_rows():
+    """examples/profile_engine_decode.py (a developer tool, not timed here): on a toy model it
+    captures a decode call with every row live and prints the step time and XLA's op table."""
+    script = ROOT / "examples" / "profile_engine_decode.py"
+    r = subprocess.run([sys.executable, str(script), "--tiny", "--lens", "30,100", "--rows", "2",
+                        "--repeats", "2", "--profile", "--top", "3"],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "prompt lengths [30, 100], chunk 8: wall median" in r.stdout
+    assert "by kind:" in r.stdout and "heaviest ops:" in r.stdout
