@@ -189,15 +189,13 @@ def attend_blocks(q, q_pos, block, block_len: int, max_blocks: int, slopes=None)
     def body(i, carry):
         m, z, acc = carry
         start, k, v, k_scale, v_scale = block(i)
+        if k.ndim == 4:   # a contiguous block is one page of block_len keys (a free reshape)
+            k, v = k[:, None], v[:, None]
+            k_scale, v_scale = (None, None) if k_scale is None else (k_scale[:, None],
+                                                                      v_scale[:, None])
         if k_scale is not None:
             k, v = k.astype(q.dtype), v.astype(q.dtype)
-        if k.ndim == 5:
-            s = _page_scores(qg, k, k_scale)
-        else:
-            s = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32)
-            if k_scale is not None:
-                s = s * k_scale[:, :, None, None, :]
-        s = s * inv
+        s = _page_scores(qg, k, k_scale) * inv
         k_pos = start + jnp.arange(block_len)
         if slopes is not None:
             dist = (k_pos[None, None, :] - q_pos[:, :, None]).astype(jnp.float32)
@@ -209,14 +207,7 @@ def attend_blocks(q, q_pos, block, block_len: int, max_blocks: int, slopes=None)
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         scale = jnp.exp(m - m_new)
         z = z * scale + jnp.sum(p, axis=-1)
-        if v.ndim == 5:
-            pv = _page_values(p, v, v_scale)
-        else:
-            if v_scale is not None:
-                p = p * v_scale[:, :, None, None, :]
-            pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), v,
-                            preferred_element_type=jnp.float32)
-        return m_new, z, acc * scale[..., None] + pv
+        return m_new, z, acc * scale[..., None] + _page_values(p, v, v_scale)
 
     g = n // kv
     init = (jnp.full((b, kv, g, t), MASK, jnp.float32), jnp.zeros((b, kv, g, t), jnp.float32),

@@ -393,7 +393,7 @@ def _head(logits, temperature):
     Computed once, outside every branch of `sample`: XLA:CPU runs `lax.top_k` as its
     TopK library call only in some program positions (inside `sample`'s branches it
     became a full sort of the vocabulary, measured), so the branches get its result."""
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    scaled = _scale(logits, temperature[:, None])
     vals, idx = jax.lax.top_k(scaled, min(HEAD, logits.shape[-1]))
     return scaled, vals, idx, jax.nn.logsumexp(scaled, axis=-1)
 
