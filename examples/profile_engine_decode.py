@@ -88,7 +88,12 @@ def main(argv=None) -> int:
                                 head_dim=16, d_ff=128, max_positions=512, eos_token_id=None)
     else:
         cfg = preset(args.preset)
-    lens = [int(v) for v in args.lens.split(",")]
+    try:
+        lens = [int(v) for v in args.lens.split(",")]
+    except ValueError:
+        raise SystemExit(f"--lens must be comma-separated integers, got {args.lens!r}") from None
+    if args.rows < 1 or args.chunk < 1 or args.repeats < 1 or min(lens) < 1:
+        raise SystemExit("--rows, --chunk, --repeats and every --lens value must be >= 1")
     lens = (lens * args.rows)[:args.rows]
     if max(lens) + args.chunk * 2 > cfg.max_positions:
         raise SystemExit(f"--lens: {max(lens)} + {args.chunk * 2} new tokens exceed the "
