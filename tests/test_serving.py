@@ -244,6 +244,38 @@ def test_shared_prefix_arriving_together_is_computed_once(engine):
     _idle(engine)
 
 
+def test_a_prompt_is_computed_ahead_of_a_free_slot(model):
+    """One slot, 4 prompt tokens a step: while A decodes, B's prompt is computed but for
+    its last chunk, which runs (with B's first tokens) in the step right after A frees
+    the slot; B's tokens are still what generate gives it."""
+    eng = ftjax.LLMEngine(model, max_slots=1, page_size=8, chunk=4, prefill_budget=4,
+                          prefill_rows=1, max_logprobs=0)
+    sp = SP(ignore_eos=True)
+    a = eng.add_request([5, 6, 7], sp, max_new_tokens=16)
+    b_prompt = list(range(10, 22))                   # 12 tokens: 3 prefill chunks
+    b = eng.add_request(b_prompt, sp, max_new_tokens=6)
+    first, done, got, step = {}, {}, {a: [], b: []}, 0
+    while eng.has_unfinished():
+        step += 1
+        for o in eng.step():
+            got[o.request_id] += o.new_tokens
+            if o.new_tokens:
+                first.setdefault(o.request_id, step)
+            if o.finished:
+                done[o.request_id] = step
+        if b not in first and done.get(a) is None:
+            assert eng.stats()["slots_busy"] == 1
+    assert first[a] == 1 and done[a] == 4
+    # Holding a slot through its prefill, B would start at step 7 (3 chunks after A).
+    assert first[b] == done[a] + 1, (first, done)
+    assert eng.stats()["prefill_tokens"] == 3 + 12
+    ref = model.generate([[5, 6, 7], b_prompt], max_new_tokens=16,
+                         sampling=[SP(ignore_eos=True, max_new_tokens=16),
+                                   SP(ignore_eos=True, max_new_tokens=6)])
+    assert got[a] == ref.tokens[0] and got[b] == ref.tokens[1]
+    _idle(eng)
+
+
 def test_generate_async_and_cancel(model, engine):
     work = [([1, 2, 3], SP(max_new_tokens=7)), ([4, 5], SP(temperature=1.0, seed=1, n=2))]
 
