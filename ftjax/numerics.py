@@ -159,6 +159,37 @@ def _page_values(p, v, v_scale):
     return jnp.sum(pv, axis=1).reshape(b, kv, g, t, h)
 
 
+def _block_scores(qg, q_pos, k_pos, k, k_scale, slopes, inv):
+    """Masked scores `[B, K, G, T, S]` of queries `qg [B, T, K, G, H]` at `q_pos [B, T]`
+    against a block of pages `k [B, M, K, P, H]` at key positions `k_pos` (`[S]` or
+    `[B, S]`, S = M * P), and the mask (a key is seen iff its position <= the query's)."""
+    kv, g = qg.shape[2], qg.shape[3]
+    if k_scale is not None:
+        k = k.astype(qg.dtype)
+    s = _page_scores(qg, k, k_scale) * inv
+    k_pos = jnp.broadcast_to(k_pos, (qg.shape[0], s.shape[-1]))
+    if slopes is not None:
+        dist = (k_pos[:, None, :] - q_pos[:, :, None]).astype(jnp.float32)
+        s = s + slopes.reshape(kv, g)[None, :, :, None, None] * dist[:, None, None]
+    mask = k_pos[:, None, None, None, :] <= q_pos[:, None, None, :, None]
+    return jnp.where(mask, s, MASK), mask
+
+
+def _as_pages(k, v, k_scale, v_scale):
+    """A contiguous block `[B, K, S, H]` as one page of S keys (a free reshape)."""
+    if k.ndim == 5:
+        return k, v, k_scale, v_scale
+    if k_scale is None:
+        return k[:, None], v[:, None], None, None
+    return k[:, None], v[:, None], k_scale[:, None], v_scale[:, None]
+
+
+def _finish(z, acc, shape, dtype):
+    b, t, n, h = shape
+    out = jnp.where(z[..., None] > 0, acc / jnp.where(z > 0, z, 1.0)[..., None], 0.0)
+    return jnp.moveaxis(out, 3, 1).reshape(b, t, n, h).astype(dtype)
+
+
 def attend_blocks(q, q_pos, block, block_len: int, max_blocks: int, slopes=None):
     """Causal attention streamed over key blocks with an online softmax, visiting only
     the blocks some query can see (a run-time trip count: the cost follows the tokens
@@ -189,32 +220,82 @@ def attend_blocks(q, q_pos, block, block_len: int, max_blocks: int, slopes=None)
     def body(i, carry):
         m, z, acc = carry
         start, k, v, k_scale, v_scale = block(i)
-        if k.ndim == 4:   # a contiguous block is one page of block_len keys (a free reshape)
-            k, v = k[:, None], v[:, None]
-            k_scale, v_scale = (None, None) if k_scale is None else (k_scale[:, None],
-                                                                      v_scale[:, None])
-        if k_scale is not None:
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
-        s = _page_scores(qg, k, k_scale) * inv
+        k, v, k_scale, v_scale = _as_pages(k, v, k_scale, v_scale)
         k_pos = start + jnp.arange(block_len)
-        if slopes is not None:
-            dist = (k_pos[None, None, :] - q_pos[:, :, None]).astype(jnp.float32)
-            s = s + slopes.reshape(kv, n // kv)[None, :, :, None, None] * dist[:, None, None]
-        mask = ((k_pos[None, None, None, None, :] <= q_pos[:, None, None, :, None])
-                & (k_pos >= i * block_len))
-        s = jnp.where(mask, s, MASK)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        s, mask = _block_scores(qg, q_pos, k_pos, k, k_scale, slopes, inv)
+        # keys before i * block_len (an overlapping last block) were seen already
+        mask = mask & (k_pos >= i * block_len)
+        m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, MASK), axis=-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         scale = jnp.exp(m - m_new)
         z = z * scale + jnp.sum(p, axis=-1)
+        if v_scale is not None:
+            v = v.astype(q.dtype)
         return m_new, z, acc * scale[..., None] + _page_values(p, v, v_scale)
 
     g = n // kv
     init = (jnp.full((b, kv, g, t), MASK, jnp.float32), jnp.zeros((b, kv, g, t), jnp.float32),
             jnp.zeros((b, kv, g, t, h), jnp.float32))
     _, z, acc = jax.lax.fori_loop(0, count, body, init)
-    out = jnp.where(z[..., None] > 0, acc / jnp.where(z > 0, z, 1.0)[..., None], 0.0)
-    return jnp.moveaxis(out, 3, 1).reshape(b, t, n, h).astype(q.dtype)
+    return _finish(z, acc, q.shape, q.dtype)
+
+
+def attend_ragged(q, q_pos, block, block_len: int, max_blocks: int, slopes=None):
+    """`attend_blocks` visiting only each row's own blocks: the (row, block) pairs some
+    query of the row can see are packed B to a loop step, so rows of different lengths
+    cost the blocks they have, not B times the furthest row's. Each step's pairs give
+    softmax partials that are merged into their rows (log-sum-exp); a row may appear
+    more than once in a step.
+
+    Args:
+      q, q_pos, block_len, max_blocks, slopes: as `attend_blocks`.
+      block: `(rows, blocks) -> (k, v, k_scale, v_scale)`: for B pairs (int32 `[B]`
+        each, traced), block `blocks[i]` of row `rows[i]` (keys at positions
+        `[blocks[i] * block_len, (blocks[i] + 1) * block_len)`) as pages
+        `[B, M, K, block_len // M, H]` (scales `[B, M, K, block_len // M]` or None).
+    Returns:
+      `[B, T, N, H]` in q's dtype, as `attend_blocks`.
+    """
+    b, t, n, h = q.shape
+    zero = jnp.zeros((b,), jnp.int32)
+    kv = jax.eval_shape(block, zero, zero)[0].shape[2]
+    g = n // kv
+    qg = q.reshape(b, t, kv, g, h)
+    inv = 1.0 / jnp.sqrt(jnp.float32(h))
+    last = jnp.max(q_pos, axis=1)
+    blocks = jnp.where(last >= 0, jnp.minimum(last // block_len + 1, max_blocks), 0)
+    ends = jnp.cumsum(blocks)              # pair index at which each row's pairs end
+    total = ends[-1]
+
+    def body(j, carry):
+        m, z, acc = carry
+        pair = j * b + jnp.arange(b)
+        row = jnp.searchsorted(ends, pair, side="right").astype(jnp.int32)  # b: none
+        live = pair < total
+        rc = jnp.minimum(row, b - 1)
+        blk = jnp.where(live, pair - (ends[rc] - blocks[rc]), 0)
+        k, v, k_scale, v_scale = block(rc, blk)
+        k_pos = blk[:, None] * block_len + jnp.arange(block_len)[None, :]
+        qp = jnp.where(live[:, None], q_pos[rc], -1)
+        s, mask = _block_scores(qg[rc], qp, k_pos, k, k_scale, slopes, inv)
+        m_pair = jnp.max(s, axis=-1)
+        p = jnp.where(mask, jnp.exp(s - m_pair[..., None]), 0.0)
+        if v_scale is not None:
+            v = v.astype(q.dtype)
+        z_pair, acc_pair = jnp.sum(p, axis=-1), _page_values(p, v, v_scale)
+        row = jnp.where(live, row, b)      # dropped by the scatters below
+        m_new = m.at[row].max(m_pair, mode="drop")
+        w = jnp.exp(m_pair - m_new[rc])    # pair -> its row's new maximum
+        scale = jnp.exp(m - m_new)
+        z = z * scale + jnp.zeros_like(z).at[row].add(z_pair * w, mode="drop")
+        acc = acc * scale[..., None] + jnp.zeros_like(acc).at[row].add(
+            acc_pair * w[..., None], mode="drop")
+        return m_new, z, acc
+
+    init = (jnp.full((b, kv, g, t), MASK, jnp.float32), jnp.zeros((b, kv, g, t), jnp.float32),
+            jnp.zeros((b, kv, g, t, h), jnp.float32))
+    _, z, acc = jax.lax.fori_loop(0, (total + b - 1) // b, body, init)
+    return _finish(z, acc, q.shape, q.dtype)
 
 
 def attend(q, k, v, q_pos, k_pos, slopes=None, heads_first=False, k_scale=None,

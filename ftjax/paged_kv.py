@@ -216,9 +216,13 @@ PAGE_DOT_QUERIES = 8
 
 
 def attend_pages(kv: PagedKV, layer, q, q_pos, page_table, slopes=None, *, max_len: int):
-    """The XLA path of `attend`: `numerics.attend_blocks` over blocks of
-    `numerics.KEY_BLOCK` keys (whole pages), gathered one block at a time, only as far
-    as the furthest query reaches."""
+    """The XLA path of `attend`: blocks of `numerics.KEY_BLOCK` keys (whole pages),
+    gathered one block at a time, only as far as each row reaches.
+
+    Few queries per row (decode): `numerics.attend_ragged`, each row's own blocks kept
+    as pages (`numerics._page_scores`). Many (prefill): `numerics.attend_blocks` over
+    one contiguous copy per block as far as the furthest row, as per-page dots would
+    copy the queries once per page instead."""
     m, ps = page_table.shape[1], kv.page_size
     if max_len > m * ps:
         raise ValueError(f"max_len={max_len} exceeds the page table's {m} pages x "
@@ -230,22 +234,20 @@ def attend_pages(kv: PagedKV, layer, q, q_pos, page_table, slopes=None, *, max_l
     table = jnp.pad(table, ((0, 0), (0, nb * blk - pages)))     # the null page
     table = table.reshape(table.shape[0], nb, blk)
 
-    # Few queries per row (decode): the block stays in pages (`numerics._page_scores`);
-    # many (prefill): one contiguous copy per block, as the per-page dots would copy
-    # the queries once per page instead.
-    as_pages = q.shape[1] * q.shape[2] // kv.k.shape[2] <= PAGE_DOT_QUERIES
+    if q.shape[1] * q.shape[2] // kv.k.shape[2] <= PAGE_DOT_QUERIES:
+        def pairs(rows, blocks):
+            ids = table[rows, blocks]                                          # [B, blk]
+            # ids are clipped above: no out-of-range fill (a select per element)
+            return tuple(None if pool is None else
+                         pool[layer].at[ids].get(mode="promise_in_bounds")
+                         for pool in (kv.k, kv.v, kv.k_scale, kv.v_scale))
+
+        return numerics.attend_ragged(q, q_pos, pairs, blk * ps, nb, slopes)
 
     def block(i):
         rows = jax.lax.dynamic_index_in_dim(table, i, axis=1, keepdims=False)   # [B, blk]
-
-        def one(pool):
-            if pool is None:
-                return None
-            if not as_pages:
-                return gather_pages(pool, rows, layer)
-            # rows are clipped above: no out-of-range fill (a select per element)
-            return pool[layer].at[rows].get(mode="promise_in_bounds")
-
-        return i * blk * ps, one(kv.k), one(kv.v), one(kv.k_scale), one(kv.v_scale)
+        return (i * blk * ps,) + tuple(None if pool is None else
+                                       gather_pages(pool, rows, layer)
+                                       for pool in (kv.k, kv.v, kv.k_scale, kv.v_scale))
 
     return numerics.attend_blocks(q, q_pos, block, blk * ps, nb, slopes)

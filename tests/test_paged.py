@@ -290,6 +290,62 @@ def test_paged_attend_equals_contiguous_attend(kv_dtype, key_block, page_dots, m
     assert float(jnp.abs(got - want).max()) <= ATTN_TOL[jnp.float32]
 
 
+@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+def test_ragged_decode_attention_visits_each_rows_own_blocks(kv_dtype, monkeypatch):
+    """Decode over rows of very different lengths (blocks of 2 pages of 4 keys: 1, 6,
+    0 and 3 blocks, one padding row): the packed (row, block) pairs put one row up to
+    three times in a loop step; equals ftjax.numerics.attend over the contiguous cache
+    (ALiBi, grouped kv heads; rtol 1e-5 as above), zeros for the padding row, and the
+    loop runs ceil(10 pairs / 4 rows) = 3 steps, not 4 x 6."""
+    monkeypatch.setattr(numerics, "KEY_BLOCK", 8)
+    cfg = tiny_config(n_heads=4, n_kv_heads=2, head_dim=8)
+    rng = np.random.default_rng(7)
+    ps, m, b = 4, 12, 4
+    lens = np.array([3, 47, 0, 20])                  # tokens before the decode query
+    pool = paged_kv.zeros(cfg, b * m + 1, ps, jnp.float32, kv_dtype)
+    cache = KVCache.zeros(cfg, b, m * ps, jnp.float32, kv_dtype)
+    table = np.zeros((b, m), np.int32)
+    free = list(rng.permutation(np.arange(1, b * m + 1)))
+    for row, n in enumerate(lens + 1):
+        table[row, :-(-n // ps)] = [free.pop() for _ in range(-(-n // ps))]
+    table = jnp.asarray(table)
+    t = m * ps
+    pos = np.where(np.arange(t)[None, :] <= lens[:, None], np.arange(t)[None, :], -1)
+    k, v = (_rand(rng, (b, t, cfg.n_kv_heads, cfg.head_dim)) for _ in range(2))
+    pool = paged_kv.write(pool, 0, table, None, jnp.asarray(pos, jnp.int32), k, v)
+    cache = cache.update(0, k, v, jnp.asarray(pos, jnp.int32))
+    q = _rand(rng, (b, 1, cfg.n_heads, cfg.head_dim))
+    q_pos = jnp.asarray(np.where(np.arange(b) == 2, -1, lens)[:, None], jnp.int32)
+    slopes = jnp.asarray(rng.uniform(0.05, 0.5, cfg.n_heads), jnp.float32)
+    scales = (None, None) if kv_dtype is None else (cache.k_scale[0], cache.v_scale[0])
+    want = attend(q, cache.k[0], cache.v[0], q_pos, jnp.arange(t), slopes, heads_first=True,
+                  k_scale=scales[0], v_scale=scales[1])
+    calls = []
+    ragged = numerics.attend_ragged
+
+    def counted(*a, **kw):
+        calls.append(a[2])                          # the per-pair block function
+        return ragged(*a, **kw)
+
+    monkeypatch.setattr(numerics, "attend_ragged", counted)
+    got = paged_kv.attend(pool, 0, q, q_pos, table, slopes, max_len=t)
+    assert len(calls) == 1                          # decode takes the ragged path
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert not np.asarray(got[2]).any()
+    # trip count: the loop visits ceil(pairs / rows) steps (pairs 1 + 6 + 0 + 3)
+    seen = []
+    monkeypatch.setattr(numerics, "attend_ragged", ragged)
+
+    def spy(rows, blocks):
+        jax.debug.callback(lambda r, bl: seen.append((r.tolist(), bl.tolist())), rows, blocks)
+        return calls[0](rows, blocks)
+
+    numerics.attend_ragged(q, q_pos, spy, 8, m // 2, slopes)
+    pairs = [(r, bl) for rows, blocks in seen for r, bl in zip(rows, blocks)]
+    assert len(seen) == 3 and pairs[:10] == [(0, 0)] + [(1, i) for i in range(6)] + [
+        (3, 0), (3, 1), (3, 2)], seen             # then 2 dead pairs (masked, dropped)
+
+
 def test_copy_pages_and_pool_sizing():
     cfg = tiny_config(n_kv_heads=2)
     rng = np.random.default_rng(6)
