@@ -252,13 +252,15 @@ def attend_ragged(q, q_pos, block, block_len: int, max_blocks: int, slopes=None)
       block: `(rows, blocks) -> (k, v, k_scale, v_scale)`: for B pairs (int32 `[B]`
         each, traced), block `blocks[i]` of row `rows[i]` (keys at positions
         `[blocks[i] * block_len, (blocks[i] + 1) * block_len)`) as pages
-        `[B, M, K, block_len // M, H]` (scales `[B, M, K, block_len // M]` or None).
+        `[B, M, K, block_len // M, H]` (scales `[B, M, K, block_len // M]` or None),
+        or contiguous `[B, K, block_len, H]` (scales `[B, K, block_len]`).
     Returns:
       `[B, T, N, H]` in q's dtype, as `attend_blocks`.
     """
     b, t, n, h = q.shape
     zero = jnp.zeros((b,), jnp.int32)
-    kv = jax.eval_shape(block, zero, zero)[0].shape[2]
+    k_shape = jax.eval_shape(block, zero, zero)[0].shape
+    kv = k_shape[2] if len(k_shape) == 5 else k_shape[1]
     g = n // kv
     qg = q.reshape(b, t, kv, g, h)
     inv = 1.0 / jnp.sqrt(jnp.float32(h))
@@ -274,7 +276,7 @@ def attend_ragged(q, q_pos, block, block_len: int, max_blocks: int, slopes=None)
         live = pair < total
         rc = jnp.minimum(row, b - 1)
         blk = jnp.where(live, pair - (ends[rc] - blocks[rc]), 0)
-        k, v, k_scale, v_scale = block(rc, blk)
+        k, v, k_scale, v_scale = _as_pages(*block(rc, blk))
         k_pos = blk[:, None] * block_len + jnp.arange(block_len)[None, :]
         qp = jnp.where(live[:, None], q_pos[rc], -1)
         s, mask = _block_scores(qg[rc], qp, k_pos, k, k_scale, slopes, inv)
