@@ -8,9 +8,11 @@
 the host (`ftjax.blocks.BlockManager`) and passed in per call, so rows can change
 owners between calls with nothing recompiled.
 
-Attention: "xla" gathers each row's pages into a contiguous `[B, K, S, H]` copy and runs
-the one `ftjax.numerics.attend`; "pallas" runs the paged decode kernel for single-token
-queries (interpreted off GPU) and the gather for prefill chunks.
+Attention (`ftjax.paged_kv.attend`): "xla" streams each row's own blocks of pages with an
+online softmax; "pallas" runs the paged decode kernel for single-token queries
+(interpreted off GPU); "cpu" (the engine's choice on one CPU device, see
+`paged_kv.kernels_for`) runs decode through the native kernel that reads the pages in
+place (`pallas_kernels.cpu_paged_attention`). Prefill chunks take the XLA path.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class PagedCache:
       kv: the page pools of every layer.
       table: int32 `[B, M]`, row b's pages in order.
       max_len: static, key slots the XLA path gathers per row (<= M * page_size).
-      kernels: static, "xla" or "pallas".
+      kernels: static, "xla", "pallas" or "cpu".
     """
 
     kv: PagedKV

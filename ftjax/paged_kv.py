@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from ftjax.config import ModelConfig
 from ftjax import numerics
 from ftjax.numerics import quantize_vectors
-from pallas_kernels import paged_attention
+from pallas_kernels import cpu_paged_attention, paged_attention
 from pallas_kernels.paged_attention import gather_pages
 
 KV_DTYPES = (None, "int8")
@@ -181,6 +181,17 @@ def copy_pages(kv: PagedKV, src, dst) -> PagedKV:
     return PagedKV(k=one(kv.k), v=one(kv.v), k_scale=one(kv.k_scale), v_scale=one(kv.v_scale))
 
 
+def kernels_for(kernels: str, sharded: bool) -> str:
+    """The `attend` kernels for an engine's `kernels` value: "cpu" (the native paged
+    attention of `pallas_kernels.cpu_paged_attention`) in place of "xla" when the
+    default backend is the CPU, the cache is not sharded over a mesh (the custom call
+    has no partitioning rule) and the kernel builds on this machine; else `kernels`."""
+    if (kernels == "xla" and not sharded and jax.default_backend() == "cpu"
+            and cpu_paged_attention.available()):
+        return "cpu"
+    return kernels
+
+
 def attend(kv: PagedKV, layer, q, q_pos, page_table, slopes=None, *, max_len: int,
            kernels: str = "xla", interpret: Optional[bool] = None):
     """Causal attention of queries over their rows' pages (after `write`).
@@ -192,15 +203,22 @@ def attend(kv: PagedKV, layer, q, q_pos, page_table, slopes=None, *, max_len: in
       page_table: int32 `[B, M]`, the batch's rows.
       slopes: optional ALiBi slopes `[N]`.
       max_len: S, the key slots the XLA path may visit (static; >= every q_pos + 1).
-      kernels: "xla" (`attend_pages`: the pages streamed block by block) or "pallas" (decode,
+      kernels: "xla" (`attend_pages`: the pages streamed block by block), "pallas" (decode,
         T == 1: `pallas_kernels.paged_attention` reads the pages in place; T > 1 falls
-        back to the XLA path).
+        back to the XLA path) or "cpu" (decode: up to PAGE_DOT_QUERIES queries per row
+        and kv head, float32: `pallas_kernels.cpu_paged_attention` reads the pages in
+        place; prefill chunks and other dtypes take the XLA path; see `kernels_for`).
       interpret: run the Pallas kernel interpreted (default: off GPU).
     Returns:
       `[B, T, N, H]` in q's dtype.
     """
-    if kernels not in ("xla", "pallas"):
-        raise ValueError(f"kernels must be 'xla' or 'pallas', got {kernels!r}")
+    if kernels not in ("xla", "pallas", "cpu"):
+        raise ValueError(f"kernels must be 'xla', 'pallas' or 'cpu', got {kernels!r}")
+    few = q.shape[1] * q.shape[2] // kv.k.shape[2] <= PAGE_DOT_QUERIES
+    if kernels == "cpu" and few and cpu_paged_attention.supported(q, kv.k, kv.k_scale) is None:
+        table = jnp.clip(page_table[:, :-(-max_len // kv.page_size)], 0, kv.num_pages - 1)
+        return cpu_paged_attention.paged_attention(
+            q, kv.k, kv.v, table, q_pos, layer, slopes, kv.k_scale, kv.v_scale).astype(q.dtype)
     if kernels == "pallas" and q.shape[1] == 1:
         if interpret is None:
             interpret = jax.default_backend() != "gpu"

@@ -235,8 +235,12 @@ class LLMEngine:
         self.feat = Features(greedy_only=False, processors=processors,
                              top_n=min(max_logprobs, vocab), prompt_top_n=-1)
         self.trace_counts = collections.Counter()
-        self._jit()
         self.layout = getattr(model, "layout", None)
+        # Attention over the pages: on one CPU device, the native kernel (pages read in
+        # place) where it builds; else the engine's kernels (XLA partitions its own path).
+        self.attn_kernels = paged_kv.kernels_for(self.engine.kernels,
+                                                 sharded=self.engine.layout is not None)
+        self._jit()
         # One jitted program fills the whole state (eager zeros compile one per shape).
         self.state = jax.jit(self._empty_state)()
         self.sp = self._pin(self._pad_rows(SamplingArrays.build([], max_slots, vocab, (), [])),
@@ -371,7 +375,7 @@ class LLMEngine:
         logits of every position are computed; otherwise only the last one's).
         """
         self.trace_counts["prefill_lp" if prompt_lp else "prefill"] += 1
-        cache = PagedCache(state.cache, table, self.max_len, self.engine.kernels)
+        cache = PagedCache(state.cache, table, self.max_len, self.attn_kernels)
         if prompt_lp:
             logits, cache = self.engine.model(params, tokens, positions, cache,
                                               soft=(embeds, soft))
@@ -395,7 +399,7 @@ class LLMEngine:
         def body(s, _):
             live = active & (s.finish == FINISH_NONE)
             pos = jnp.where(live, s.pos, -1)
-            cache = PagedCache(s.cache, table, self.max_len, self.engine.kernels)
+            cache = PagedCache(s.cache, table, self.max_len, self.attn_kernels)
             logits, cache = self.engine.model(params, s.last[:, None], pos[:, None], cache)
             return self._advance(s.replace(cache=cache.kv), logits[:, 0], sp_rows,
                                  active), None

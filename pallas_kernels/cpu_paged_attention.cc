@@ -1,0 +1,347 @@
+// Paged attention on CPU: queries attend their rows' KV pages in place, through the page
+// table, with no gathered copy of the pages. An XLA FFI custom call; built and loaded by
+// `pallas_kernels/cpu_paged_attention.py` (which documents the arguments), checked
+// against `ftjax.numerics.attend` in tests/test_cpu_kernels.py.
+//
+// Layout (as `ftjax.paged_kv`): pools k, v `[L, P, K, S, H]` (float32, or int8 with
+// float32 scales `[L, P, K, S]`), page table int32 `[B, M]`, queries float32
+// `[B, T, N, H]` at int32 positions `[B, T]` (< 0: a padding query, output zeros),
+// ALiBi slopes float32 `[N]` (zeros: none), layer int32 scalar. A key at position p is
+// seen by a query at position t iff p <= t. Output float32 `[B, T, N, H]`.
+//
+// Work: an item is one row's kv heads (or a share of them, so every thread has a few);
+// items are shared out over XLA's intra-op thread pool. Per item, the row's pages are
+// visited in order, each page's heads in pool order (contiguous), with an online softmax
+// a page at a time: scores by vector dots along H, values accumulated in registers.
+// Made for decode (few queries per kv head): its cost is reading the pages once, ~20 GB/s
+// on a 2-core AMD EPYC against ~6 GB/s for XLA's gather-then-dot. Many queries per row
+// (prefill) are better served by XLA's batched dots (`ftjax.paged_kv.attend` decides).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include <immintrin.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr float kMask = -3.4028234663852886e38f;  // float32 min, as numerics.MASK
+
+struct Shapes {
+  int64_t L, P, K, S, H, B, T, N, M;
+};
+
+template <typename KV>
+struct Args {
+  Shapes d;
+  const float* q;
+  const KV* k;
+  const KV* v;
+  const float* k_scale;  // nullptr for a float cache
+  const float* v_scale;
+  const int32_t* table;
+  const int32_t* q_pos;
+  const float* slopes;
+  int32_t layer;
+  float* out;
+};
+
+// exp(x) for x <= 0 (Cephes' expf: x = n ln2 + r, a degree-6 polynomial in r, relative
+// error ~1e-7), written so the compiler vectorizes a loop of it (libm's expf does not).
+inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);  // below: 0 to float32 precision in a softmax sum
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
+// W-lane float vectors: AVX-512, AVX2, or one lane. `load` widens int8 to float.
+#if defined(__AVX512F__)
+constexpr int64_t W = 16;
+using Vec = __m512;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vset(float x) { return _mm512_set1_ps(x); }
+inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec load(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
+inline float hsum(Vec a) { return _mm512_reduce_add_ps(a); }
+inline void store(float* p, Vec a) { _mm512_storeu_ps(p, a); }
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int64_t W = 8;
+using Vec = __m256;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vset(float x) { return _mm256_set1_ps(x); }
+inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec load(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
+inline float hsum(Vec a) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+inline void store(float* p, Vec a) { _mm256_storeu_ps(p, a); }
+#else
+constexpr int64_t W = 1;
+using Vec = float;
+inline Vec vzero() { return 0.0f; }
+inline Vec vset(float x) { return x; }
+inline Vec load(const float* p) { return *p; }
+inline Vec load(const int8_t* p) { return static_cast<float>(*p); }
+inline Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
+inline float hsum(Vec a) { return a; }
+inline void store(float* p, Vec a) { *p = a; }
+#endif
+
+// sum_h q[h] k[h]: two vector accumulators, then the lanes.
+template <typename KV>
+inline float dot(const float* __restrict q, const KV* __restrict k, int64_t H) {
+  Vec a0 = vzero(), a1 = vzero();
+  int64_t h = 0;
+  for (; h + 2 * W <= H; h += 2 * W) {
+    a0 = fma(load(q + h), load(k + h), a0);
+    a1 = fma(load(q + h + W), load(k + h + W), a1);
+  }
+  for (; h + W <= H; h += W) a0 = fma(load(q + h), load(k + h), a0);
+  float r = hsum(a0) + hsum(a1);
+  for (; h < H; ++h) r += q[h] * static_cast<float>(k[h]);
+  return r;
+}
+
+// acc[h] += sum_j p[j] v[j * H + h] for j < n: 4W columns at a time held in registers
+// across the keys (the values of a page stay in L1 between column blocks).
+template <typename KV>
+inline void accumulate(float* __restrict acc, const float* __restrict p,
+                       const KV* __restrict v, int64_t n, int64_t H) {
+  int64_t h0 = 0;
+  for (; h0 + 4 * W <= H; h0 += 4 * W) {
+    Vec r0 = load(acc + h0), r1 = load(acc + h0 + W), r2 = load(acc + h0 + 2 * W),
+        r3 = load(acc + h0 + 3 * W);
+    for (int64_t j = 0; j < n; ++j) {
+      const Vec pj = vset(p[j]);
+      const KV* vr = v + j * H + h0;
+      r0 = fma(pj, load(vr), r0);
+      r1 = fma(pj, load(vr + W), r1);
+      r2 = fma(pj, load(vr + 2 * W), r2);
+      r3 = fma(pj, load(vr + 3 * W), r3);
+    }
+    store(acc + h0, r0);
+    store(acc + h0 + W, r1);
+    store(acc + h0 + 2 * W, r2);
+    store(acc + h0 + 3 * W, r3);
+  }
+  for (; h0 + W <= H; h0 += W) {
+    Vec r = load(acc + h0);
+    for (int64_t j = 0; j < n; ++j) r = fma(vset(p[j]), load(v + j * H + h0), r);
+    store(acc + h0, r);
+  }
+  for (; h0 < H; ++h0)
+    for (int64_t j = 0; j < n; ++j) acc[h0] += p[j] * static_cast<float>(v[j * H + h0]);
+}
+
+// Softmax state of one query: running max, sum, and the weighted values (acc, H wide).
+// One online-softmax update of query qi (pre-scaled by 1/sqrt(H)) at position qp with
+// keys k0.. of one page (kp / vp: S x H, scales ks / vs or null); s: S floats of scratch.
+template <typename KV>
+inline void page_update(const float* __restrict qi, const KV* __restrict kp,
+                        const KV* __restrict vp, const float* ks,
+                        const float* vs, int64_t S, int64_t H, int64_t k0, int64_t seen,
+                        int64_t qp, float slope, float* __restrict s, float& m, float& z,
+                        float* __restrict acc) {
+  for (int64_t j = 0; j < seen; ++j) s[j] = dot(qi, kp + j * H, H);
+  float mx = m;
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 0; j < seen; ++j) {
+    float x = s[j];
+    if (ks != nullptr) x *= ks[j];
+    x += slope * static_cast<float>(k0 + j - qp);
+    s[j] = x;
+    mx = std::max(mx, x);
+  }
+  const float corr = exp_nonpos(m - mx);
+  float zs = 0.0f;
+#pragma omp simd reduction(+ : zs)
+  for (int64_t j = 0; j < seen; ++j) {
+    s[j] = exp_nonpos(s[j] - mx);
+    zs += s[j];
+  }
+  if (vs != nullptr)
+    for (int64_t j = 0; j < seen; ++j) s[j] *= vs[j];
+  z = z * corr + zs;
+  m = mx;
+  for (int64_t h = 0; h < H; ++h) acc[h] *= corr;
+  accumulate(acc, s, vp, seen, H);
+}
+
+// One work item: row b's queries of kv heads [h_lo, h_hi), over the row's pages in
+// order; per page, the heads in pool order: a page's heads are contiguous, which the
+// hardware prefetcher follows (software prefetch of the next page measured slower).
+template <typename KV>
+void attend_item(const Args<KV>& a, int64_t b, int64_t h_lo, int64_t h_hi,
+                 std::vector<float>& buf) {
+  const Shapes& d = a.d;
+  const int64_t G = d.N / d.K, S = d.S, H = d.H, nh = h_hi - h_lo;
+  const int64_t Q = d.T * G * nh;  // queries: (head in item, t, g)
+  const float inv = 1.0f / std::sqrt(static_cast<float>(H));
+  int64_t last = -1;
+  for (int64_t t = 0; t < d.T; ++t) last = std::max<int64_t>(last, a.q_pos[b * d.T + t]);
+  const int64_t n_keys = std::min<int64_t>(last + 1, d.M * S);
+  // buf: s [S] | m [Q] | z [Q] | acc [Q, H] | qv [Q, H]
+  buf.resize(S + 2 * Q + 2 * Q * H);
+  float* __restrict s = buf.data();
+  float* __restrict m = s + S;
+  float* __restrict z = m + Q;
+  float* __restrict acc = z + Q;
+  float* __restrict qv = acc + Q * H;
+  for (int64_t i = 0; i < Q; ++i) {
+    const int64_t kh = h_lo + i / (d.T * G), t = i / G % d.T, g = i % G;
+    const float* src = a.q + ((b * d.T + t) * d.N + kh * G + g) * H;
+    for (int64_t h = 0; h < H; ++h) qv[i * H + h] = src[h] * inv;
+    m[i] = kMask;
+    z[i] = 0.0f;
+  }
+  std::fill(acc, acc + Q * H, 0.0f);
+  const int64_t pages = (n_keys + S - 1) / S;
+  for (int64_t pi = 0; pi < pages; ++pi) {
+    const int64_t page = std::clamp<int64_t>(a.table[b * d.M + pi], 0, d.P - 1);
+    const int64_t k0 = pi * S, live = std::min<int64_t>(S, n_keys - k0);
+    for (int64_t kh = h_lo; kh < h_hi; ++kh) {
+      const int64_t base = ((a.layer * d.P + page) * d.K + kh) * S;
+      const KV* kp = a.k + base * H;
+      const KV* vp = a.v + base * H;
+      const float* ks = a.k_scale ? a.k_scale + base : nullptr;
+      const float* vs = a.v_scale ? a.v_scale + base : nullptr;
+      for (int64_t tg = 0; tg < d.T * G; ++tg) {
+        const int64_t i = (kh - h_lo) * d.T * G + tg, t = tg / G;
+        const int64_t qp = a.q_pos[b * d.T + t];
+        if (qp < k0) continue;  // this query sees none of the page (or is padding)
+        page_update(qv + i * H, kp, vp, ks, vs, S, H, k0,
+                    std::min<int64_t>(live, qp - k0 + 1), qp, a.slopes[kh * G + tg % G], s,
+                    m[i], z[i], acc + i * H);
+      }
+    }
+  }
+  for (int64_t i = 0; i < Q; ++i) {
+    const int64_t kh = h_lo + i / (d.T * G), t = i / G % d.T, g = i % G;
+    float* dst = a.out + ((b * d.T + t) * d.N + kh * G + g) * H;
+    const float r = z[i] > 0.0f ? 1.0f / z[i] : 0.0f;
+    for (int64_t h = 0; h < H; ++h) dst[h] = acc[i * H + h] * r;
+  }
+}
+
+// Items shared out over the pool: the caller works too, and waits only for items some
+// thread has claimed (a helper that starts after all are claimed touches nothing but
+// the shared counters), so a busy or absent pool never deadlocks it. An item is a row's
+// kv heads split in `parts` (enough items for every thread to have a few).
+template <typename KV>
+void run(ffi::ThreadPool& pool, const Args<KV>& a) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t parts = std::clamp<int64_t>((4 * threads + a.d.B - 1) / a.d.B, 1, a.d.K);
+  const int64_t items = a.d.B * parts;
+  struct Shared {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto sh = std::make_shared<Shared>();
+  auto work = [sh, &a, items, parts]() {
+    std::vector<float> buf;
+    for (int64_t i; (i = sh->next.fetch_add(1)) < items;) {
+      const int64_t b = i / parts, p = i % parts;
+      attend_item(a, b, a.d.K * p / parts, a.d.K * (p + 1) / parts, buf);
+      sh->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(threads, items) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
+  work();
+  while (sh->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+}
+
+template <typename KV, typename KB>
+ffi::Error impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, KB k, KB v,
+                const float* k_scale, const float* v_scale, ffi::Buffer<ffi::S32> table,
+                ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::F32> slopes,
+                ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+  const auto kd = k.dimensions(), qd = q.dimensions(), td = table.dimensions();
+  if (kd.size() != 5 || qd.size() != 4 || td.size() != 2)
+    return ffi::Error::InvalidArgument("paged attention: bad ranks");
+  Shapes d{kd[0], kd[1], kd[2], kd[3], kd[4], qd[0], qd[1], qd[2], td[1]};
+  if (qd[3] != d.H || td[0] != d.B || d.N % d.K != 0 || slopes.element_count() != d.N ||
+      q_pos.element_count() != d.B * d.T)
+    return ffi::Error::InvalidArgument("paged attention: shapes do not agree");
+  const int32_t l = *layer.typed_data();
+  if (l < 0 || l >= d.L) return ffi::Error::InvalidArgument("paged attention: layer out of range");
+  Args<KV> a{d, q.typed_data(), k.typed_data(), v.typed_data(), k_scale, v_scale,
+             table.typed_data(), q_pos.typed_data(), slopes.typed_data(), l,
+             out->typed_data()};
+  run(pool, a);
+  return ffi::Error::Success();
+}
+
+ffi::Error float_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table,
+                      ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::F32> slopes,
+                      ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+  return impl<float>(pool, q, k, v, nullptr, nullptr, table, q_pos, slopes, layer, out);
+}
+
+ffi::Error int8_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::S8> k,
+                     ffi::Buffer<ffi::S8> v, ffi::Buffer<ffi::F32> k_scale,
+                     ffi::Buffer<ffi::F32> v_scale, ffi::Buffer<ffi::S32> table,
+                     ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::F32> slopes,
+                     ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+  if (k_scale.element_count() * v.dimensions()[4] != k.element_count() ||
+      v_scale.element_count() != k_scale.element_count())
+    return ffi::Error::InvalidArgument("paged attention: scales do not match the pools");
+  return impl<int8_t>(pool, q, k, v, k_scale.typed_data(), v_scale.typed_data(), table, q_pos,
+                      slopes, layer, out);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxPagedAttentionF32, float_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxPagedAttentionI8, int8_impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,139 @@
+"""The native CPU paged-attention kernel (pallas_kernels/cpu_paged_attention.cc): built
+on first use with the machine's C++ compiler, called through XLA's FFI.
+
+Numerics against ftjax.numerics.attend over the same keys laid out contiguously (an
+independent path: einsum + softmax); pages a row does not own hold NaN, so any read past
+a row's keys shows. Tolerance: float32 with the sums reordered (per-page online softmax,
+vector dots) and a polynomial exp (relative error ~1e-7): rtol 1e-5, atol 1e-6, as the
+XLA paged path's test.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny import tiny_config
+
+from ftjax import paged_kv
+from ftjax.cache import KVCache
+from ftjax.numerics import attend
+from pallas_kernels import cpu_paged_attention as cpu
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
+
+
+def _case(n, kv, h, ps, lens, kv_dtype, t, seed=0):
+    """Pools with rows of `lens` tokens on shuffled pages (every other page NaN), the
+    same keys in a contiguous cache, and `t` queries per row ending at its last token."""
+    cfg = tiny_config(n_heads=n, n_kv_heads=kv, head_dim=h, max_positions=128)
+    rng = np.random.default_rng(seed)
+    b, m = len(lens), -(-max(lens) // ps) + 1
+    num = b * m + 4
+    pool = paged_kv.zeros(cfg, num, ps, jnp.float32, kv_dtype)
+    nan = jnp.float32(jnp.nan)
+    if kv_dtype is None:
+        pool = pool.replace(k=jnp.full_like(pool.k, nan), v=jnp.full_like(pool.v, nan))
+    else:
+        pool = pool.replace(k_scale=jnp.full_like(pool.k_scale, nan),
+                            v_scale=jnp.full_like(pool.v_scale, nan))
+    s = m * ps
+    cache = KVCache.zeros(cfg, b, s, jnp.float32, kv_dtype)
+    table = rng.integers(0, num, (b, m))       # entries past a row's pages: never read
+    free = list(rng.permutation(np.arange(1, num)))
+    for row, n_tok in enumerate(lens):
+        table[row, :-(-n_tok // ps)] = [free.pop() for _ in range(-(-n_tok // ps))]
+    table = jnp.asarray(table, jnp.int32)
+    pos = np.where(np.arange(s)[None] < np.asarray(lens)[:, None], np.arange(s)[None], -1)
+    pos = jnp.asarray(pos, jnp.int32)
+    k, v = (jnp.asarray(rng.standard_normal((b, s, kv, h)), jnp.float32) for _ in range(2))
+    for layer in range(cfg.n_layers):
+        pool = paged_kv.write(pool, layer, table, None, pos, k, v)
+        cache = cache.update(layer, k, v, pos)
+    q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    q_pos = np.asarray(lens)[:, None] - t + np.arange(t)[None]
+    q_pos = jnp.asarray(np.where(q_pos >= 0, q_pos, -1), jnp.int32)
+    slopes = jnp.asarray(rng.uniform(0.05, 0.5, n), jnp.float32)
+    return cfg, pool, cache, table, q, q_pos, slopes, s
+
+
+@pytest.mark.parametrize("n,kv,h,ps,kv_dtype,t,alibi", [
+    (4, 4, 64, 16, None, 1, False),    # MHA, gpt2's head width: whole AVX-512 vectors
+    (8, 2, 24, 4, None, 1, True),      # GQA, a width with a vector tail, ALiBi
+    (4, 1, 8, 8, "int8", 1, True),     # MQA, int8 pages with scales
+    (4, 2, 80, 16, "int8", 3, False),  # three queries per row (speculative / short chunks)
+    (6, 3, 16, 4, None, 2, True),
+])
+def test_cpu_paged_attention_matches_contiguous_attend(n, kv, h, ps, kv_dtype, t, alibi):
+    """Rows of 1, 37, 0 (padding: zeros out) and 70 tokens; the layer index traced."""
+    assert cpu.available()
+    lens = [1, 37, 0, 70]
+    cfg, pool, cache, table, q, q_pos, slopes, s = _case(n, kv, h, ps, lens, kv_dtype, t)
+    slopes = slopes if alibi else None
+    layer = cfg.n_layers - 1
+    scales = (None, None) if kv_dtype is None else (cache.k_scale[layer], cache.v_scale[layer])
+    want = attend(q, cache.k[layer], cache.v[layer], q_pos, jnp.arange(s), slopes,
+                  heads_first=True, k_scale=scales[0], v_scale=scales[1])
+    got = jax.jit(lambda pool, layer: paged_kv.attend(
+        pool, layer, q, q_pos, table, slopes, max_len=s, kernels="cpu"))(pool, jnp.int32(layer))
+    assert np.isfinite(np.asarray(got)).all()   # no NaN page was read
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert not np.asarray(got[2]).any()
+
+
+def test_attend_takes_the_kernel_for_decode_only():
+    """paged_kv.attend(kernels="cpu") lowers to the FFI call for decode-like queries;
+    prefill chunks (many queries per kv head) and bfloat16 queries take the XLA path."""
+    assert cpu.available()
+    cfg, pool, _, table, q, q_pos, slopes, s = _case(4, 2, 16, 4, [5, 9], None, 1)
+
+    def hlo(q, q_pos):
+        f = jax.jit(lambda q: paged_kv.attend(pool, 0, q, q_pos, table, slopes, max_len=s,
+                                              kernels="cpu"))
+        return f.lower(q).as_text()
+
+    assert cpu.TARGETS["float32"] in hlo(q, q_pos)
+    long_q = jnp.zeros((2, 16, 4, 16), jnp.float32)
+    long_pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
+    assert cpu.TARGETS["float32"] not in hlo(long_q, long_pos)
+    assert cpu.TARGETS["float32"] not in hlo(q.astype(jnp.bfloat16), q_pos)
+    assert "bfloat16" in cpu.supported(q.astype(jnp.bfloat16), pool.k)
+    with pytest.raises(ValueError, match="bfloat16"):
+        cpu.paged_attention(q.astype(jnp.bfloat16), pool.k, pool.v, table, q_pos, 0)
+
+
+def test_kernels_for_picks_the_kernel_on_one_cpu_device(monkeypatch):
+    assert paged_kv.kernels_for("xla", sharded=False) == "cpu"
+    assert paged_kv.kernels_for("xla", sharded=True) == "xla"     # no partitioning rule
+    assert paged_kv.kernels_for("pallas", sharded=False) == "pallas"
+    monkeypatch.setenv("FTJAX_CPU_KERNELS", "0")
+    assert paged_kv.kernels_for("xla", sharded=False) == "xla"
+
+
+def test_a_failed_build_warns_and_leaves_the_xla_path(monkeypatch, tmp_path):
+    """No working compiler: available() is False with one warning naming the failure
+    (the compiler's command), and the engine's attention stays on XLA. The build writes
+    nothing half-made into the cache."""
+    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setenv("FTJAX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    with pytest.warns(RuntimeWarning, match="CPU paged-attention kernel unavailable.*false"):
+        assert not cpu.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")             # decided once: no second warning
+        assert not cpu.available()
+        assert paged_kv.kernels_for("xla", sharded=False) == "xla"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
+    """The library's name keys the source, jax's version and the CPU: a changed source
+    builds anew instead of loading a stale library."""
+    monkeypatch.setenv("FTJAX_CACHE_DIR", str(tmp_path))
+    first = cpu.library_path()
+    assert first.startswith(str(tmp_path)) and first == cpu.library_path()
+    src = tmp_path / "k.cc"
+    src.write_text(open(cpu.SOURCE).read() + "\n// changed\n")
+    monkeypatch.setattr(cpu, "SOURCE", str(src))
+    assert cpu.library_path() != first
