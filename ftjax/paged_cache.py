@@ -11,8 +11,8 @@ owners between calls with nothing recompiled.
 Attention (`ftjax.paged_kv.attend`): "xla" streams each row's own blocks of pages with an
 online softmax; "pallas" runs the paged decode kernel for single-token queries
 (interpreted off GPU); "cpu" (the engine's choice on one CPU device, see
-`paged_kv.kernels_for`) runs decode through the native kernel that reads the pages in
-place (`pallas_kernels.cpu_paged_attention`). Prefill chunks take the XLA path.
+`paged_kv.kernels_for`) runs prefill and decode through the native kernel that reads the
+pages in place (`pallas_kernels.cpu_paged_attention`).
 """
 
 from __future__ import annotations

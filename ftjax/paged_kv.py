@@ -205,17 +205,16 @@ def attend(kv: PagedKV, layer, q, q_pos, page_table, slopes=None, *, max_len: in
       max_len: S, the key slots the XLA path may visit (static; >= every q_pos + 1).
       kernels: "xla" (`attend_pages`: the pages streamed block by block), "pallas" (decode,
         T == 1: `pallas_kernels.paged_attention` reads the pages in place; T > 1 falls
-        back to the XLA path) or "cpu" (decode: up to PAGE_DOT_QUERIES queries per row
-        and kv head, float32: `pallas_kernels.cpu_paged_attention` reads the pages in
-        place; prefill chunks and other dtypes take the XLA path; see `kernels_for`).
+        back to the XLA path) or "cpu" (float32 queries, any T:
+        `pallas_kernels.cpu_paged_attention` reads the pages in place; other dtypes
+        take the XLA path; see `kernels_for`).
       interpret: run the Pallas kernel interpreted (default: off GPU).
     Returns:
       `[B, T, N, H]` in q's dtype.
     """
     if kernels not in ("xla", "pallas", "cpu"):
         raise ValueError(f"kernels must be 'xla', 'pallas' or 'cpu', got {kernels!r}")
-    few = q.shape[1] * q.shape[2] // kv.k.shape[2] <= PAGE_DOT_QUERIES
-    if kernels == "cpu" and few and cpu_paged_attention.supported(q, kv.k, kv.k_scale) is None:
+    if kernels == "cpu" and cpu_paged_attention.supported(q, kv.k, kv.k_scale) is None:
         table = jnp.clip(page_table[:, :-(-max_len // kv.page_size)], 0, kv.num_pages - 1)
         return cpu_paged_attention.paged_attention(
             q, kv.k, kv.v, table, q_pos, layer, slopes, kv.k_scale, kv.v_scale).astype(q.dtype)

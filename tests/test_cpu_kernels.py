@@ -59,14 +59,19 @@ def _case(n, kv, h, ps, lens, kv_dtype, t, seed=0):
 
 
 @pytest.mark.parametrize("n,kv,h,ps,kv_dtype,t,alibi", [
-    (4, 4, 64, 16, None, 1, False),    # MHA, gpt2's head width: whole AVX-512 vectors
-    (8, 2, 24, 4, None, 1, True),      # GQA, a width with a vector tail, ALiBi
-    (4, 1, 8, 8, "int8", 1, True),     # MQA, int8 pages with scales
-    (4, 2, 80, 16, "int8", 3, False),  # three queries per row (speculative / short chunks)
-    (6, 3, 16, 4, None, 2, True),
+    # < 4 queries per kv head: scored one query at a time
+    (4, 4, 64, 16, None, 1, False),    # MHA decode, gpt2's head width: whole AVX-512 vectors
+    (4, 4, 24, 4, "int8", 1, True),    # a width with a vector tail, int8 pages, ALiBi
+    # >= 4: four queries at a time against transposed keys (GQA decode, prefill chunks)
+    (8, 2, 24, 4, None, 1, True),      # GQA decode (G = 4), tail, ALiBi
+    (4, 1, 8, 8, "int8", 1, True),     # MQA decode, int8 pages with scales
+    (4, 2, 80, 16, "int8", 3, False),  # 6 queries per kv head: a partial tile
+    (6, 2, 24, 4, None, 5, True),      # 15 per kv head: tiles of 4, 4, 4, 3; tail; ALiBi
+    (4, 4, 64, 16, None, 20, False),   # a prefill chunk crossing pages, causal inside
 ])
 def test_cpu_paged_attention_matches_contiguous_attend(n, kv, h, ps, kv_dtype, t, alibi):
-    """Rows of 1, 37, 0 (padding: zeros out) and 70 tokens; the layer index traced."""
+    """Rows of 1, 37, 0 (padding: zeros out) and 70 tokens (queries before a row's first
+    token are padding too); the layer index traced."""
     assert cpu.available()
     lens = [1, 37, 0, 70]
     cfg, pool, cache, table, q, q_pos, slopes, s = _case(n, kv, h, ps, lens, kv_dtype, t)
@@ -82,9 +87,9 @@ def test_cpu_paged_attention_matches_contiguous_attend(n, kv, h, ps, kv_dtype, t
     assert not np.asarray(got[2]).any()
 
 
-def test_attend_takes_the_kernel_for_decode_only():
-    """paged_kv.attend(kernels="cpu") lowers to the FFI call for decode-like queries;
-    prefill chunks (many queries per kv head) and bfloat16 queries take the XLA path."""
+def test_attend_takes_the_kernel_for_float32():
+    """paged_kv.attend(kernels="cpu") lowers to the FFI call for decode and prefill
+    chunks alike; bfloat16 queries take the XLA path (and the kernel refuses them)."""
     assert cpu.available()
     cfg, pool, _, table, q, q_pos, slopes, s = _case(4, 2, 16, 4, [5, 9], None, 1)
 
@@ -96,7 +101,7 @@ def test_attend_takes_the_kernel_for_decode_only():
     assert cpu.TARGETS["float32"] in hlo(q, q_pos)
     long_q = jnp.zeros((2, 16, 4, 16), jnp.float32)
     long_pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
-    assert cpu.TARGETS["float32"] not in hlo(long_q, long_pos)
+    assert cpu.TARGETS["float32"] in hlo(long_q, long_pos)
     assert cpu.TARGETS["float32"] not in hlo(q.astype(jnp.bfloat16), q_pos)
     assert "bfloat16" in cpu.supported(q.astype(jnp.bfloat16), pool.k)
     with pytest.raises(ValueError, match="bfloat16"):
