@@ -16,7 +16,8 @@
 // along H. More (GQA decode, prefill chunks): four queries at a time against the page's
 // keys transposed once, each value row loaded once for the four. Values accumulate in
 // registers. Measured (gpt2-124m, 2-core AMD EPYC): decode attention reads the pages at
-// ~18 GB/s against ~7 for XLA's gather-then-dot; a 4 x 64-token prefill call 0.83x.
+// ~18 GB/s against ~7 for XLA's gather-then-dot; the attention of 8 rows x 64 prefill
+// queries (12 layers) 63 ms against 223-290 ms.
 
 #include <algorithm>
 #include <atomic>
@@ -88,6 +89,21 @@ inline Vec load(const int8_t* p) {
 inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
 inline float hsum(Vec a) { return _mm512_reduce_add_ps(a); }
 inline void store(float* p, Vec a) { _mm512_storeu_ps(p, a); }
+inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
+inline float hmax(Vec a) { return _mm512_reduce_max_ps(a); }
+inline Vec iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+// Lanes >= n replaced by fill.
+inline Vec keep_below(Vec x, int64_t n, float fill) {
+  const __mmask16 k = _mm512_cmplt_epi32_mask(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(static_cast<int32_t>(std::clamp<int64_t>(n, 0, W))));
+  return _mm512_mask_blend_ps(k, _mm512_set1_ps(fill), x);
+}
+inline Vec vfloor(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+inline Vec pow2(Vec n) {  // 2^n for integral n in [-126, 127]
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 constexpr int64_t W = 8;
 using Vec = __m256;
@@ -104,6 +120,24 @@ inline float hsum(Vec a) {
   return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 }
 inline void store(float* p, Vec a) { _mm256_storeu_ps(p, a); }
+inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
+inline float hmax(Vec a) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+inline Vec iota() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
+inline Vec keep_below(Vec x, int64_t n, float fill) {
+  const __m256i k = _mm256_cmpgt_epi32(
+      _mm256_set1_epi32(static_cast<int32_t>(std::clamp<int64_t>(n, 0, W))),
+      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_blendv_ps(_mm256_set1_ps(fill), x, _mm256_castsi256_ps(k));
+}
+inline Vec vfloor(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+inline Vec pow2(Vec n) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
 #else
 constexpr int64_t W = 1;
 using Vec = float;
@@ -114,7 +148,34 @@ inline Vec load(const int8_t* p) { return static_cast<float>(*p); }
 inline Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
 inline float hsum(Vec a) { return a; }
 inline void store(float* p, Vec a) { *p = a; }
+inline Vec vmax(Vec a, Vec b) { return std::max(a, b); }
+inline float hmax(Vec a) { return a; }
+inline Vec iota() { return 0.0f; }
+inline Vec keep_below(Vec x, int64_t n, float fill) { return n > 0 ? x : fill; }
+inline Vec vfloor(Vec x) { return std::floor(x); }
+inline Vec pow2(Vec n) {
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float r;
+  std::memcpy(&r, &bits, sizeof r);
+  return r;
+}
 #endif
+
+// exp_nonpos on a vector (the same polynomial).
+inline Vec vexp_nonpos(Vec x) {
+  x = vmax(x, vset(-87.0f));
+  const Vec n = vfloor(fma(x, vset(1.44269504088896341f), vset(0.5f)));
+  Vec r = fma(n, vset(-0.693359375f), x);
+  r = fma(n, vset(2.12194440e-4f), r);
+  Vec p = vset(1.9875691500e-4f);
+  p = fma(p, r, vset(1.3981999507e-3f));
+  p = fma(p, r, vset(8.3334519073e-3f));
+  p = fma(p, r, vset(4.1665795894e-2f));
+  p = fma(p, r, vset(1.6666665459e-1f));
+  p = fma(p, r, vset(5.0000001201e-1f));
+  const Vec e = fma(p * r, r, r + vset(1.0f));
+  return e * pow2(n);
+}
 
 // sum_h q[h] k[h]: two vector accumulators, then the lanes.
 template <typename KV>
@@ -203,8 +264,8 @@ inline void page_update(const float* __restrict qi, const KV* __restrict kp,
 // many queries per kv head (prefill); s: [4, Sp] scratch.
 template <typename KV>
 void tile_update(const float* __restrict qv, int64_t nq, const float* __restrict kt,
-                 int64_t Sp, const KV* __restrict vp, const float* ks, const float* vs,
-                 int64_t H, int64_t k0, int64_t live, const int64_t* qp, const float* sl,
+                 int64_t Sp, int64_t S, const KV* __restrict vp, const float* ks,
+                 const float* vs, int64_t H, int64_t k0, int64_t live, const int64_t* qp, const float* sl,
                  float* __restrict s, float* m, float* z, float* __restrict acc) {
   for (int64_t jc = 0; jc < Sp; jc += W) {
     Vec r0 = vzero(), r1 = vzero(), r2 = vzero(), r3 = vzero();
@@ -225,7 +286,29 @@ void tile_update(const float* __restrict qv, int64_t nq, const float* __restrict
   for (int64_t q = 0; q < 4; ++q) {
     float* __restrict sq = s + q * Sp;
     const int64_t seen = q < nq && qp[q] >= k0 ? std::min<int64_t>(live, qp[q] - k0 + 1) : 0;
-    if (seen > 0) {
+    if (seen > 0 && Sp == S) {  // whole vectors: masked lanes instead of loop tails
+      const Vec slope = vset(sl[q]);
+      Vec mxv = vset(m[q]);
+      for (int64_t jc = 0; jc < S; jc += W) {
+        Vec x = load(sq + jc);
+        if (ks != nullptr) x = x * load(ks + jc);
+        x = fma(slope, vset(static_cast<float>(k0 + jc - qp[q])) + iota(), x);
+        x = keep_below(x, seen - jc, kMask);
+        store(sq + jc, x);
+        mxv = vmax(mxv, x);
+      }
+      const float mx = hmax(mxv);
+      corr[q] = exp_nonpos(m[q] - mx);
+      Vec zv = vzero();
+      for (int64_t jc = 0; jc < S; jc += W) {
+        Vec p = keep_below(vexp_nonpos(load(sq + jc) - vset(mx)), seen - jc, 0.0f);
+        zv = zv + p;
+        if (vs != nullptr) p = p * load(vs + jc);
+        store(sq + jc, p);
+      }
+      z[q] = z[q] * corr[q] + hsum(zv);
+      m[q] = mx;
+    } else if (seen > 0) {
       float mx = m[q];
       for (int64_t j = 0; j < seen; ++j) {
         float x = sq[j];
@@ -246,7 +329,7 @@ void tile_update(const float* __restrict qv, int64_t nq, const float* __restrict
       z[q] = z[q] * corr[q] + zs;
       m[q] = mx;
     }
-    for (int64_t j = seen; j < Sp; ++j) sq[j] = 0.0f;
+    for (int64_t j = seen; j < Sp; ++j) sq[j] = 0.0f;  // (vector path: already)
     most = std::max(most, seen);
   }
   if (most == 0) return;
@@ -329,7 +412,7 @@ void attend_item(const Args<KV>& a, int64_t b, int64_t h_lo, int64_t h_hi,
             sl[q] = a.slopes[kh * G + u % G];
           }
           if (std::max({qp[0], qp[1], qp[2], qp[3]}) < k0) continue;
-          tile_update(qv + i * H, nq, kt, Sp, vp, ks, vs, H, k0, live, qp, sl, s, m + i, z + i,
+          tile_update(qv + i * H, nq, kt, Sp, S, vp, ks, vs, H, k0, live, qp, sl, s, m + i, z + i,
                       acc + i * H);
         }
         continue;

@@ -66,7 +66,7 @@ def _case(n, kv, h, ps, lens, kv_dtype, t, seed=0):
     (8, 2, 24, 4, None, 1, True),      # GQA decode (G = 4), tail, ALiBi
     (4, 1, 8, 8, "int8", 1, True),     # MQA decode, int8 pages with scales
     (4, 2, 80, 16, "int8", 3, False),  # 6 queries per kv head: a partial tile
-    (6, 2, 24, 4, None, 5, True),      # 15 per kv head: tiles of 4, 4, 4, 3; tail; ALiBi
+    (6, 2, 24, 16, None, 5, True),     # 15 per kv head: tiles of 4, 4, 4, 3; tail; ALiBi
     (4, 4, 64, 16, None, 20, False),   # a prefill chunk crossing pages, causal inside
 ])
 def test_cpu_paged_attention_matches_contiguous_attend(n, kv, h, ps, kv_dtype, t, alibi):
