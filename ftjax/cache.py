@@ -20,9 +20,12 @@ import jax.numpy as jnp
 from ftjax.config import ModelConfig
 from ftjax import numerics
 from ftjax.numerics import quantize_vectors
-from pallas_kernels import prefill_attention, select, sharded
+from pallas_kernels import cpu_paged_attention, prefill_attention, select, sharded
 
 KERNELS = ("xla", "pallas", "mosaic")
+# What a cache may be told to run: the user's choices, and "cpu" (the native CPU kernel,
+# chosen by the engine on one CPU device: `ftjax.paged_kv.kernels_for`).
+CACHE_KERNELS = KERNELS + ("cpu",)
 KV_DTYPES = (None, "int8")
 
 
@@ -60,7 +63,9 @@ class KVCache:
 
     kernels: "xla" (einsum attention over the layer's slots), "pallas" (the Triton
     decode / prefill kernels read the layer in place; interpreted off GPU) or "mosaic"
-    (Mosaic GPU decode where it applies, see `pallas_kernels.select`).
+    (Mosaic GPU decode where it applies, see `pallas_kernels.select`) or "cpu" (float32
+    queries: `pallas_kernels.cpu_paged_attention`, each row's slots one page read in
+    place; other dtypes take the XLA path).
     mesh: the `pallas_kernels.sharded.KernelMesh` the cache is sharded on: each kernel
     call then runs per shard (shard_map), never on a gathered cache. None: one device.
     """
@@ -78,8 +83,8 @@ class KVCache:
         """kv_dtype: None (the model dtype) or "int8"."""
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {list(KV_DTYPES)}, got {kv_dtype!r}")
-        if kernels not in KERNELS:
-            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        if kernels not in CACHE_KERNELS:
+            raise ValueError(f"kernels must be one of {CACHE_KERNELS}, got {kernels!r}")
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         # jnp.zeros, not jnp.empty: new jax returns uninitialized memory for empty.
         if kv_dtype == "int8":
@@ -125,8 +130,15 @@ class KVCache:
         """Attention of queries `[B, T, N, H]` at `positions` `[B, T]` over this layer's
         slots (slots after a query's position are masked). Returns `[B, T, N, H]`."""
         decode = q.shape[1] == 1
+        if self.kernels == "cpu":
+            if cpu_paged_attention.supported(q, self.k, self.k_scale) is None:
+                # [L, B, K, S, H] is a pool of B pages of S tokens; row b owns page b.
+                table = jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
+                return cpu_paged_attention.paged_attention(
+                    q, self.k, self.v, table, positions, layer, slopes, self.k_scale,
+                    self.v_scale).astype(q.dtype)
         # The prefill kernel has no int8 path: XLA attends there.
-        if self.kernels != "xla" and (decode or self.k_scale is None):
+        elif self.kernels != "xla" and (decode or self.k_scale is None):
             interpret = sharded.interpret(self.mesh)
             if decode:
                 lengths = jnp.minimum(positions[:, 0] + 1, self.max_len)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from ftjax import processors
+from ftjax import paged_kv
 from ftjax.cache import KERNELS, KVCache
 from ftjax.config import ModelConfig
 from ftjax.model import Transformer
@@ -116,6 +117,8 @@ class Engine:
         self.layout = layout
         self.kv_dtype = kv_dtype
         self.kernels = kernels
+        # Attention over the cache: on one CPU device the native kernel where it builds.
+        self.cache_kernels = paged_kv.kernels_for(kernels, sharded=layout is not None)
         # On a mesh the kernels run per shard (shard_map); XLA partitions its own path.
         self.kernel_mesh = None
         if layout is not None and kernels != "xla":
@@ -155,7 +158,8 @@ class Engine:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty cache of this engine's dtype, kernels and sharding."""
         return self._constrain(KVCache.zeros(self.cfg, batch, max_len, self.dtype,
-                                             self.kv_dtype, self.kernels, self.kernel_mesh))
+                                             self.kv_dtype, self.cache_kernels,
+                                             self.kernel_mesh))
 
     def step_logits(self, params, tokens, positions, cache):
         """One model call over a cache (traced inside callers' jitted functions, e.g.

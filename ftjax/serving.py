@@ -236,10 +236,8 @@ class LLMEngine:
                              top_n=min(max_logprobs, vocab), prompt_top_n=-1)
         self.trace_counts = collections.Counter()
         self.layout = getattr(model, "layout", None)
-        # Attention over the pages: on one CPU device, the native kernel (pages read in
-        # place) where it builds; else the engine's kernels (XLA partitions its own path).
-        self.attn_kernels = paged_kv.kernels_for(self.engine.kernels,
-                                                 sharded=self.engine.layout is not None)
+        # Attention over the pages: the engine's choice (`Engine.cache_kernels`).
+        self.attn_kernels = self.engine.cache_kernels
         self._jit()
         # One jitted program fills the whole state (eager zeros compile one per shape).
         self.state = jax.jit(self._empty_state)()
