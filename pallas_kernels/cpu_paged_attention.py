@@ -141,11 +141,14 @@ def paged_attention(q, k_pool, v_pool, page_table, q_pos, layer, slopes=None,
         int8 pools. layer: int32 scalar, may be traced. Table entries are clipped to the
         pool; keys past the table (M * page_size) are not seen.
     Returns:
-      float32 `[B, T, N, H]`. Call `available()` first (it registers the kernel).
+      float32 `[B, T, N, H]`. RuntimeError when the kernel cannot be built / is off.
     """
     why = supported(q, k_pool, k_scale)
     if why:
         raise ValueError(f"cpu paged_attention: {why}")
+    if not available():
+        raise RuntimeError("cpu paged_attention: the kernel is not built on this machine "
+                           "(see the warning above, or FTJAX_CPU_KERNELS=0)")
     n = q.shape[2]
     slopes = jnp.zeros((n,), jnp.float32) if slopes is None else slopes.astype(jnp.float32)
     common = (page_table.astype(jnp.int32), q_pos.astype(jnp.int32), slopes,

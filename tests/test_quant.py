@@ -291,13 +291,19 @@ def test_quantized_tiny_gpt2_matches_hf(tmp_path):
 
 @pytest.mark.slow  # ~15 CPU-s: quantized model compiled on 8 devices
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
-def test_quantized_model_under_tp_equals_single_device():
+def test_quantized_model_under_tp_equals_single_device(monkeypatch):
     """int8 (per channel) weights and an int8 KV cache on a TP=4 x DP=2 mesh (vocab 97
     padded to 100; 2 kv heads: replicated at TP 4; 8 heads split) give the
     single-device quantized logits within 1e-5 (fp32; only the row-parallel partial sums
-    are added in another order) and identical greedy tokens; grouped weights are refused."""
+    are added in another order) and identical greedy tokens; grouped weights are refused.
+
+    Both sides attend on XLA's path (meshes always do): with the native CPU kernel the
+    single-device graph fuses the k / v projections differently, a last-ulp change that
+    can flip one int8 rounding of the cache (measured 2.2e-3 on jax 0.12): the kernel
+    against XLA is held by tests/test_cpu_kernels.py on the same quantized cache."""
     from ftjax import make_mesh
 
+    monkeypatch.setenv("FTJAX_CPU_KERNELS", "0")
     q = quant
     cfg = tiny_config(n_heads=8, head_dim=4, n_kv_heads=2)
     params = q.quantize_params(cfg, jax.tree_util.tree_map(jnp.asarray, tiny_params(cfg, 5)), 0)
