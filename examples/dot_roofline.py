@@ -15,6 +15,8 @@ bytes against the machine's measured read bandwidth (a jitted sum over 1 GiB):
     int8-copy     the same for int8 weights, per-column scale after the dot
     *-NK          f32 / bf16 / int8 weights stored transposed, `[N, K]`: the dot
                   contracts each weight row's contiguous K (x @ w.T, w upcast in the dot)
+    cpu-*         ftjax's native few-row matmul (`pallas_kernels.cpu_matmul`, what the
+                  engine's decode step runs on one CPU device) on the same weights
 
 Each XLA flag set runs in its own process (XLA_FLAGS is read once per process; an
 unknown flag or value aborts it, reported as "rejected"). Weights are replicated into
@@ -47,7 +49,8 @@ FLAG_SETS = {
     "onednn-fusion-dot": "--xla_cpu_experimental_onednn_fusion_type=dot",
 }
 VARIANTS = ("f32", "bf16", "bf16-upcast", "int8", "int8-w8a8", "bf16-copy", "int8-copy",
-            "f32-NK", "bf16-NK", "int8-NK")
+            "f32-NK", "bf16-NK", "int8-NK", "cpu-f32", "cpu-bf16", "cpu-int8", "cpu-f32-NK",
+            "cpu-bf16-NK", "cpu-int8-NK")
 DIMS = {"gpt2-124m": 768, "gpt2-774m": 1280}
 VOCAB = 50257
 MIN_BYTES = 256 << 20
@@ -110,6 +113,19 @@ def _fn(variant: str):
         return make, over(lambda x, w: jnp.dot(x, w[0].astype(f32).T) * w[1])
     if variant == "int8-copy":
         return quantize, over(lambda x, w: jnp.dot(x, copy32(w[0])) * w[1])
+    if variant.startswith("cpu-"):
+        from pallas_kernels import cpu_matmul
+
+        base, nk = variant[4:].replace("-NK", ""), variant.endswith("-NK")
+        if base == "int8":
+            def make(w):
+                q, scale = quantize(w)
+                return (q.T.copy() if nk else q), scale
+        else:
+            dt = jnp.bfloat16 if base == "bf16" else f32
+            make = (lambda w: ((w.T if nk else w).astype(dt).copy(),))
+        return make, over(lambda x, w: cpu_matmul.matmul(x, w[0], w[1] if len(w) > 1 else None,
+                                                         nk=nk))
     raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
 
 

@@ -117,13 +117,14 @@ class Engine:
         self.layout = layout
         self.kv_dtype = kv_dtype
         self.kernels = kernels
-        # Attention over the cache: on one CPU device the native kernel where it builds.
+        # On one CPU device the native kernels where they build: attention over the cache
+        # and the decode step's few-row weight matmuls (`pallas_kernels.cpu_matmul`).
         self.cache_kernels = paged_kv.kernels_for(kernels, sharded=layout is not None)
         # On a mesh the kernels run per shard (shard_map); XLA partitions its own path.
         self.kernel_mesh = None
         if layout is not None and kernels != "xla":
             self.kernel_mesh = sharded.KernelMesh.of(layout.mesh, RULES)
-        self.model = Transformer(cfg, dtype, kernels=kernels,
+        self.model = Transformer(cfg, dtype, kernels=self.cache_kernels,
                                  vocab=layout.padded_vocab if layout else None,
                                  mesh=self.kernel_mesh,
                                  pipe=layout.mesh if layout and layout.pipe > 1 else None)

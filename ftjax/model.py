@@ -66,7 +66,8 @@ class Linear(nn.Module):
     spec: str
     params_spec: dict  # {"kernel": ParamSpec, optional "bias": ParamSpec}
     dtype: jnp.dtype
-    kernels: str = "xla"  # "pallas" / "mosaic": int8 weights go through an int8_matmul kernel
+    kernels: str = "xla"  # "pallas" / "mosaic": int8 weights through an int8_matmul kernel;
+                          # "cpu": a decode step's few rows through pallas_kernels.cpu_matmul
     mesh: Optional[KernelMesh] = None   # x and the kernel are sharded on it: runs per shard
 
     @nn.compact
@@ -211,6 +212,7 @@ class Head(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     vocab: Optional[int] = None
+    kernels: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -219,9 +221,10 @@ class Head(nn.Module):
         if "final_norm" in specs:
             x = Norm(cfg, specs["final_norm"], self.dtype, name="final_norm")(x)
         if "project_out" in specs:
-            x = Linear("btd,de->bte", specs["project_out"], self.dtype, name="project_out")(x)
+            kn = "cpu" if self.kernels == "cpu" else "xla"  # Head runs no per-shard kernels
+            x = Linear("btd,de->bte", specs["project_out"], self.dtype, kn, name="project_out")(x)
         name = "lm_head" if "lm_head" in specs else "embed"   # tied: the embedding table
-        logits = quant.logits(x, weight(self, name, specs[name], self.dtype))
+        logits = quant.logits(x, weight(self, name, specs[name], self.dtype), self.kernels)
         if "lm_head_bias" in specs:
             bias = weight(self, "lm_head_bias", specs["lm_head_bias"], self.dtype)
             logits = logits + bias.astype(jnp.float32)
@@ -251,7 +254,9 @@ class Transformer:
       cfg: the architecture.
       dtype: weights' and activations' dtype.
       kernels: "xla", "pallas" or "mosaic" (int8 weight matmuls through pallas_kernels;
-        the cache's own `kernels` picks the attention kernels).
+        the cache's own `kernels` picks the attention kernels), or "cpu" (one CPU device:
+        matmuls of up to `cpu_matmul.MAX_ROWS` rows, the LM head's too, through the native
+        `pallas_kernels.cpu_matmul`; the engine picks it with `paged_kv.kernels_for`).
       mesh: the `KernelMesh` params and activations are sharded on (the int8 matmul
         kernels then run per shard; the cache carries its own), or None.
       vocab: rows of embed / lm_head when padded past vocab_size (vocab-parallel
@@ -300,7 +305,7 @@ class Transformer:
 
     def head(self, params, x):
         """Activations `[B, T, D]` -> float32 logits `[B, T, V]`."""
-        return Head(self.cfg, self.dtype, self.vocab).apply({"params": params}, x)
+        return Head(self.cfg, self.dtype, self.vocab, self.kernels).apply({"params": params}, x)
 
     def __call__(self, params, tokens, positions, cache=None, last_index=None, soft=None):
         """Runs the model.

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from ftjax.config import ModelConfig
 from ftjax.numerics import QMAX, quantize_int8, round_int8
 from ftjax.specs import ParamSpec, flatten, param_specs, unflatten
-from pallas_kernels import select, sharded
+from pallas_kernels import cpu_matmul, select, sharded
 
 
 @flax.struct.dataclass
@@ -182,18 +182,54 @@ def _w8a8_matmul(x, w: W8A8Weight, n: int):
     return y.reshape(*lead, *w.q.shape[n:]).astype(x.dtype)
 
 
+def _cpu_einsum(spec: str, x, w):
+    """`einsum` through `pallas_kernels.cpu_matmul` when it applies (a decode step's few
+    rows against one layer's float, bf16 or per-channel int8 weight, contracted over x's
+    last axes), else None."""
+    n = _trailing_leading(spec)
+    if not n or isinstance(w, W8A8Weight) or len(w.shape) != len(_split_spec(spec)[1]):
+        return None
+    lead = x.shape[:x.ndim - n]
+    rows = 1
+    for d in lead:
+        rows *= d
+    if not cpu_matmul.preferred(rows, w.q.dtype if is_quantized(w) else w.dtype):
+        return None
+    if isinstance(w, Int8Weight):
+        if w.group_size:
+            return None
+        q2, scale2 = _as_matrix(w, n)
+        dtype = x.dtype
+    else:
+        k = 1
+        for d in w.shape[:n]:
+            k *= d
+        q2, scale2, dtype = w.reshape(k, -1), None, jnp.result_type(x, w)
+    if cpu_matmul.supported(x.reshape(rows, q2.shape[0]), q2, scale2) is not None:
+        return None
+    y = cpu_matmul.matmul(x.reshape(rows, q2.shape[0]), q2, scale2)
+    return y.reshape(*lead, *w.shape[n:]).astype(dtype)
+
+
 def einsum(spec: str, x, w, pallas=False, mesh=None):
     """`jnp.einsum(spec, x, w)` for a float, `Int8Weight` or `W8A8Weight` w.
 
     pallas: True / "pallas" (Triton) or "mosaic" (Mosaic GPU where it applies): an
     `Int8Weight` contracted over x's last axes goes through that int8 matmul kernel
-    (dequantized inside the kernel; interpreted off GPU).
+    (dequantized inside the kernel; interpreted off GPU). "cpu": a decode step's few
+    rows against a float32, bf16 or per-channel int8 weight go through the native CPU
+    matmul where it is faster (`pallas_kernels.cpu_matmul.preferred`; one CPU device).
     mesh: a `pallas_kernels.sharded.KernelMesh` x and w are sharded on: the kernel then
     runs per shard (column-parallel local, row-parallel local + psum).
 
     Returns:
       the product in x's dtype (float weights: the promoted dtype, as jnp.einsum).
     """
+    if pallas == "cpu":
+        y = _cpu_einsum(spec, x, w)
+        if y is not None:
+            return y
+        pallas = False
     if isinstance(w, W8A8Weight):
         n = _trailing_leading(spec)
         if not n:
@@ -236,8 +272,17 @@ def take(table, ids, dtype):
     return jnp.take(table, ids, axis=0)
 
 
-def logits(x, head):
-    """`x [B, T, E] @ head [V, E]^T` in float32 (head float or per-row `Int8Weight`)."""
+def logits(x, head, kernels: str = "xla"):
+    """`x [B, T, E] @ head [V, E]^T` in float32 (head float or per-row `Int8Weight`).
+    kernels "cpu": a few rows against a bf16 / int8 table go through
+    `pallas_kernels.cpu_matmul` (the table read once, as stored; see `preferred`)."""
+    b, t, e = x.shape
+    if kernels == "cpu":
+        table, scale = (head.q, head.scale[:, 0]) if isinstance(head, Int8Weight) else (head, None)
+        x2 = x.reshape(b * t, e)
+        if (cpu_matmul.preferred(b * t, table.dtype, nk=True)
+                and cpu_matmul.supported(x2, table, scale, nk=True) is None):
+            return cpu_matmul.matmul(x2, table, scale, nk=True).reshape(b, t, -1)
     if isinstance(head, Int8Weight):
         # Per-row scale = per output channel: scale the [B, T, V] result, not the table.
         y = jnp.einsum("bte,ve->btv", x, head.q.astype(x.dtype),

@@ -19,22 +19,11 @@
 // ~18 GB/s against ~7 for XLA's gather-then-dot; the attention of 8 rows x 64 prefill
 // queries (12 layers) 63 ms against 223-290 ms.
 
-#include <algorithm>
-#include <atomic>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <thread>
-#include <vector>
-
-#include <immintrin.h>
-
-#include "xla/ffi/api/ffi.h"
-
-namespace ffi = xla::ffi;
+#include "cpu_simd.h"
 
 namespace {
+
+using namespace ftjax_cpu;
 
 constexpr float kMask = -3.4028234663852886e38f;  // float32 min, as numerics.MASK
 
@@ -76,90 +65,6 @@ inline float exp_nonpos(float x) {
   return e * scale;
 }
 
-// W-lane float vectors: AVX-512, AVX2, or one lane. `load` widens int8 to float.
-#if defined(__AVX512F__)
-constexpr int64_t W = 16;
-using Vec = __m512;
-inline Vec vzero() { return _mm512_setzero_ps(); }
-inline Vec vset(float x) { return _mm512_set1_ps(x); }
-inline Vec load(const float* p) { return _mm512_loadu_ps(p); }
-inline Vec load(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm512_fmadd_ps(a, b, c); }
-inline float hsum(Vec a) { return _mm512_reduce_add_ps(a); }
-inline void store(float* p, Vec a) { _mm512_storeu_ps(p, a); }
-inline Vec vmax(Vec a, Vec b) { return _mm512_max_ps(a, b); }
-inline float hmax(Vec a) { return _mm512_reduce_max_ps(a); }
-inline Vec iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
-// Lanes >= n replaced by fill.
-inline Vec keep_below(Vec x, int64_t n, float fill) {
-  const __mmask16 k = _mm512_cmplt_epi32_mask(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(static_cast<int32_t>(std::clamp<int64_t>(n, 0, W))));
-  return _mm512_mask_blend_ps(k, _mm512_set1_ps(fill), x);
-}
-inline Vec vfloor(Vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
-inline Vec pow2(Vec n) {  // 2^n for integral n in [-126, 127]
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int64_t W = 8;
-using Vec = __m256;
-inline Vec vzero() { return _mm256_setzero_ps(); }
-inline Vec vset(float x) { return _mm256_set1_ps(x); }
-inline Vec load(const float* p) { return _mm256_loadu_ps(p); }
-inline Vec load(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-inline Vec fma(Vec a, Vec b, Vec c) { return _mm256_fmadd_ps(a, b, c); }
-inline float hsum(Vec a) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-inline void store(float* p, Vec a) { _mm256_storeu_ps(p, a); }
-inline Vec vmax(Vec a, Vec b) { return _mm256_max_ps(a, b); }
-inline float hmax(Vec a) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-}
-inline Vec iota() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
-inline Vec keep_below(Vec x, int64_t n, float fill) {
-  const __m256i k = _mm256_cmpgt_epi32(
-      _mm256_set1_epi32(static_cast<int32_t>(std::clamp<int64_t>(n, 0, W))),
-      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  return _mm256_blendv_ps(_mm256_set1_ps(fill), x, _mm256_castsi256_ps(k));
-}
-inline Vec vfloor(Vec x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
-inline Vec pow2(Vec n) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
-}
-#else
-constexpr int64_t W = 1;
-using Vec = float;
-inline Vec vzero() { return 0.0f; }
-inline Vec vset(float x) { return x; }
-inline Vec load(const float* p) { return *p; }
-inline Vec load(const int8_t* p) { return static_cast<float>(*p); }
-inline Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
-inline float hsum(Vec a) { return a; }
-inline void store(float* p, Vec a) { *p = a; }
-inline Vec vmax(Vec a, Vec b) { return std::max(a, b); }
-inline float hmax(Vec a) { return a; }
-inline Vec iota() { return 0.0f; }
-inline Vec keep_below(Vec x, int64_t n, float fill) { return n > 0 ? x : fill; }
-inline Vec vfloor(Vec x) { return std::floor(x); }
-inline Vec pow2(Vec n) {
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float r;
-  std::memcpy(&r, &bits, sizeof r);
-  return r;
-}
-#endif
 
 // exp_nonpos on a vector (the same polynomial).
 inline Vec vexp_nonpos(Vec x) {
@@ -435,31 +340,16 @@ void attend_item(const Args<KV>& a, int64_t b, int64_t h_lo, int64_t h_hi,
   }
 }
 
-// Items shared out over the pool: the caller works too, and waits only for items some
-// thread has claimed (a helper that starts after all are claimed touches nothing but
-// the shared counters), so a busy or absent pool never deadlocks it. An item is a row's
-// kv heads split in `parts` (enough items for every thread to have a few).
+// An item is a row's kv heads split in `parts` (enough items for every thread to have a
+// few), shared out over the pool.
 template <typename KV>
 void run(ffi::ThreadPool& pool, const Args<KV>& a) {
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t parts = std::clamp<int64_t>((4 * threads + a.d.B - 1) / a.d.B, 1, a.d.K);
-  const int64_t items = a.d.B * parts;
-  struct Shared {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto sh = std::make_shared<Shared>();
-  auto work = [sh, &a, items, parts]() {
-    std::vector<float> buf;
-    for (int64_t i; (i = sh->next.fetch_add(1)) < items;) {
-      const int64_t b = i / parts, p = i % parts;
-      attend_item(a, b, a.d.K * p / parts, a.d.K * (p + 1) / parts, buf);
-      sh->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(threads, items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(decltype(work)(work));
-  work();
-  while (sh->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  const int64_t parts =
+      std::clamp<int64_t>((4 * num_threads(pool) + a.d.B - 1) / a.d.B, 1, a.d.K);
+  parallel_for(pool, a.d.B * parts, [&a, parts](int64_t i, std::vector<float>& buf) {
+    const int64_t b = i / parts, p = i % parts;
+    attend_item(a, b, a.d.K * p / parts, a.d.K * (p + 1) / parts, buf);
+  });
 }
 
 template <typename KV, typename KB>

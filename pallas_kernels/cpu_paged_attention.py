@@ -8,11 +8,10 @@ profile_engine_decode.py --profile`). This kernel (`cpu_paged_attention.cc`, bes
 file) walks each (row, kv head)'s pages through the page table with an online softmax,
 items shared over XLA's intra-op thread pool.
 
-It is C++ compiled on first use with the machine's C++ compiler (`c++`, or `$CXX`) against
-the XLA FFI headers jaxlib ships (`jax.ffi.include_dir()`), `-O3 -march=native`, into a
-per-user cache (`$FTJAX_CACHE_DIR`, else `~/.cache/ftjax`), keyed by the source, the
-jaxlib version and the CPU; later processes load the cached library. Without a compiler
-(or with `FTJAX_CPU_KERNELS=0`), `available()` is False and callers keep the XLA path.
+It is C++ built on first use with ftjax's other CPU kernels (`pallas_kernels.cpu_native`:
+the machine's C++ compiler, a per-user cache keyed by source, jax version and CPU).
+Without a compiler (or with `FTJAX_CPU_KERNELS=0`), `available()` is False and callers
+keep the XLA path.
 
 Semantics are `ftjax.numerics.attend`'s over the row's keys in page order: float32
 queries `[B, T, N, H]` at positions `[B, T]` (< 0: padding, zeros out) see the keys at
@@ -22,100 +21,16 @@ scales; ALiBi slopes optional; MHA / GQA / MQA (N a multiple of K).
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_paged_attention.cc")
+from pallas_kernels.cpu_native import available
+
 TARGETS = {"float32": "FtjaxPagedAttentionF32", "int8": "FtjaxPagedAttentionI8"}
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd"]
 
-_lock = threading.Lock()
-_state: dict = {}
-
-
-def _cpu_id() -> str:
-    """The CPU model and ISA flags (`-march=native` code is only valid on the same)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-        return "".join(lines)
-    except OSError:
-        return platform.processor() + platform.machine()
-
-
-def _cache_dir() -> str:
-    return os.environ.get("FTJAX_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "ftjax")
-
-
-def library_path() -> str:
-    """Where this machine's build of the kernel lives (built or not)."""
-    with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read())
-    key.update(jax.__version__.encode())
-    key.update(jax.ffi.include_dir().encode())
-    key.update(" ".join(FLAGS).encode())
-    key.update(_cpu_id().encode())
-    return os.path.join(_cache_dir(), f"cpu_paged_attention-{key.hexdigest()[:16]}.so")
-
-
-def build(path: Optional[str] = None) -> str:
-    """Compiles the kernel into `path` (default `library_path()`), atomically: a
-    concurrent process sees the old file or the whole new one. Raises RuntimeError
-    naming the compiler's complaint."""
-    path = path or library_path()
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        raise RuntimeError("no C++ compiler found (set $CXX, or install g++)")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
-    os.close(fd)
-    cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), SOURCE, "-o", tmp]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        if res.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE} failed ({' '.join(cmd)}):\n"
-                               f"{res.stderr[-4000:]}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def available() -> bool:
-    """True when the kernel is built (on first call: compiled, ~10 s) and registered
-    with XLA for the CPU platform. False, with one warning naming why, when it cannot be
-    built; False without a warning when `FTJAX_CPU_KERNELS=0`."""
-    if os.environ.get("FTJAX_CPU_KERNELS", "1") == "0":
-        return False
-    with _lock:
-        if "ok" not in _state:
-            try:
-                path = library_path()
-                if not os.path.exists(path):
-                    build(path)
-                lib = ctypes.cdll.LoadLibrary(path)
-                for name in TARGETS.values():
-                    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
-                                                platform="cpu")
-                _state["ok"] = True
-            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
-                warnings.warn(f"ftjax: CPU paged-attention kernel unavailable, using the XLA "
-                              f"path: {e}", RuntimeWarning, stacklevel=2)
-                _state["ok"] = False
-        return _state["ok"]
+__all__ = ["TARGETS", "available", "supported", "paged_attention"]
 
 
 def supported(q, k_pool, k_scale=None) -> Optional[str]:

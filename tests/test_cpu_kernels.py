@@ -8,6 +8,7 @@ vector dots) and a polynomial exp (relative error ~1e-7): rtol 1e-5, atol 1e-6, 
 XLA paged path's test.
 """
 
+import os
 import warnings
 
 import jax
@@ -19,6 +20,7 @@ from tiny import tiny_config
 from ftjax import paged_kv
 from ftjax.cache import KVCache
 from ftjax.numerics import attend
+from pallas_kernels import cpu_native
 from pallas_kernels import cpu_paged_attention as cpu
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
@@ -120,10 +122,10 @@ def test_a_failed_build_warns_and_leaves_the_xla_path(monkeypatch, tmp_path):
     """No working compiler: available() is False with one warning naming the failure
     (the compiler's command), and the engine's attention stays on XLA. The build writes
     nothing half-made into the cache."""
-    monkeypatch.setattr(cpu, "_state", {})
+    monkeypatch.setattr(cpu_native, "_state", {})
     monkeypatch.setenv("FTJAX_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", "false")
-    with pytest.warns(RuntimeWarning, match="CPU paged-attention kernel unavailable.*false"):
+    with pytest.warns(RuntimeWarning, match="native CPU kernels unavailable.*false"):
         assert not cpu.available()
     with warnings.catch_warnings():
         warnings.simplefilter("error")             # decided once: no second warning
@@ -133,12 +135,17 @@ def test_a_failed_build_warns_and_leaves_the_xla_path(monkeypatch, tmp_path):
 
 
 def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
-    """The library's name keys the source, jax's version and the CPU: a changed source
-    builds anew instead of loading a stale library."""
+    """The library's name keys every source and header, jax's version and the CPU: a
+    changed source or header builds anew instead of loading a stale library."""
     monkeypatch.setenv("FTJAX_CACHE_DIR", str(tmp_path))
-    first = cpu.library_path()
-    assert first.startswith(str(tmp_path)) and first == cpu.library_path()
-    src = tmp_path / "k.cc"
-    src.write_text(open(cpu.SOURCE).read() + "\n// changed\n")
-    monkeypatch.setattr(cpu, "SOURCE", str(src))
-    assert cpu.library_path() != first
+    first = cpu_native.library_path()
+    assert first.startswith(str(tmp_path)) and first == cpu_native.library_path()
+    for name in ("SOURCES", "HEADERS"):
+        files = getattr(cpu_native, name)
+        assert files
+        changed = tmp_path / os.path.basename(files[0])
+        changed.write_text(open(files[0]).read() + "\n// changed\n")
+        monkeypatch.setattr(cpu_native, name, [str(changed), *files[1:]])
+        assert cpu_native.library_path() != first
+        monkeypatch.setattr(cpu_native, name, files)
+    assert cpu_native.library_path() == first
