@@ -3,7 +3,7 @@
 // `pallas_kernels/cpu_paged_attention.py` (which documents the arguments), checked
 // against `ftjax.numerics.attend` in tests/test_cpu_kernels.py.
 //
-// Layout (as `ftjax.paged_kv`): pools k, v `[L, P, K, S, H]` (float32, or int8 with
+// Layout (as `ftjax.paged_kv`): pools k, v `[L, P, K, S, H]` (float32, bfloat16, or int8 with
 // float32 scales `[L, P, K, S]`), page table int32 `[B, M]`, queries float32
 // `[B, T, N, H]` at int32 positions `[B, T]` (< 0: a padding query, output zeros),
 // ALiBi slopes float32 `[N]` (zeros: none), layer int32 scalar. A key at position p is
@@ -93,7 +93,7 @@ inline float dot(const float* __restrict q, const KV* __restrict k, int64_t H) {
   }
   for (; h + W <= H; h += W) a0 = fma(load(q + h), load(k + h), a0);
   float r = hsum(a0) + hsum(a1);
-  for (; h < H; ++h) r += q[h] * static_cast<float>(k[h]);
+  for (; h < H; ++h) r += q[h] * to_float(k[h]);
   return r;
 }
 
@@ -125,7 +125,7 @@ inline void accumulate(float* __restrict acc, const float* __restrict p,
     store(acc + h0, r);
   }
   for (; h0 < H; ++h0)
-    for (int64_t j = 0; j < n; ++j) acc[h0] += p[j] * static_cast<float>(v[j * H + h0]);
+    for (int64_t j = 0; j < n; ++j) acc[h0] += p[j] * to_float(v[j * H + h0]);
 }
 
 // Softmax state of one query: running max, sum, and the weighted values (acc, H wide).
@@ -257,7 +257,7 @@ void tile_update(const float* __restrict qv, int64_t nq, const float* __restrict
   for (; h0 < H; ++h0)
     for (int64_t q = 0; q < nq; ++q) {
       float x = acc[q * H + h0] * corr[q];
-      for (int64_t j = 0; j < most; ++j) x += s[q * Sp + j] * static_cast<float>(vp[j * H + h0]);
+      for (int64_t j = 0; j < most; ++j) x += s[q * Sp + j] * to_float(vp[j * H + h0]);
       acc[q * H + h0] = x;
     }
 }
@@ -306,7 +306,7 @@ void attend_item(const Args<KV>& a, int64_t b, int64_t h_lo, int64_t h_hi,
       if (tiled) {
         for (int64_t j = 0; j < S; ++j)
           for (int64_t h = 0; h < H; ++h)
-            kt[h * Sp + j] = j < live ? static_cast<float>(kp[j * H + h]) : 0.0f;
+            kt[h * Sp + j] = j < live ? to_float(kp[j * H + h]) : 0.0f;
         for (int64_t tg = 0; tg < d.T * G; tg += 4) {
           const int64_t i = (kh - h_lo) * d.T * G + tg, nq = std::min<int64_t>(4, d.T * G - tg);
           int64_t qp[4];
@@ -366,17 +366,24 @@ ffi::Error impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, KB k, KB v,
     return ffi::Error::InvalidArgument("paged attention: shapes do not agree");
   const int32_t l = *layer.typed_data();
   if (l < 0 || l >= d.L) return ffi::Error::InvalidArgument("paged attention: layer out of range");
-  Args<KV> a{d, q.typed_data(), k.typed_data(), v.typed_data(), k_scale, v_scale,
+  Args<KV> a{d, q.typed_data(), static_cast<const KV*>(k.untyped_data()),
+             static_cast<const KV*>(v.untyped_data()), k_scale, v_scale,
              table.typed_data(), q_pos.typed_data(), slopes.typed_data(), l,
              out->typed_data()};
   run(pool, a);
   return ffi::Error::Success();
 }
 
-ffi::Error float_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table,
+ffi::Error float_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                      ffi::AnyBuffer v, ffi::Buffer<ffi::S32> table,
                       ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::F32> slopes,
                       ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
+  if (k.element_type() != v.element_type())
+    return ffi::Error::InvalidArgument("paged attention: k and v pools differ in dtype");
+  if (k.element_type() == ffi::DataType::BF16)
+    return impl<bf16>(pool, q, k, v, nullptr, nullptr, table, q_pos, slopes, layer, out);
+  if (k.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("paged attention: pools must be float32, bfloat16 or int8");
   return impl<float>(pool, q, k, v, nullptr, nullptr, table, q_pos, slopes, layer, out);
 }
 
@@ -398,8 +405,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxPagedAttentionF32, float_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -15,8 +15,8 @@ keep the XLA path.
 
 Semantics are `ftjax.numerics.attend`'s over the row's keys in page order: float32
 queries `[B, T, N, H]` at positions `[B, T]` (< 0: padding, zeros out) see the keys at
-positions <= their own; float32 pools, or int8 pools with float32 per-(token, kv head)
-scales; ALiBi slopes optional; MHA / GQA / MQA (N a multiple of K).
+positions <= their own; float32 or bfloat16 pools (bf16 queries are taken in float32),
+or int8 pools with float32 per-(token, kv head) scales; ALiBi slopes optional; MHA / GQA / MQA (N a multiple of K).
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ __all__ = ["TARGETS", "available", "supported", "paged_attention"]
 
 def supported(q, k_pool, k_scale=None) -> Optional[str]:
     """None if the kernel takes these arguments, else why not."""
-    if q.dtype != jnp.float32:
-        return f"queries are {q.dtype}, the kernel takes float32"
-    if k_scale is None and k_pool.dtype != jnp.float32:
-        return f"the pools are {k_pool.dtype}, the kernel takes float32 or int8 with scales"
+    if q.dtype not in (jnp.float32, jnp.bfloat16):
+        return f"queries are {q.dtype}, the kernel takes float32 or bfloat16"
+    if k_scale is None and k_pool.dtype not in (jnp.float32, jnp.bfloat16):
+        return (f"the pools are {k_pool.dtype}, the kernel takes float32, bfloat16 or int8 "
+                f"with scales")
     if k_scale is not None and k_pool.dtype != jnp.int8:
         return f"scaled pools are {k_pool.dtype}, the kernel takes int8"
     if q.shape[2] % k_pool.shape[2]:
@@ -48,7 +49,8 @@ def supported(q, k_pool, k_scale=None) -> Optional[str]:
 
 def paged_attention(q, k_pool, v_pool, page_table, q_pos, layer, slopes=None,
                     k_scale=None, v_scale=None):
-    """Attention of `q [B, T, N, H]` (float32) at `q_pos [B, T]` over layer `layer`'s
+    """Attention of `q [B, T, N, H]` (float32 or bf16, taken in float32) at `q_pos [B, T]`
+    over layer `layer`'s
     pages `k_pool`, `v_pool` `[L, P, K, page_size, H]` through `page_table [B, M]`.
 
     Args:
@@ -66,6 +68,7 @@ def paged_attention(q, k_pool, v_pool, page_table, q_pos, layer, slopes=None,
                            "(see the warning above, or FTJAX_CPU_KERNELS=0)")
     n = q.shape[2]
     slopes = jnp.zeros((n,), jnp.float32) if slopes is None else slopes.astype(jnp.float32)
+    q = q.astype(jnp.float32)
     common = (page_table.astype(jnp.int32), q_pos.astype(jnp.int32), slopes,
               jnp.asarray(layer, jnp.int32))
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)

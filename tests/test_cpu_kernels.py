@@ -1,5 +1,6 @@
 """The native CPU paged-attention kernel (pallas_kernels/cpu_paged_attention.cc): built
-on first use with the machine's C++ compiler, called through XLA's FFI.
+on first use with the machine's C++ compiler (with the other CPU kernels,
+pallas_kernels/cpu_native.py), called through XLA's FFI.
 
 Numerics against ftjax.numerics.attend over the same keys laid out contiguously (an
 independent path: einsum + softmax); pages a row does not own hold NaN, so any read past
@@ -33,7 +34,9 @@ def _case(n, kv, h, ps, lens, kv_dtype, t, seed=0):
     rng = np.random.default_rng(seed)
     b, m = len(lens), -(-max(lens) // ps) + 1
     num = b * m + 4
-    pool = paged_kv.zeros(cfg, num, ps, jnp.float32, kv_dtype)
+    dtype = jnp.bfloat16 if kv_dtype == "bfloat16" else jnp.float32   # bf16 pools
+    kv_dtype = None if kv_dtype == "bfloat16" else kv_dtype
+    pool = paged_kv.zeros(cfg, num, ps, dtype, kv_dtype)
     nan = jnp.float32(jnp.nan)
     if kv_dtype is None:
         pool = pool.replace(k=jnp.full_like(pool.k, nan), v=jnp.full_like(pool.v, nan))
@@ -41,7 +44,7 @@ def _case(n, kv, h, ps, lens, kv_dtype, t, seed=0):
         pool = pool.replace(k_scale=jnp.full_like(pool.k_scale, nan),
                             v_scale=jnp.full_like(pool.v_scale, nan))
     s = m * ps
-    cache = KVCache.zeros(cfg, b, s, jnp.float32, kv_dtype)
+    cache = KVCache.zeros(cfg, b, s, dtype, kv_dtype)
     table = rng.integers(0, num, (b, m))       # entries past a row's pages: never read
     free = list(rng.permutation(np.arange(1, num)))
     for row, n_tok in enumerate(lens):
@@ -49,7 +52,7 @@ def _case(n, kv, h, ps, lens, kv_dtype, t, seed=0):
     table = jnp.asarray(table, jnp.int32)
     pos = np.where(np.arange(s)[None] < np.asarray(lens)[:, None], np.arange(s)[None], -1)
     pos = jnp.asarray(pos, jnp.int32)
-    k, v = (jnp.asarray(rng.standard_normal((b, s, kv, h)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((b, s, kv, h)), dtype) for _ in range(2))
     for layer in range(cfg.n_layers):
         pool = paged_kv.write(pool, layer, table, None, pos, k, v)
         cache = cache.update(layer, k, v, pos)
@@ -70,6 +73,8 @@ def _case(n, kv, h, ps, lens, kv_dtype, t, seed=0):
     (4, 2, 80, 16, "int8", 3, False),  # 6 queries per kv head: a partial tile
     (6, 2, 24, 16, None, 5, True),     # 15 per kv head: tiles of 4, 4, 4, 3; tail; ALiBi
     (4, 4, 64, 16, None, 20, False),   # a prefill chunk crossing pages, causal inside
+    (4, 4, 24, 4, "bfloat16", 1, True),   # bf16 pages (a bf16 model's), decode, tail
+    (8, 2, 64, 16, "bfloat16", 5, False),  # bf16 pages, GQA prefill tiles
 ])
 def test_cpu_paged_attention_matches_contiguous_attend(n, kv, h, ps, kv_dtype, t, alibi):
     """Rows of 1, 37, 0 (padding: zeros out) and 70 tokens (queries before a row's first
@@ -79,9 +84,11 @@ def test_cpu_paged_attention_matches_contiguous_attend(n, kv, h, ps, kv_dtype, t
     cfg, pool, cache, table, q, q_pos, slopes, s = _case(n, kv, h, ps, lens, kv_dtype, t)
     slopes = slopes if alibi else None
     layer = cfg.n_layers - 1
-    scales = (None, None) if kv_dtype is None else (cache.k_scale[layer], cache.v_scale[layer])
-    want = attend(q, cache.k[layer], cache.v[layer], q_pos, jnp.arange(s), slopes,
-                  heads_first=True, k_scale=scales[0], v_scale=scales[1])
+    scales = (None, None) if cache.k_scale is None else (cache.k_scale[layer], cache.v_scale[layer])
+    # bf16 pages: the reference attends over their exact float32 values
+    want = attend(q, cache.k[layer].astype(jnp.float32), cache.v[layer].astype(jnp.float32),
+                  q_pos, jnp.arange(s), slopes, heads_first=True, k_scale=scales[0],
+                  v_scale=scales[1])
     got = jax.jit(lambda pool, layer: paged_kv.attend(
         pool, layer, q, q_pos, table, slopes, max_len=s, kernels="cpu"))(pool, jnp.int32(layer))
     assert np.isfinite(np.asarray(got)).all()   # no NaN page was read
@@ -89,9 +96,10 @@ def test_cpu_paged_attention_matches_contiguous_attend(n, kv, h, ps, kv_dtype, t
     assert not np.asarray(got[2]).any()
 
 
-def test_attend_takes_the_kernel_for_float32():
+def test_attend_takes_the_kernel_for_float32_and_bf16():
     """paged_kv.attend(kernels="cpu") lowers to the FFI call for decode and prefill
-    chunks alike; bfloat16 queries take the XLA path (and the kernel refuses them)."""
+    chunks alike, bf16 queries too (taken in float32, the result cast back); float16
+    queries take the XLA path (and the kernel refuses them)."""
     assert cpu.available()
     cfg, pool, _, table, q, q_pos, slopes, s = _case(4, 2, 16, 4, [5, 9], None, 1)
 
@@ -104,10 +112,11 @@ def test_attend_takes_the_kernel_for_float32():
     long_q = jnp.zeros((2, 16, 4, 16), jnp.float32)
     long_pos = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
     assert cpu.TARGETS["float32"] in hlo(long_q, long_pos)
-    assert cpu.TARGETS["float32"] not in hlo(q.astype(jnp.bfloat16), q_pos)
-    assert "bfloat16" in cpu.supported(q.astype(jnp.bfloat16), pool.k)
-    with pytest.raises(ValueError, match="bfloat16"):
-        cpu.paged_attention(q.astype(jnp.bfloat16), pool.k, pool.v, table, q_pos, 0)
+    assert cpu.TARGETS["float32"] in hlo(q.astype(jnp.bfloat16), q_pos)
+    assert cpu.TARGETS["float32"] not in hlo(q.astype(jnp.float16), q_pos)
+    assert "float16" in cpu.supported(q.astype(jnp.float16), pool.k)
+    with pytest.raises(ValueError, match="float16"):
+        cpu.paged_attention(q.astype(jnp.float16), pool.k, pool.v, table, q_pos, 0)
 
 
 def test_kernels_for_picks_the_kernel_on_one_cpu_device(monkeypatch):
