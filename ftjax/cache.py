@@ -118,7 +118,7 @@ class KVCache:
 
         # [B, T, K, H] written at [layer, b, :, slot]: index order puts (B, T) first.
         def put(a, x):
-            return a.at[layer, rows, :, slots].set(x, mode=mode)
+            return numerics.scatter_set(a, (layer, rows, slice(None), slots), x, mode)
 
         if self.k_scale is None:
             return self.replace(k=put(self.k, k), v=put(self.v, v))

@@ -51,6 +51,19 @@ def quantize_int8(x, axes: Tuple[int, ...]):
     return round_int8(xf, scale), scale
 
 
+def scatter_set(a, index, x, mode):
+    """`a.at[index].set(x, mode=mode)` (x cast to a's dtype), with 2-byte floats scattered
+    as their bits: XLA:CPU upcasts a bf16 / f16 scatter's whole operand to float32 and
+    back (three full copies of a KV cache per write: 68% of a bf16 decode step,
+    `examples/profile_decode.py`); a uint16 scatter writes the rows in place."""
+    x = x.astype(a.dtype)
+    if a.dtype.itemsize == 2 and jnp.issubdtype(a.dtype, jnp.floating):
+        bits = jax.lax.bitcast_convert_type
+        out = bits(a, jnp.uint16).at[index].set(bits(x, jnp.uint16), mode=mode)
+        return bits(out, a.dtype)
+    return a.at[index].set(x, mode=mode)
+
+
 def quantize_vectors(x):
     """Per-vector int8 over the last axis (the int8 KV cache: one scale per token and head).
 

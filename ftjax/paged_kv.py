@@ -134,7 +134,7 @@ def write(kv: PagedKV, layer, page_table, slots, positions, k, v) -> PagedKV:
 
     def put(a, x):
         # [B, T, K, H] lands at [layer, page, :, off]: the (B, T) index dims come first.
-        return a.at[layer, page, :, off].set(x.astype(a.dtype), mode="drop")
+        return numerics.scatter_set(a, (layer, page, slice(None), off), x, "drop")
 
     if kv.k_scale is None:
         return PagedKV(k=put(kv.k, k), v=put(kv.v, v))
@@ -176,7 +176,7 @@ def copy_pages(kv: PagedKV, src, dst) -> PagedKV:
     dst = jnp.where(dst > 0, dst, kv.num_pages).astype(jnp.int32)
 
     def one(a):
-        return None if a is None else a.at[:, dst].set(a[:, src], mode="drop")
+        return None if a is None else numerics.scatter_set(a, (slice(None), dst), a[:, src], "drop")
 
     return PagedKV(k=one(kv.k), v=one(kv.v), k_scale=one(kv.k_scale), v_scale=one(kv.v_scale))
 
