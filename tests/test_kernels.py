@@ -324,7 +324,9 @@ def test_model_through_pallas_matches_xla():
 
     cfg, params = _tiny()
     xla, pallas = Model(cfg, params, kernels="xla"), Model(cfg, params, kernels="pallas")
-    assert pallas.engine.model.kernels == "pallas" and xla.engine.model.kernels == "xla"
+    assert pallas.engine.model.kernels == "pallas" and xla.engine.kernels == "xla"
+    # "xla" on one CPU device: the native CPU kernels where they build (paged_kv.kernels_for)
+    assert xla.engine.model.kernels == xla.engine.cache_kernels in ("xla", "cpu")
     # Ragged prompts (1 to 11 tokens): each row's kernel length differs every step.
     prompts = [[5, 1, 7], [9, 2, 4, 4, 8, 1, 3, 6, 2, 11, 30], [42]]
     sp = ftjax.SamplingParams(stop_token_ids=[])
@@ -374,8 +376,8 @@ def test_kernels_value_is_checked():
         Model(cfg, params, kernels="triton")
     with pytest.raises(ValueError, match="kernels must be one of"):
         ftjax.load("/nonexistent-checkpoint", kernels="cuda")   # checked before reading
-    # auto: XLA on this CPU-only machine.
-    assert Model(cfg, params).engine.model.kernels == "xla"
+    # auto: XLA on this CPU-only machine (its model then takes the native CPU kernels).
+    assert Model(cfg, params).engine.kernels == "xla"
 
 
 @pytest.mark.parametrize("quant, kv", [  # ~10 CPU-s each in the Pallas interpreter
