@@ -155,7 +155,8 @@ class Generator:
                             length_penalty=float(sp0.length_penalty), max_len=batch.max_len,
                             width=batch.width, feat=batch.feat)
         fin, fin_lp, fin_len, fin_stop, scores = sharding.fetch(
-            (st.fin, st.fin_lp, st.fin_len, st.fin_stop, st.fin_scores))
+            (st.groups.fin, st.groups.fin_lp, st.groups.fin_len, st.groups.fin_stop,
+             st.groups.fin_scores))
         out = []
         for i, r in enumerate(reqs):
             keep = range(r.sp.n)

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ftjax import paged_kv, processors
+from ftjax import beam, paged_kv, processors
 from ftjax.batching import Sequences, _alternatives, first_stop_hit
 from ftjax.blocks import BlockManager, block_hashes
 from ftjax.engine import (FINISH_NONE, FINISH_STOP, DecodeState, Features,
@@ -74,6 +74,8 @@ class RequestOutput:
       prompt_logprobs: with prompt_logprobs=N, per prompt token {token: log-prob} of
         that token and the N most likely given the tokens before it (None for the
         first token and soft-prompt rows), as `Model.generate` returns them.
+      score: with beams, the sequence's length-penalized score (HF's
+        sequences_scores; `Model.generate`'s cum_log_probs for beams), else None.
     """
 
     request_id: str
@@ -85,6 +87,7 @@ class RequestOutput:
     tokens: List[int]
     new_top_logprobs: Optional[List[Dict[int, float]]] = None
     prompt_logprobs: Optional[List[Optional[Dict[int, float]]]] = None
+    score: Optional[float] = None
 
 
 @dataclasses.dataclass
@@ -119,6 +122,12 @@ class _Request:
     prefilled: int = 0                    # prompt tokens in the cache
     order: int = 0                        # admission order (preemption picks the newest)
     hashes: List[bytes] = dataclasses.field(default_factory=list)   # prompt block hashes
+    groups: Optional[beam.Groups] = None  # beam search state (num_beams > 1), on device
+    beam_steps: int = 0                   # beam tokens chosen (and fed) this run
+
+    @property
+    def beams(self) -> bool:
+        return self.sp.num_beams > 1
 
     def key(self, j: int = 0):
         return (self.rid, j)
@@ -158,7 +167,8 @@ def sequences(outputs: List[RequestOutput], n: int) -> Sequences:
         seq.tokens.append(o.tokens)
         seq.finish_reasons.append(o.finish_reason)
         seq.log_probs.append(lps[j])
-        seq.cum_log_probs.append(float(np.sum(lps[j], dtype=np.float64)))
+        seq.cum_log_probs.append(float(np.sum(lps[j], dtype=np.float64)) if o.score is None
+                                 else o.score)
         if o.new_top_logprobs is not None:
             seq.top_logprobs = (seq.top_logprobs or []) + [tops[j]]
         seq.prompt_logprobs = o.prompt_logprobs
@@ -241,6 +251,9 @@ class LLMEngine:
         self._jit()
         # One jitted program fills the whole state (eager zeros compile one per shape).
         self.state = jax.jit(self._empty_state)()
+        # Beam rows' next-token logits, held from the call that fed them to the
+        # beam step (`_beam_dev`) that chooses from them.
+        self.held = self._pin(jnp.zeros((max_slots, cfg.vocab_size), jnp.float32), put=True)
         self.sp = self._pin(self._pad_rows(SamplingArrays.build([], max_slots, vocab, (), [])),
                             put=True)
         self._requests: Dict[str, _Request] = {}
@@ -263,9 +276,11 @@ class LLMEngine:
 
     def _jit(self):
         self._admit_fn = jax.jit(self._admit_dev, donate_argnames=("state", "sp"))
-        self._prefill_fn = jax.jit(self._prefill_dev, donate_argnames=("state",),
+        self._prefill_fn = jax.jit(self._prefill_dev, donate_argnames=("state", "held"),
                                    static_argnames=("prompt_lp",))
-        self._decode_fn = jax.jit(self._decode_dev, donate_argnames=("state",))
+        self._decode_fn = jax.jit(self._decode_dev, donate_argnames=("state", "held"))
+        self._beam_fn = jax.jit(self._beam_dev, donate_argnames=("state", "groups"))
+        self._groups_fn = jax.jit(lambda nb: beam.new_groups(1, self.max_slots, self.width, nb))
         self._copy_fn = jax.jit(self._copy_dev, donate_argnames=("state",))
         self._window_fn = jax.jit(self._window_dev)
 
@@ -274,12 +289,15 @@ class LLMEngine:
         position written, no slot advanced), so no request waits for a compile."""
         s, m = self.max_slots, self.pages_per_seq
         for lp in (False, True):
-            self.state = self._prefill_fn(self.params, self.state, self.sp,
-                                          **self._prefill_inputs(), prompt_lp=lp)[0]
+            self.state, self.held, _ = self._prefill_fn(
+                self.params, self.state, self.held, self.sp, **self._prefill_inputs(),
+                prompt_lp=lp)
         for r in self.row_buckets:
-            self.state = self._decode_fn(self.params, self.state, self.sp,
-                                         np.arange(r, dtype=np.int32),
-                                         np.zeros((r, m), np.int32), np.zeros((r,), bool))
+            self.state, self.held = self._decode_fn(
+                self.params, self.state, self.held, self.sp, np.arange(r, dtype=np.int32),
+                np.zeros((r, m), np.int32), np.zeros((r,), bool), np.zeros((r,), bool))
+        self.state = self._beam_fn(self.state, self.held, self.sp, self._new_groups(1),
+                                   *self._beam_inputs(None))[0]
         self.state = self._copy_fn(self.state, np.zeros((s,), np.int32), np.zeros((s,), np.int32))
         jax.block_until_ready(self._window_fn(self.state, np.zeros((s,), np.int32)))
         slot = self._free_slots[-1]
@@ -360,12 +378,13 @@ class LLMEngine:
                     last_index=np.zeros((rows,), np.int32),
                     src=np.full((self.max_slots,), -1, np.int32),
                     embeds=np.zeros((rows, t, e), np.float32), soft=np.zeros((rows, t), bool),
-                    nxt=np.zeros((rows, t), np.int32))
+                    nxt=np.zeros((rows, t), np.int32), hold=np.zeros((self.max_slots,), bool))
 
-    def _prefill_dev(self, params, state: DecodeState, sp, tokens, positions, table,
-                     last_index, src, embeds, soft, nxt, *, prompt_lp: bool = False):
+    def _prefill_dev(self, params, state: DecodeState, held, sp, tokens, positions, table,
+                     last_index, src, embeds, soft, nxt, hold, *, prompt_lp: bool = False):
         """Prompt chunks `[R, T]` (positions -1 = padding) written into their pages;
-        slots with `src[s] >= 0` take their first token from row src[s]'s last logits.
+        slots with `src[s] >= 0` take their first token from row src[s]'s last logits,
+        or, where `hold[s]` (beams), keep those logits in `held` for the beam step.
 
         embeds / soft: `[R, T, E]` / bool `[R, T]`: soft-prompt rows replace the token's
         embedding where set. prompt_lp (static): also return, per position, the
@@ -384,27 +403,87 @@ class LLMEngine:
                                               last_index=last_index, soft=(embeds, soft))
             lps = None
         state = state.replace(cache=cache.kv)
-        state = self._advance(state, logits[jnp.maximum(src, 0), 0], sp, src >= 0)
-        return self._pin(state), lps
+        first = logits[jnp.maximum(src, 0), 0]
+        state = self._advance(state, first, sp, (src >= 0) & ~hold)
+        held = jnp.where(((src >= 0) & hold)[:, None], first, held)
+        return self._pin(state), self._pin(held), lps
 
-    def _decode_dev(self, params, state: DecodeState, sp, slots, table, active):
-        """`chunk` decode steps of the slots `slots` `[R]` (distinct) where `active` `[R]`
-        is set; the others write nothing. table: `[R, M]` their page tables."""
+    def _decode_dev(self, params, state: DecodeState, held, sp, slots, table, active,
+                    beam_rows):
+        """Up to `chunk` decode steps of the slots `slots` `[R]` (distinct) where `active`
+        `[R]` is set (the others write nothing); table: `[R, M]` their page tables. A
+        beam row (`beam_rows`) takes one step: it is fed its token and its logits are
+        kept in `held` for the beam step, not sampled. The loop ends early when no row
+        has a step left (every row finished, or only beam rows)."""
         self.trace_counts["decode"] += 1
         rows = state.replace(**{f: getattr(state, f)[slots] for f in _ROW_FIELDS})
         sp_rows = jax.tree_util.tree_map(lambda a: a[slots], sp)
+        steps = jnp.where(beam_rows, 1, self.chunk)
 
-        def body(s, _):
-            live = active & (s.finish == FINISH_NONE)
-            pos = jnp.where(live, s.pos, -1)
+        def live(i, s):
+            return active & (s.finish == FINISH_NONE) & (i < steps)
+
+        def body(carry):
+            i, s, kept = carry
+            now = live(i, s)
+            pos = jnp.where(now, s.pos, -1)
             cache = PagedCache(s.cache, table, self.max_len, self.attn_kernels)
             logits, cache = self.engine.model(params, s.last[:, None], pos[:, None], cache)
-            return self._advance(s.replace(cache=cache.kv), logits[:, 0], sp_rows,
-                                 active), None
+            kept = jnp.where((now & beam_rows)[:, None], logits[:, 0], kept)
+            s = self._advance(s.replace(cache=cache.kv), logits[:, 0], sp_rows,
+                              now & ~beam_rows)
+            return i + 1, s, kept
 
-        rows = jax.lax.scan(body, rows, None, length=self.chunk)[0]
-        return self._pin(rows.replace(**{f: getattr(state, f).at[slots].set(getattr(rows, f))
-                                         for f in _ROW_FIELDS}))
+        def more(carry):
+            i, s, _ = carry
+            return (i < self.chunk) & jnp.any(live(i, s))
+
+        _, rows, kept = jax.lax.while_loop(more, body, (jnp.int32(0), rows, held[slots]))
+        state = rows.replace(**{f: getattr(state, f).at[slots].set(getattr(rows, f))
+                                for f in _ROW_FIELDS})
+        return self._pin(state), self._pin(held.at[slots].set(kept))
+
+    def _beam_dev(self, state: DecodeState, held, sp, groups: beam.Groups, slots, nb,
+                  max_new, early, length_penalty):
+        """One beam step of one request (`ftjax.beam.select` over its beams' held
+        logits): its beam slots `slots` `[NB]` (max_slots; unused columns hold
+        max_slots, out of range) take their parents' processor rows, their new token
+        (`last`) and its position. Returns (state, groups, parent `[NB]`, go on)."""
+        self.trace_counts["beam"] += 1
+        at = jnp.minimum(slots, self.max_slots - 1)
+        sp_rows = jax.tree_util.tree_map(lambda a: a[at], sp)
+        opt = beam.Options(nb=nb, max_new=max_new, early=early, length_penalty=length_penalty)
+        use = self.feat.processors
+        nxt = state.pos[at] + 1
+        groups, parent, tok, hits = beam.select(
+            held[at], sp_rows, state.hist[at], nxt, state.seen[at], state.counts[at],
+            groups, opt, self.cfg.max_positions, use)
+        _, hist, new_pos, seen, counts = beam.follow(
+            parent, tok, state.hist[at], nxt, state.seen[at], state.counts[at], use)
+        more = beam.go_on(groups, hits, early == beam.EARLY_CODES[True])
+
+        def put(a, x):
+            return a.at[slots].set(x, mode="drop")
+
+        state = state.replace(hist=put(state.hist, hist), seen=put(state.seen, seen),
+                              counts=put(state.counts, counts),
+                              last=put(state.last, tok.reshape(-1)), pos=put(state.pos, new_pos))
+        return self._pin(state), groups, parent[0], more[0]
+
+    def _new_groups(self, nb: int) -> beam.Groups:
+        return self._groups_fn(np.int32(nb))
+
+    def _beam_inputs(self, r: Optional[_Request]):
+        """Host arrays of `_beam_dev` for request r (None: a call that changes nothing)."""
+        slots = np.full((self.max_slots,), self.max_slots, np.int32)
+        if r is None:
+            return slots, *(np.zeros((1,), t) for t in (np.int32, np.int32, np.int32,
+                                                         np.float32))
+        slots[:len(r.samples)] = [s.slot for s in r.samples]
+        sp = r.sp
+        return (slots, np.array([sp.num_beams], np.int32), np.array([r.max_new], np.int32),
+                np.array([beam.EARLY_CODES[sp.early_stopping]], np.int32),
+                np.array([sp.length_penalty], np.float32))
 
     def _copy_dev(self, state: DecodeState, src, dst):
         self.trace_counts["copy"] += 1
@@ -470,8 +549,10 @@ class LLMEngine:
         sp = sampling or SamplingParams()
         req = self.model.requests([prompt], max_new_tokens, sp,
                                   None if soft_prompt is None else [soft_prompt])[0]
-        if sp.num_beams > 1:
-            raise ValueError("LLMEngine does not serve num_beams > 1; use Model.generate")
+        if sp.num_beams > 1 and (sp.stop_strings or sp.stop_sequences or sp.logprobs
+                                 or sp.prompt_logprobs is not None or session is not None):
+            raise ValueError("num_beams > 1 does not support stop_strings, stop_sequences, "
+                             "logprobs, prompt_logprobs or sessions")
         for what, n in (("logprobs", sp.logprobs), ("prompt_logprobs", sp.prompt_logprobs or 0)):
             if n > self.max_logprobs:
                 raise ValueError(f"sampling.{what}={n} exceeds the engine's "
@@ -481,6 +562,7 @@ class LLMEngine:
                 raise KeyError(f"unknown session {session!r} (not opened, or closed)")
             if sp.n != 1:
                 raise ValueError("a session's request takes n=1 (one conversation)")
+        rows_n = max(sp.n, sp.num_beams)     # slots: its samples, or its beams
         if sp.uses_processors and not self.feat.processors:
             raise ValueError("this engine was built with processors=False; the request uses "
                              "a logits processor (penalties, n-gram or bad-word bans, "
@@ -488,25 +570,27 @@ class LLMEngine:
         if sp.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need a tokenizer, and this model has none; "
                              "use stop_sequences (token ids)")
-        if sp.n > self.max_slots:
-            raise ValueError(f"sampling.n={sp.n} exceeds the engine's max_slots={self.max_slots}")
+        if rows_n > self.max_slots:
+            what = "num_beams" if sp.num_beams > 1 else "n"
+            raise ValueError(f"sampling.{what}={rows_n} exceeds the engine's "
+                             f"max_slots={self.max_slots}")
         total = min(req.length + req.max_new, self.cfg.max_positions)
-        need = sp.n * -(-total // self.page_size)
+        need = rows_n * -(-total // self.page_size)
         if need > self.num_pages - 1:
             raise ValueError(f"the request needs up to {need} pages of {self.page_size} tokens "
-                             f"({sp.n} x {total} tokens); the pool has {self.num_pages - 1} "
+                             f"({rows_n} x {total} tokens); the pool has {self.num_pages - 1} "
                              f"usable pages (num_pages={self.num_pages})")
         if sp.seed is None and not sp.greedy:
             # Drawn once, so a preempted request recomputes the same samples.
             sp = dataclasses.replace(sp, seed=secrets.randbits(32))
-        rows = SamplingArrays.build([sp] * sp.n, sp.n, self.cfg.vocab_size,
-                                    self.cfg.eos_token_ids, [req.max_new] * sp.n,
-                                    sample_index=list(range(sp.n)))
+        rows = SamplingArrays.build([sp] * rows_n, rows_n, self.cfg.vocab_size,
+                                    self.cfg.eos_token_ids, [req.max_new] * rows_n,
+                                    sample_index=list(range(rows_n)))
         rows = jax.device_get(self._pad_rows(rows))
         rid = f"req-{next(self._ids)}"
         soft = req.soft
         ids = [0] * (0 if soft is None else len(soft)) + list(req.ids)
-        r = _Request(rid, ids, sp, req.max_new, [_Sample(j) for j in range(sp.n)], rows,
+        r = _Request(rid, ids, sp, req.max_new, [_Sample(j) for j in range(rows_n)], rows,
                      soft=soft, session=session)
         if sp.prompt_logprobs is not None:
             r.prompt_lp = [None] * len(req.ids)
@@ -514,6 +598,7 @@ class LLMEngine:
             r.hashes = block_hashes(r.ids, self.page_size)
         self._requests[rid] = r
         if req.max_new == 0:
+            r.samples = r.samples[:sp.n]
             for s in r.samples:
                 s.done, s.reason = True, "length"
             self._ready += self._outputs(r)
@@ -568,6 +653,7 @@ class LLMEngine:
         self._release(r)
         self.preemptions += 1
         r.phase, r.prefilled = "waiting", 0
+        r.groups, r.beam_steps = None, 0
         for s in r.samples:
             s.fetched, s.tokens, s.log_probs, s.tops = 0, [], [], []
             s.done, s.reason, s.cut = False, None, None
@@ -685,7 +771,10 @@ class LLMEngine:
 
     def _need(self, r: _Request, s: _Sample) -> int:
         """Tokens sequence `s` must hold for its next decode chunk: the positions the
-        chunk writes (its current one on; the last token, never fed, needs none)."""
+        chunk writes (its current one on; the last token, never fed, needs none). A
+        beam feeds its one chosen token."""
+        if r.beams:
+            return len(r.ids) + r.beam_steps
         return min(len(r.ids) + max(s.fetched, 1) - 1 + self.chunk,
                    len(r.ids) + r.max_new - 1, self.cfg.max_positions)
 
@@ -744,6 +833,7 @@ class LLMEngine:
                     last[row] = end - start - 1
                     for s in r.samples:
                         src[s.slot] = row
+                        a["hold"][s.slot] = r.beams
                 row, start = row + 1, end
             if start > r.prefilled:
                 work.append((r, start))
@@ -751,8 +841,8 @@ class LLMEngine:
                 break
         if not work:
             return
-        self.state, lps = self._prefill_fn(self.params, self.state, self.sp, **a,
-                                           prompt_lp=bool(spans))
+        self.state, self.held, lps = self._prefill_fn(self.params, self.state, self.held,
+                                                      self.sp, **a, prompt_lp=bool(spans))
         if spans:
             chosen, top_ids, top_lps = jax.device_get(lps)
             for r, row, start, end in spans:
@@ -769,6 +859,8 @@ class LLMEngine:
                 r.phase = "decode"
                 for s in r.samples[1:]:
                     self.blocks.fork(r.key(0), r.key(s.j))
+                if r.beams:
+                    r.groups = self._new_groups(r.sp.num_beams)
 
     def _reserve(self) -> List[_Request]:
         """Pages for the next decode chunk of every decoding sequence; preempts the
@@ -816,6 +908,7 @@ class LLMEngine:
         out, self._ready = self._ready, []
         self._admit()
         self._prefill()
+        out += self._beam_step()
         running = self._reserve()
         decoding = [(r, s) for r in running for s in r.samples if not s.done and s.slot >= 0]
         if decoding:
@@ -826,10 +919,12 @@ class LLMEngine:
             slots = np.asarray(busy + idle[:n - len(busy)], np.int32)
             table = np.zeros((n, self.pages_per_seq), np.int32)
             active = np.arange(n) < len(decoding)
+            beam_rows = np.zeros((n,), bool)
             for i, (r, s) in enumerate(decoding):
                 table[i] = self.blocks.table([r.key(s.j)])[0]
-            self.state = self._decode_fn(self.params, self.state, self.sp, slots, table,
-                                         active)
+                beam_rows[i] = r.beams
+            self.state, self.held = self._decode_fn(self.params, self.state, self.held,
+                                                    self.sp, slots, table, active, beam_rows)
         if not decoding:
             return out
         start = np.zeros((self.max_slots,), np.int32)
@@ -838,6 +933,8 @@ class LLMEngine:
         toks, lps, top_ids, top_lps, n_gen, finish = jax.device_get(
             self._window_fn(self.state, start))
         for r in running:
+            if r.beams:
+                continue          # a beam request's output comes when its search ends
             for s in r.samples:
                 if s.done or s.slot < 0:
                     continue
@@ -861,6 +958,49 @@ class LLMEngine:
             out += self._outputs(r)
             if all(s.done for s in r.samples):
                 del self._requests[r.rid]
+        return out
+
+    def _beam_step(self) -> List[RequestOutput]:
+        """Each decoding beam request chooses its beams' next tokens from the logits its
+        last call held (`_beam_dev`); its beams' page tables then follow their parents
+        (forks: full pages shared, the partly filled last page copied on write by the
+        next `_reserve`). A request whose search ended returns its sequences."""
+        out = []
+        for r in sorted((r for r in self._requests.values()
+                         if r.phase == "decode" and r.beams), key=lambda r: r.order):
+            self.state, r.groups, parent, more = self._beam_fn(
+                self.state, self.held, self.sp, r.groups, *self._beam_inputs(r))
+            parent, more = jax.device_get((parent, more))
+            r.beam_steps += 1
+            if not more or r.beam_steps >= r.max_new:
+                out += self._beam_outputs(r)
+                continue
+            nb = r.sp.num_beams
+            for j in range(nb):
+                self.blocks.fork(r.key(int(parent[j])), ("beam", r.rid, j))
+            for j in range(nb):
+                self.blocks.free(r.key(j))
+            for j in range(nb):
+                self.blocks.fork(("beam", r.rid, j), r.key(j))
+                self.blocks.free(("beam", r.rid, j))
+        return out
+
+    def _beam_outputs(self, r: _Request) -> List[RequestOutput]:
+        """A finished beam search's best `n` hypotheses (as `Model.generate`'s); its
+        slots and pages are freed."""
+        g = r.groups
+        fin, fin_lp, fin_len, fin_stop, scores = jax.device_get(
+            (g.fin[0], g.fin_lp[0], g.fin_len[0], g.fin_stop[0], g.fin_scores[0]))
+        self._release(r)
+        del self._requests[r.rid]
+        out = []
+        for j in range(r.sp.n):
+            toks = fin[j, :fin_len[j]].tolist()
+            out.append(RequestOutput(
+                request_id=r.rid, sample=j, new_tokens=toks,
+                new_log_probs=fin_lp[j, :fin_len[j]].tolist(), finished=True,
+                finish_reason="stop" if fin_stop[j] else "length", tokens=toks,
+                score=float(scores[j])))
         return out
 
     def _outputs(self, r: _Request) -> List[RequestOutput]:

@@ -91,14 +91,15 @@ def _drive(eng, work, seed: int, abort_p: float = 0.0):
         for o in eng.step():
             assert o.request_id not in aborted
             rec = got.setdefault(o.request_id, {}).setdefault(
-                o.sample, dict(streamed=[], lps=[], tops=[], reason=None, tokens=None))
+                o.sample, dict(streamed=[], lps=[], tops=[], reason=None, tokens=None,
+                               score=None))
             assert rec["reason"] is None, "output after the sequence finished"
             rec["streamed"] += o.new_tokens
             rec["lps"] += o.new_log_probs
             rec["tops"] += o.new_top_logprobs or []
             assert o.tokens == rec["streamed"]
             if o.finished:
-                rec["reason"] = o.finish_reason
+                rec["reason"], rec["score"] = o.finish_reason, o.score
     return ids, got, aborted
 
 
@@ -108,8 +109,8 @@ def _check_against_generate(model, work, ids, got):
     for rid, i in ids.items():
         sp = work[i][1]
         listed = (lambda x: x) if sp.n > 1 else (lambda x: [x])
-        toks, reasons, lps = (listed(f[i]) for f in (ref.tokens, ref.finish_reasons,
-                                                     ref.log_probs))
+        toks, reasons, lps, cums = (listed(f[i]) for f in (
+            ref.tokens, ref.finish_reasons, ref.log_probs, ref.cum_log_probs))
         tops = listed(ref.top_logprobs[i]) if sp.logprobs else None
         assert sorted(got[rid]) == list(range(sp.n)), (rid, i)
         for j in range(sp.n):
@@ -119,6 +120,8 @@ def _check_against_generate(model, work, ids, got):
             # fp32; tolerance: paged vs contiguous attention sum masked slots in another
             # order and chunked prefill changes matmul shapes (measured <= 1e-6).
             np.testing.assert_allclose(rec["lps"], lps[j], atol=1e-5, rtol=0)
+            if sp.num_beams > 1:      # the beam's length-penalized score
+                np.testing.assert_allclose(rec["score"], cums[j], atol=1e-5, rtol=0)
             if tops is not None:
                 assert [sorted(d) for d in rec["tops"]] == [sorted(d) for d in tops[j]]
                 for a, b in zip(rec["tops"], tops[j]):
@@ -161,12 +164,70 @@ def test_long_workload_equals_generate():
     _idle(eng)
 
 
+# Beam options of tests/test_generation_options.py::test_beam_search_equals_hf (generate's
+# beams equal HF's), and all 8 slots' worth of beams.
+BEAM_OPTIONS = [dict(num_beams=3, n=2), dict(num_beams=4, n=4, length_penalty=0.5,
+                                             early_stopping=True),
+                dict(num_beams=3, n=1, length_penalty=2.0, early_stopping="never"),
+                dict(num_beams=2, n=2, no_repeat_ngram_size=2, repetition_penalty=1.4),
+                dict(num_beams=8, n=3, early_stopping=True)]
+
+
+def _beam_workload(model, seed: int, count: int):
+    """`_workload`'s mix with every other request a beam search. A beam request stops
+    on tokens its prompt's greedy continuation takes early (so its hypotheses end at
+    different lengths, by stop and by length)."""
+    work = _workload(seed, count)
+    rng = random.Random(seed + 100)
+    beams = list(range(0, count, 2))
+    greedy = model.generate([work[i][0] for i in beams], max_new_tokens=6).tokens
+    for k, (i, g) in enumerate(zip(beams, greedy)):
+        stop = sorted({g[1], g[4]} - {EOS}) if len(g) > 4 else []
+        work[i] = (work[i][0], SP(max_new_tokens=rng.randint(1, 32), stop_token_ids=stop,
+                                  **BEAM_OPTIONS[k % len(BEAM_OPTIONS)]))
+    return work
+
+
+def test_beam_requests_equal_generate(model, engine):
+    """Beam searches join and leave the running batch beside sampled requests: each
+    gives what `Model.generate` gives it (tokens, reasons, log-probs, scores), with
+    nothing compiled after warm-up, and every forked page is returned."""
+    engine.warmup()
+    before = dict(engine.trace_counts)
+    work = _beam_workload(model, 11, 30)
+    ids, got, _ = _drive(engine, work, seed=12)
+    assert dict(engine.trace_counts) == before
+    _check_against_generate(model, work, ids, got)
+    reasons = {got[r][j]["reason"] for r, i in ids.items() if work[i][1].num_beams > 1
+               for j in got[r]}
+    assert reasons == {"stop", "length"}
+    _idle(engine)
+
+
+def test_beams_share_their_pages(model):
+    """Beams fork their parents' pages: 8 beams of a 40-token prompt (5 pages of 8)
+    hold the prompt's pages once, plus at most a page each for their own last tokens."""
+    eng = ftjax.LLMEngine(model, max_slots=8, page_size=8, chunk=4, prefill_budget=64)
+    prompt = list(range(4, 44))
+    rid = eng.add_request(prompt, SP(num_beams=8, n=2, stop_token_ids=[]), max_new_tokens=12)
+    peak, out = 0, []
+    while eng.has_unfinished():
+        out += eng.step()
+        peak = max(peak, eng.stats()["pages_in_use"])
+    assert peak <= 5 + 2 * 8 < 8 * 7
+    seq = serving.sequences(out, 2)
+    ref = model.generate([prompt], sampling=SP(num_beams=8, n=2, stop_token_ids=[],
+                                               max_new_tokens=12))
+    assert seq.tokens == ref.tokens[0] and out[0].request_id == rid
+    _idle(eng)
+
+
 def test_preemption_gives_the_same_results(model):
     # 8 pages of 8 tokens hold one full-length sequence, n = 3 samples need 24: 25 usable
     # pages for 8 slots (up to 64 pages in use) force preemptions.
     eng = ftjax.LLMEngine(model, max_slots=8, page_size=8, num_pages=26, chunk=4,
                           prefill_budget=16, prefill_rows=4, max_logprobs=4)
-    work = _workload(2, 24)
+    work = _workload(2, 24) + _beam_workload(model, 5, 8)
     ids, got, _ = _drive(eng, work, seed=3)
     assert eng.stats()["preemptions"] > 0
     _check_against_generate(model, work, ids, got)
@@ -198,8 +259,10 @@ def test_bad_input_is_rejected_and_disturbs_nothing(model, engine):
         small.add_request(list(range(30)), SP(), max_new_tokens=4)
     with pytest.raises(KeyError, match="req-nope"):
         engine.abort("req-nope")
-    with pytest.raises(ValueError, match="num_beams"):
-        engine.add_request([1, 2], SP(num_beams=2))
+    with pytest.raises(ValueError, match="num_beams > 1 does not support"):
+        engine.add_request([1, 2], SP(num_beams=2, logprobs=1))
+    with pytest.raises(ValueError, match="num_beams=9 exceeds the engine's max_slots=8"):
+        engine.add_request([1, 2], SP(num_beams=9))
     with pytest.raises(ValueError, match="max_logprobs=4"):
         engine.add_request([1, 2], SP(logprobs=5))
     with pytest.raises(ValueError, match="max_slots=8"):
@@ -336,7 +399,7 @@ def test_tensor2_data2_mesh_gives_the_same_results():
               mesh=ftjax.make_mesh(tensor=2, data=2))
     eng = ftjax.LLMEngine(m, max_slots=4, page_size=8, chunk=4, prefill_budget=16,
                           prefill_rows=4, max_logprobs=4)
-    work = _workload(9, 12)
+    work = _workload(9, 12) + _beam_workload(m, 13, 6)     # beams of 3 and 4
     ids, got, _ = _drive(eng, work, seed=10)
     _check_against_generate(m, work, ids, got)
     assert eng.state.cache.k.sharding.spec[2] == "tensor"
