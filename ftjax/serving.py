@@ -280,7 +280,8 @@ class LLMEngine:
                                    static_argnames=("prompt_lp",))
         self._decode_fn = jax.jit(self._decode_dev, donate_argnames=("state", "held"))
         self._beam_fn = jax.jit(self._beam_dev, donate_argnames=("state", "groups"))
-        self._groups_fn = jax.jit(lambda nb: beam.new_groups(1, self.max_slots, self.width, nb))
+        self._groups_fn = jax.jit(lambda nb: self._pin(
+            beam.new_groups(1, self.max_slots, self.width, nb)))
         self._copy_fn = jax.jit(self._copy_dev, donate_argnames=("state",))
         self._window_fn = jax.jit(self._window_dev)
 
@@ -468,7 +469,7 @@ class LLMEngine:
         state = state.replace(hist=put(state.hist, hist), seen=put(state.seen, seen),
                               counts=put(state.counts, counts),
                               last=put(state.last, tok.reshape(-1)), pos=put(state.pos, new_pos))
-        return self._pin(state), groups, parent[0], more[0]
+        return self._pin(state), self._pin(groups), parent[0], more[0]
 
     def _new_groups(self, nb: int) -> beam.Groups:
         return self._groups_fn(np.int32(nb))
