@@ -236,8 +236,8 @@ def test_preemption_gives_the_same_results(model):
 
 def test_no_recompiles_and_no_leaks(engine):
     """After warm-up (the workload test), 200 requests with random lengths and options
-    compile nothing; then a 1,000-request soak with random aborts leaves 0 pages and
-    0 slots busy."""
+    compile nothing; then a 1,000-request soak with random aborts (and 60 more, half
+    of them beam searches) leaves 0 pages and 0 slots busy."""
     engine.warmup()  # (when run alone)
     before = dict(engine.trace_counts)
     _drive(engine, _workload(5, 200, max_budget=6), seed=6)
@@ -246,6 +246,15 @@ def test_no_recompiles_and_no_leaks(engine):
     ids, _, aborted = _drive(engine, _workload(7, 1000, max_prompt=12, max_budget=3),
                              seed=8, abort_p=0.2)
     assert len(ids) == 1000 and aborted
+    assert dict(engine.trace_counts) == before
+    _idle(engine)
+    # Beam searches aborted mid-search (their beams' pages forked) return every page.
+    rng = random.Random(9)
+    mix = _workload(8, 60, max_prompt=12, max_budget=3)
+    for i in range(0, 60, 2):
+        mix[i] = (mix[i][0], SP(max_new_tokens=rng.randint(1, 8), **rng.choice(BEAM_OPTIONS)))
+    ids, _, aborted = _drive(engine, mix, seed=9, abort_p=0.3)
+    assert aborted & {r for r, i in ids.items() if mix[i][1].num_beams > 1}
     assert dict(engine.trace_counts) == before
     _idle(engine)
 
