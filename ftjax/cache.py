@@ -91,6 +91,7 @@ class KVCache:
             return cls(k=jnp.zeros(shape, jnp.int8), v=jnp.zeros(shape, jnp.int8),
                        k_scale=jnp.zeros(shape[:-1], jnp.float32),
                        v_scale=jnp.zeros(shape[:-1], jnp.float32), kernels=kernels, mesh=mesh)
+        dtype = numerics.kv_storage(dtype, kernels)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), kernels=kernels,
                    mesh=mesh)
 
@@ -150,8 +151,9 @@ class KVCache:
             return sharded.prefill_attention(q, self.k, self.v, positions, mesh=self.mesh,
                                              kernel=prefill_attention, alibi_slopes=slopes,
                                              layer=layer, layout="BKSH", interpret=interpret)
-        return _attend_xla(q, positions, slopes, (self.k, self.v, self.k_scale, self.v_scale),
-                           layer)
+        return _attend_xla(q, positions, slopes, (numerics.kv_values(self.k),
+                                                  numerics.kv_values(self.v), self.k_scale,
+                                                  self.v_scale), layer)
 
     def rows(self, start, size: int) -> "KVCache":
         """Rows `[start, start + size)` (a pipeline micro-batch; start may be traced)."""

@@ -56,13 +56,14 @@ def _check_kv_dtype(kv_dtype):
 
 
 def zeros(cfg: ModelConfig, num_pages: int, page_size: int, dtype,
-          kv_dtype=None) -> PagedKV:
+          kv_dtype=None, kernels: str = "xla") -> PagedKV:
     """An empty pool of `num_pages` pages (page 0 included: it is the null page).
 
     Args:
       cfg: the model (L, K, H).
       num_pages: P >= 2. page_size: tokens per page, a power of two (the kernel's).
       dtype: the model dtype; kv_dtype: None (pages in `dtype`) or "int8" (+ scales).
+      kernels: the `attend` kernels, for the storage dtype (`numerics.kv_storage`).
     """
     _check_kv_dtype(kv_dtype)
     if num_pages < 2:
@@ -75,6 +76,7 @@ def zeros(cfg: ModelConfig, num_pages: int, page_size: int, dtype,
         return PagedKV(k=jnp.zeros(shape, jnp.int8), v=jnp.zeros(shape, jnp.int8),
                        k_scale=jnp.zeros(shape[:-1], jnp.float32),
                        v_scale=jnp.zeros(shape[:-1], jnp.float32))
+    dtype = numerics.kv_storage(dtype, kernels)
     return PagedKV(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
@@ -221,11 +223,17 @@ def attend(kv: PagedKV, layer, q, q_pos, page_table, slopes=None, *, max_len: in
     if kernels == "pallas" and q.shape[1] == 1:
         if interpret is None:
             interpret = jax.default_backend() != "gpu"
+        kv = _values(kv)
         out = paged_attention(q[:, 0], kv.k, kv.v, page_table, q_pos[:, 0] + 1, layer=layer,
                               alibi_slopes=slopes, k_scale=kv.k_scale, v_scale=kv.v_scale,
                               interpret=interpret)
         return out[:, None]
-    return attend_pages(kv, layer, q, q_pos, page_table, slopes, max_len=max_len)
+    return attend_pages(_values(kv), layer, q, q_pos, page_table, slopes, max_len=max_len)
+
+
+def _values(kv: PagedKV) -> PagedKV:
+    """Pools stored as bf16 bits (`numerics.kv_storage`) as bf16 values."""
+    return kv.replace(k=numerics.kv_values(kv.k), v=numerics.kv_values(kv.v))
 
 
 # Queries per row and kv head up to which `attend_pages` attends page by page.

@@ -330,7 +330,8 @@ class LLMEngine:
     def _empty_state(self) -> DecodeState:
         e = self.engine
         return self._pin(self._init_state(
-            paged_kv.zeros(self.cfg, self.num_pages, self.page_size, e.dtype, e.kv_dtype)))
+            paged_kv.zeros(self.cfg, self.num_pages, self.page_size, e.dtype, e.kv_dtype,
+                           self.attn_kernels)))
 
     def _init_state(self, kv) -> DecodeState:
         s, w, v = self.max_slots, self.width, self.cfg.vocab_size if self.feat.processors else 0

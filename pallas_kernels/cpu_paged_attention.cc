@@ -380,7 +380,7 @@ ffi::Error float_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuf
                       ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out) {
   if (k.element_type() != v.element_type())
     return ffi::Error::InvalidArgument("paged attention: k and v pools differ in dtype");
-  if (k.element_type() == ffi::DataType::BF16)
+  if (k.element_type() == ffi::DataType::BF16 || k.element_type() == ffi::DataType::U16)
     return impl<bf16>(pool, q, k, v, nullptr, nullptr, table, q_pos, slopes, layer, out);
   if (k.element_type() != ffi::DataType::F32)
     return ffi::Error::InvalidArgument("paged attention: pools must be float32, bfloat16 or int8");

@@ -37,9 +37,9 @@ def supported(q, k_pool, k_scale=None) -> Optional[str]:
     """None if the kernel takes these arguments, else why not."""
     if q.dtype not in (jnp.float32, jnp.bfloat16):
         return f"queries are {q.dtype}, the kernel takes float32 or bfloat16"
-    if k_scale is None and k_pool.dtype not in (jnp.float32, jnp.bfloat16):
-        return (f"the pools are {k_pool.dtype}, the kernel takes float32, bfloat16 or int8 "
-                f"with scales")
+    if k_scale is None and k_pool.dtype not in (jnp.float32, jnp.bfloat16, jnp.uint16):
+        return (f"the pools are {k_pool.dtype}, the kernel takes float32, bfloat16 (or its "
+                f"uint16 bits) or int8 with scales")
     if k_scale is not None and k_pool.dtype != jnp.int8:
         return f"scaled pools are {k_pool.dtype}, the kernel takes int8"
     if q.shape[2] % k_pool.shape[2]:
@@ -51,7 +51,8 @@ def paged_attention(q, k_pool, v_pool, page_table, q_pos, layer, slopes=None,
                     k_scale=None, v_scale=None):
     """Attention of `q [B, T, N, H]` (float32 or bf16, taken in float32) at `q_pos [B, T]`
     over layer `layer`'s
-    pages `k_pool`, `v_pool` `[L, P, K, page_size, H]` through `page_table [B, M]`.
+    pages `k_pool`, `v_pool` `[L, P, K, page_size, H]` (float32, bf16, uint16 holding
+    bf16 bits, or int8) through `page_table [B, M]`.
 
     Args:
       slopes: ALiBi slopes `[N]` or None. k_scale, v_scale: `[L, P, K, page_size]` for

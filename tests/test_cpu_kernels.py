@@ -158,3 +158,43 @@ def test_build_is_cached_per_source_and_machine(tmp_path, monkeypatch):
         assert cpu_native.library_path() != first
         monkeypatch.setattr(cpu_native, name, files)
     assert cpu_native.library_path() == first
+
+
+def test_bf16_kv_kept_as_bits_where_xla_would_upcast_its_writes():
+    """jax < 0.11 on CPU: a bf16 cache the kernels read is stored as its uint16 bits
+    (XLA:CPU upcasts a bf16 scatter, and a bitcast around each write copies the cache
+    whole). Written through `update` / `paged_kv.write` and read by the kernel (bits
+    taken as bf16) or by XLA's path (bitcast back), attention equals the bf16 cache's."""
+    if not cpu.available():
+        pytest.skip("the kernel is not built here")
+    cfg = tiny_config(n_heads=4, n_kv_heads=2, head_dim=16, max_positions=64)
+    old = tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 11)
+    want = jnp.uint16 if old else jnp.bfloat16
+    rng = np.random.default_rng(3)
+    b, s, ps = 2, 32, 8
+    k, v = (jnp.asarray(rng.standard_normal((b, s, 2, 16)), jnp.bfloat16) for _ in range(2))
+    pos = jnp.asarray(np.where(np.arange(s)[None] < np.array([[20], [32]]),
+                               np.arange(s)[None], -1), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((b, 1, 4, 16)), jnp.float32)
+    q_pos = jnp.array([[19], [31]], jnp.int32)
+    ref_cache = KVCache.zeros(cfg, b, s, jnp.float32, kernels="xla")   # the bf16 values
+    bf16_cache = KVCache.zeros(cfg, b, s, jnp.bfloat16, kernels="xla")
+    cache = KVCache.zeros(cfg, b, s, jnp.bfloat16, kernels="cpu")
+    pool = paged_kv.zeros(cfg, b * s // ps + 1, ps, jnp.bfloat16, kernels="cpu")
+    assert cache.k.dtype == want and pool.k.dtype == want
+    table = jnp.arange(1, b * s // ps + 1, dtype=jnp.int32).reshape(b, s // ps)
+    for layer in range(cfg.n_layers):
+        ref_cache = ref_cache.update(layer, k, v, pos)
+        bf16_cache = bf16_cache.update(layer, k, v, pos)
+        cache = cache.update(layer, k, v, pos)
+        pool = paged_kv.write(pool, layer, table, None, pos, k, v)
+    for layer in range(cfg.n_layers):
+        ref = ref_cache.attend(layer, q, q_pos)
+        for got in (cache.attend(layer, q, q_pos),
+                    paged_kv.attend(pool, layer, q, q_pos, table, max_len=s, kernels="cpu")):
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+        # XLA's path over the bits (bitcast back) = over a bf16 cache: both compute in
+        # bf16 (products rounded to 8 bits: 2e-2 covers it; wrong bits are O(1) off).
+        np.testing.assert_allclose(
+            paged_kv.attend(pool, layer, q, q_pos, table, max_len=s, kernels="xla"),
+            bf16_cache.attend(layer, q, q_pos).astype(jnp.float32), rtol=0, atol=2e-2)
