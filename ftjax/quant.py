@@ -193,6 +193,11 @@ def _cpu_einsum(spec: str, x, w):
     rows = 1
     for d in lead:
         rows *= d
+    if not is_quantized(w) and cpu_matmul.widens(rows, w.dtype) and cpu_matmul.available():
+        k = x.size // rows
+        w32 = cpu_matmul.widen(w, after=x).reshape(k, -1)
+        y = x.reshape(rows, k).astype(jnp.float32) @ w32
+        return y.reshape(*lead, *w.shape[n:]).astype(jnp.result_type(x, w))
     if not cpu_matmul.preferred(rows, w.q.dtype if is_quantized(w) else w.dtype):
         return None
     if isinstance(w, Int8Weight):

@@ -133,3 +133,35 @@ def test_engine_decode_runs_the_kernel_and_prefill_does_not():
     pos = lambda t: jnp.broadcast_to(jnp.arange(t), (2, t))
     assert cpu_matmul.TARGET in step.lower(params, tok1, pos(1), cache).as_text()
     assert cpu_matmul.TARGET not in step.lower(params, tok32, pos(32), cache).as_text()
+
+
+def test_prefill_takes_bf16_weights_widened_into_xlas_gemm():
+    """More than MAX_ROWS rows against a bf16 weight (a prefill): the weight is widened
+    to float32 by the native kernel (exactly: bf16 -> f32 is exact, NaN / inf included)
+    into XLA's float32 GEMM, which is what XLA:CPU runs for a bf16 dot anyway; the result
+    equals XLA's bf16 einsum to bf16 rounding (one ulp: the f32 sums may be ordered
+    differently). float32 weights and the switch leave XLA's dot alone."""
+    rng = np.random.default_rng(2)
+    w = np.asarray(rng.standard_normal((1000, 37)), ml_dtypes.bfloat16)
+    w[0, :3] = [np.nan, np.inf, -np.inf]
+    got = np.asarray(jax.jit(cpu_matmul.widen)(jnp.asarray(w)))
+    np.testing.assert_array_equal(got, w.astype(np.float32))
+    spec = "btd,dnh->btnh"
+    bf = jnp.asarray(rng.standard_normal((64, 4, 16)), jnp.bfloat16)
+    many = jnp.asarray(rng.standard_normal((4, 8, 64)), jnp.bfloat16)       # 32 rows
+    run = lambda x, w: quant.einsum(spec, x, w, pallas="cpu")
+    assert cpu_matmul.WIDEN_TARGET in _hlo(lambda x: run(x, bf), many)
+    assert cpu_matmul.WIDEN_TARGET not in _hlo(lambda x: run(x, bf.astype(jnp.float32)), many)
+    got, want = run(many, bf), quant.einsum(spec, many, bf)
+    assert got.dtype == want.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=2 ** -7, atol=1e-6)
+    with pytest.raises(ValueError, match="bfloat16"):
+        cpu_matmul.widen(bf.astype(jnp.float32))
+
+
+def test_the_switch_leaves_prefill_weights_to_xla(monkeypatch):
+    assert cpu_matmul.widens(cpu_matmul.MAX_ROWS + 1, jnp.bfloat16)
+    assert not cpu_matmul.widens(cpu_matmul.MAX_ROWS, jnp.bfloat16)
+    monkeypatch.setenv("FTJAX_CPU_MATMUL", "0")
+    assert not cpu_matmul.widens(64, jnp.bfloat16)
