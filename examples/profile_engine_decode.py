@@ -42,15 +42,17 @@ from profile_decode import op_times  # noqa: E402
 
 def live_decode_call(eng, lens, rng):
     """Admits one request per length and steps the engine until a decode call runs with
-    every row live; returns (the call's function, its arguments, a copy of its state)."""
+    every row live; returns (the call's function, its arguments, a copy of its donated
+    arguments: the state and the held logits)."""
     rows = len(lens)
     captured = {}
     fn = eng._decode_fn
 
     def spy(*args):
-        if "args" not in captured and len(args[3]) == rows and bool(np.all(np.asarray(args[5]))):
+        # args: params, state, held logits, options, slots, page tables, active, beam rows
+        if "args" not in captured and len(args[4]) == rows and bool(np.all(np.asarray(args[6]))):
             captured["args"] = args
-            captured["state"] = jax.tree_util.tree_map(jnp.copy, args[1])
+            captured["state"] = jax.tree_util.tree_map(jnp.copy, args[1:3])
         return fn(*args)
 
     eng._decode_fn = spy
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
 
     def run(s):
         t = time.perf_counter()
-        jax.block_until_ready(fn(call[0], s, *call[2:]))
+        jax.block_until_ready(fn(call[0], *s, *call[3:]))
         return time.perf_counter() - t
 
     run(fresh())

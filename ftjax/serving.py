@@ -250,10 +250,9 @@ class LLMEngine:
         self.attn_kernels = self.engine.cache_kernels
         self._jit()
         # One jitted program fills the whole state (eager zeros compile one per shape).
-        self.state = jax.jit(self._empty_state)()
-        # Beam rows' next-token logits, held from the call that fed them to the
-        # beam step (`_beam_dev`) that chooses from them.
-        self.held = self._pin(jnp.zeros((max_slots, cfg.vocab_size), jnp.float32), put=True)
+        # The state, and the beam rows' next-token logits held from the call that fed
+        # them to the beam step (`_beam_dev`) that chooses from them.
+        self.state, self.held = jax.jit(self._empty_state)()
         self.sp = self._pin(self._pad_rows(SamplingArrays.build([], max_slots, vocab, (), [])),
                             put=True)
         self._requests: Dict[str, _Request] = {}
@@ -327,11 +326,12 @@ class LLMEngine:
             return jax.device_put(tree, shardings)
         return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, tree, shardings)
 
-    def _empty_state(self) -> DecodeState:
+    def _empty_state(self):
         e = self.engine
-        return self._pin(self._init_state(
+        held = jnp.zeros((self.max_slots, self.cfg.vocab_size), jnp.float32)
+        return self._pin((self._init_state(
             paged_kv.zeros(self.cfg, self.num_pages, self.page_size, e.dtype, e.kv_dtype,
-                           self.attn_kernels)))
+                           self.attn_kernels)), held))
 
     def _init_state(self, kv) -> DecodeState:
         s, w, v = self.max_slots, self.width, self.cfg.vocab_size if self.feat.processors else 0
