@@ -12,8 +12,11 @@ Requests join and leave a running batch of `max_slots` rows between steps. Each
      slot is still decoding, and a freed slot decodes again in the step that freed it
      (a slot held through its request's whole prefill idled 1-2 steps of every
      request: 6.0 of 8 rows live on average in the serving benchmark);
-  3. runs `chunk` decode steps on device for every running slot;
-  4. reads the new tokens, checks stop strings, evicts finished rows (pages returned).
+  3. has each beam search choose its beams' next tokens (`ftjax.beam.select` over the
+     logits its last call held); a beam's pages become a fork of its parent's (full
+     pages shared, the last one copied on write);
+  4. runs `chunk` decode steps on device for every running slot (a beam row: one);
+  5. reads the new tokens, checks stop strings, evicts finished rows (pages returned).
 When a running row needs a page and none is free, the newest running request is
 preempted: its pages are freed, it goes back to the front of the queue and is later
 recomputed from its prompt. Its seed and PRNG counters (per row: the token index) are
