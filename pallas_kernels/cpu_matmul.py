@@ -50,13 +50,20 @@ def preferred(rows: int, dtype, nk: bool = False) -> bool:
     return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8))
 
 
+def _old_xla() -> bool:
+    major, minor = (int(v) for v in jax.__version__.split(".")[:2])
+    return (major, minor) < (0, 11)
+
+
 def widens(rows: int, dtype) -> bool:
     """Whether a matmul of more than MAX_ROWS rows (a prefill) against a bf16 weight
-    should take the weight widened by `widen` into XLA's float32 GEMM: XLA:CPU (jax
-    0.10) runs a bf16 dot as float32 too, but converts the weight first at ~0.4 G
+    should take the weight widened by `widen` into XLA's float32 GEMM: XLA:CPU of
+    jax < 0.11 runs a bf16 dot as float32 too, but converts the weight first at ~0.4 G
     values/s (the converts were half of a gpt2-124m bf16 prefill of 128 tokens,
-    `examples/profile_decode.py`). Same products, same rounding of the result."""
-    return (rows > MAX_ROWS and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
+    `examples/profile_decode.py`). Same products, same rounding of the result. Not on
+    jax >= 0.11, whose bf16 GEMMs are native (measured there: the widened path took the
+    first token of gpt2-124m bf16 from 89-96 to 154-159 ms at batch 1)."""
+    return (rows > MAX_ROWS and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and _old_xla()
             and os.environ.get("FTJAX_CPU_MATMUL", "1") != "0")
 
 
