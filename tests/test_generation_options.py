@@ -6,6 +6,7 @@ import pytest
 from tiny import tiny_model
 
 import ftjax
+from ftjax import serving
 from ftjax import batching
 
 SP = ftjax.SamplingParams
@@ -78,7 +79,12 @@ def test_beam_search_equals_hf(hf_pair, kw):
     theirs["num_return_sequences"] = theirs.pop("n")
     # An eos the model produces early, so beams finish at different lengths.
     eos = 2
-    out = model.generate(PROMPTS, max_new_tokens=12, sampling=SP(stop_token_ids=[eos], **ours))
+    sp = SP(stop_token_ids=[eos], max_new_tokens=12, **ours)
+    out = model.generate(PROMPTS, sampling=sp)
+    # The serving engine's beams (pages forked copy-on-write), all requests at once.
+    eng = model.serving_engine()
+    rids = [eng.add_request(p, sp) for p in PROMPTS]
+    served = list(eng.iterate(rids))
     for i, p in enumerate(PROMPTS):
         ref = _hf_generate(hf, p, do_sample=False, max_new_tokens=12, eos_token_id=eos,
                            output_scores=True, return_dict_in_generate=True, **theirs)
@@ -87,8 +93,10 @@ def test_beam_search_equals_hf(hf_pair, kw):
         seqs = [s[:s.index(eos) + 1] if eos in s else s for s in seqs]
         got = out.tokens[i] if kw["n"] > 1 else [out.tokens[i]]
         scores = out.cum_log_probs[i] if kw["n"] > 1 else [out.cum_log_probs[i]]
-        assert got == seqs, (i, kw)
-        np.testing.assert_allclose(scores, ref.sequences_scores.numpy(), rtol=1e-4, atol=1e-4)
+        engine = serving.sequences([o for o in served if o.request_id == rids[i]], kw["n"])
+        for toks, sc in ((got, scores), (engine.tokens, engine.cum_log_probs)):
+            assert toks == seqs, (i, kw)
+            np.testing.assert_allclose(sc, ref.sequences_scores.numpy(), rtol=1e-4, atol=1e-4)
 
 
 # -- sessions -------------------------------------------------------------------------
