@@ -460,11 +460,10 @@ class LLMEngine:
         opt = beam.Options(nb=nb, max_new=max_new, early=early, length_penalty=length_penalty)
         use = self.feat.processors
         nxt = state.pos[at] + 1
-        groups, parent, tok, hits = beam.select(
-            held[at], sp_rows, state.hist[at], nxt, state.seen[at], state.counts[at],
-            groups, opt, self.cfg.max_positions, use)
-        _, hist, new_pos, seen, counts = beam.follow(
-            parent, tok, state.hist[at], nxt, state.seen[at], state.counts[at], use)
+        hist, seen, counts = state.hist[at], state.seen[at], state.counts[at]
+        groups, parent, tok, hits = beam.select(held[at], sp_rows, hist, nxt, seen, counts,
+                                                groups, opt, self.cfg.max_positions, use)
+        _, hist, new_pos, seen, counts = beam.follow(parent, tok, hist, nxt, seen, counts, use)
         more = beam.go_on(groups, hits, early == beam.EARLY_CODES[True])
 
         def put(a, x):
