@@ -227,35 +227,7 @@ ffi::Error matmul_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
   return ffi::Error::Success();
 }
 
-// x bfloat16 (or its uint16 bits), any shape -> y float32 of x's shape, at memory speed.
-// `after` is not read: an operand that orders the call after the value it depends on.
-ffi::Error widen_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer after,
-                      ffi::ResultBuffer<ffi::F32> y) {
-  if (x.element_type() != ffi::DataType::BF16 && x.element_type() != ffi::DataType::U16)
-    return ffi::Error::InvalidArgument("cpu widen: x must be bfloat16");
-  const int64_t n = static_cast<int64_t>(x.element_count());
-  if (static_cast<int64_t>(y->element_count()) != n)
-    return ffi::Error::InvalidArgument("cpu widen: y must have x's size");
-  const bf16* src = static_cast<const bf16*>(x.untyped_data());
-  float* dst = y->typed_data();
-  constexpr int64_t block = int64_t{1} << 16;
-  parallel_for(pool, (n + block - 1) / block, [=](int64_t i, std::vector<float>&) {
-    const int64_t b = std::min(n, (i + 1) * block);
-    int64_t j = i * block;
-    for (; j + W <= b; j += W) store(dst + j, load(src + j));
-    for (; j < b; ++j) dst[j] = to_float(src[j]);
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxWidenBf16, widen_impl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxSmallMatmul, matmul_impl,
                               ffi::Ffi::Bind()

@@ -30,9 +30,8 @@ TARGET = "FtjaxSmallMatmul"
 MAX_ROWS = 16
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
 
-WIDEN_TARGET = "FtjaxWidenBf16"
 
-__all__ = ["MAX_ROWS", "available", "preferred", "supported", "matmul", "widens", "widen"]
+__all__ = ["MAX_ROWS", "available", "preferred", "supported", "matmul"]
 
 
 def preferred(rows: int, dtype, nk: bool = False) -> bool:
@@ -48,39 +47,6 @@ def preferred(rows: int, dtype, nk: bool = False) -> bool:
     if jnp.dtype(dtype) == jnp.float32:
         return not nk and rows >= 2
     return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8))
-
-
-def _old_xla() -> bool:
-    major, minor = (int(v) for v in jax.__version__.split(".")[:2])
-    return (major, minor) < (0, 11)
-
-
-def widens(rows: int, dtype) -> bool:
-    """Whether a matmul of more than MAX_ROWS rows (a prefill) against a bf16 weight
-    should take the weight widened by `widen` into XLA's float32 GEMM: XLA:CPU of
-    jax < 0.11 runs a bf16 dot as float32 too, but converts the weight first at ~0.4 G
-    values/s (the converts were half of a gpt2-124m bf16 prefill of 128 tokens,
-    `examples/profile_decode.py`). Same products, same rounding of the result. Not on
-    jax >= 0.11, whose bf16 GEMMs are native (measured there: the widened path took the
-    first token of gpt2-124m bf16 from 89-96 to 154-159 ms at batch 1)."""
-    return (rows > MAX_ROWS and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and _old_xla()
-            and os.environ.get("FTJAX_CPU_MATMUL", "1") != "0")
-
-
-def widen(w, after=None):
-    """bf16 `w` (any shape) as float32, by the native kernel (memory speed).
-
-    after: an array the call waits for (not read). A prefill widens each layer's
-    weights after that layer's input exists, so the float32 copies live one layer at a
-    time in reused buffers: without it XLA:CPU may widen every layer's weights up front
-    into fresh memory (the first touch of ~340 MB for gpt2-124m made it 10x slower)."""
-    if w.dtype != jnp.bfloat16:
-        raise ValueError(f"cpu widen: w is {w.dtype}, the kernel takes bfloat16")
-    if not available():
-        raise RuntimeError("cpu widen: the kernels are not built on this machine "
-                           "(see the warning above, or FTJAX_CPU_KERNELS=0)")
-    after = jnp.zeros((0,), jnp.float32) if after is None else after
-    return jax.ffi.ffi_call(WIDEN_TARGET, jax.ShapeDtypeStruct(w.shape, jnp.float32))(w, after)
 
 
 def supported(x, w, scale=None, *, nk: bool = False) -> Optional[str]:

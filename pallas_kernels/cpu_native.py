@@ -31,8 +31,7 @@ import jax
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = sorted(glob.glob(os.path.join(HERE, "cpu_*.cc")))
 HEADERS = sorted(glob.glob(os.path.join(HERE, "cpu_*.h")))
-TARGETS = ("FtjaxPagedAttentionF32", "FtjaxPagedAttentionI8", "FtjaxSmallMatmul",
-           "FtjaxWidenBf16")
+TARGETS = ("FtjaxPagedAttentionF32", "FtjaxPagedAttentionI8", "FtjaxSmallMatmul")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-fopenmp-simd"]
 
 _lock = threading.Lock()

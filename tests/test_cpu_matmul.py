@@ -135,35 +135,32 @@ def test_engine_decode_runs_the_kernel_and_prefill_does_not():
     assert cpu_matmul.TARGET not in step.lower(params, tok32, pos(32), cache).as_text()
 
 
-def test_prefill_takes_bf16_weights_widened_into_xlas_gemm():
-    """More than MAX_ROWS rows against a bf16 weight (a prefill): the weight is widened
-    to float32 by the native kernel (exactly: bf16 -> f32 is exact, NaN / inf included)
-    into XLA's float32 GEMM, which is what XLA:CPU runs for a bf16 dot anyway; the result
-    equals XLA's bf16 einsum to bf16 rounding (one ulp: the f32 sums may be ordered
-    differently). float32 weights and the switch leave XLA's dot alone."""
+def test_bf16_prefill_dots_keep_bf16_operands_and_accumulate_in_float32():
+    """More than MAX_ROWS rows against a bf16 weight (a prefill) stay on XLA's dot, asked
+    for a float32 result from bf16 operands (`quant._accumulate`): XLA:CPU of jax < 0.11
+    then runs its native bf16 GEMM instead of converting both operands to float32 first
+    (2-3x the GFLOP/s on gpt2's prefill shapes). The weight reaches the dot as bf16 (no
+    convert of it in the HLO), and the result is the float64 product of the bf16 values
+    rounded once to bf16 (float32 sums: within a bf16 ulp plus the float32 sum error)."""
     rng = np.random.default_rng(2)
-    w = np.asarray(rng.standard_normal((1000, 37)), ml_dtypes.bfloat16)
-    w[0, :3] = [np.nan, np.inf, -np.inf]
-    got = np.asarray(jax.jit(cpu_matmul.widen)(jnp.asarray(w)))
-    np.testing.assert_array_equal(got, w.astype(np.float32))
     spec = "btd,dnh->btnh"
-    bf = jnp.asarray(rng.standard_normal((64, 4, 16)), jnp.bfloat16)
-    many = jnp.asarray(rng.standard_normal((4, 8, 64)), jnp.bfloat16)       # 32 rows
-    run = lambda x, w: quant.einsum(spec, x, w, pallas="cpu")
-    # only where XLA's own bf16 GEMM converts the weight slowly first (jax < 0.11)
-    assert (cpu_matmul.WIDEN_TARGET in _hlo(lambda x: run(x, bf), many)) == cpu_matmul._old_xla()
-    assert cpu_matmul.WIDEN_TARGET not in _hlo(lambda x: run(x, bf.astype(jnp.float32)), many)
-    got, want = run(many, bf), quant.einsum(spec, many, bf)
-    assert got.dtype == want.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               rtol=2 ** -7, atol=1e-6)
-    with pytest.raises(ValueError, match="bfloat16"):
-        cpu_matmul.widen(bf.astype(jnp.float32))
-
-
-def test_the_switch_leaves_prefill_weights_to_xla(monkeypatch):
-    monkeypatch.setattr(cpu_matmul, "_old_xla", lambda: True)
-    assert cpu_matmul.widens(cpu_matmul.MAX_ROWS + 1, jnp.bfloat16)
-    assert not cpu_matmul.widens(cpu_matmul.MAX_ROWS, jnp.bfloat16)
-    monkeypatch.setenv("FTJAX_CPU_MATMUL", "0")
-    assert not cpu_matmul.widens(64, jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((64, 4, 16)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((4, 8, 64)), jnp.bfloat16)       # 32 rows
+    run = jax.jit(lambda x, w: quant.einsum(spec, x, w, pallas="cpu"))
+    hlo = run.lower(x, w).compile().as_text()
+    assert cpu_matmul.TARGET not in hlo
+    dots = [ln for ln in hlo.splitlines() if " dot(" in ln or "__ynn" in ln or "ynn_fusion" in ln]
+    assert dots, hlo
+    # the only converts of bf16 data to f32 would be of x or w: none may feed the dot
+    assert not any("f32[64,64]" in ln and "convert" in ln for ln in hlo.splitlines()), hlo
+    got = run(x, w)
+    assert got.dtype == jnp.bfloat16 and got.shape == (4, 8, 4, 16)
+    want = np.einsum(spec, np.asarray(x, np.float64), np.asarray(w, np.float64))
+    bound = np.einsum(spec, np.abs(np.asarray(x, np.float64)), np.abs(np.asarray(w, np.float64)))
+    err = np.abs(np.asarray(got, np.float64) - want)
+    assert np.all(err <= 2 ** -8 * np.abs(want) + 1e-6 * bound), err.max()
+    # float32 weights: no change (no preferred type asked, result float32)
+    got32 = quant.einsum(spec, x.astype(jnp.float32), w.astype(jnp.float32))
+    assert got32.dtype == jnp.float32
+    assert quant._accumulate(x, w) == {"preferred_element_type": jnp.float32}
+    assert quant._accumulate(x.astype(jnp.float32), w.astype(jnp.float32)) == {}
