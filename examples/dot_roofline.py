@@ -124,8 +124,10 @@ def _fn(variant: str):
         else:
             dt = jnp.bfloat16 if base == "bf16" else f32
             make = (lambda w: ((w.T if nk else w).astype(dt).copy(),))
-        return make, over(lambda x, w: cpu_matmul.matmul(x, w[0], w[1] if len(w) > 1 else None,
-                                                         nk=nk))
+        # a bf16 model's rows are bf16 (the kernel then multiplies bf16 pairs)
+        cast = (lambda x: x.astype(jnp.bfloat16)) if base == "bf16" else (lambda x: x)
+        return make, over(lambda x, w: cpu_matmul.matmul(cast(x), w[0],
+                                                         w[1] if len(w) > 1 else None, nk=nk))
     raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
 
 

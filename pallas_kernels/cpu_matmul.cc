@@ -9,7 +9,10 @@
 // GB/s for 2 to 16 rows, and bf16 / int8 weights at 0.3-1.8 GB/s (examples/
 // dot_roofline.py, 2-core AMD EPYC), so a decode step of 8 rows cost ~2.3x one row's.
 //
-// x float32 [M, K]; y float32 [M, N] = x @ w (* scale):
+// bf16 x against bf16 w at 2+ rows: bf16 pairs multiplied by `vdpbf16ps` (below), where
+// the CPU has AVX-512 BF16; other bf16 x is widened to float32 first.
+//
+// x float32 (or bf16) [M, K]; y float32 [M, N] = x @ w (* scale):
 //   "kn": w [K, N] (a Linear kernel, contraction first), scale [N] or none;
 //   "nk": w [N, K] (an embedding table as the LM head), scale [N] or none.
 // Work: items are ranges of output columns ("kn") or rows ("nk"), shared out over XLA's
@@ -196,9 +199,162 @@ void run(ffi::ThreadPool& pool, bool nk, const float* x, const WT* w, const floa
   });
 }
 
-// x [M, K] float32; w "kn" [K, N] / "nk" [N, K] of float32, bfloat16 or int8; scale
-// float32 [N] or empty (no scale); nk: 0 or 1; y [M, N] float32.
-ffi::Error matmul_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+// bf16 activations against bf16 weights at 2+ rows (a bf16 model's decode step): the dots
+// are compute-bound there once the weight is widened in registers (8 float32 FMAs per 16
+// weights at 8 rows), so they take `vdpbf16ps` instead: two bf16 products per float32
+// lane and instruction, exact in float32 and summed in float32 (the same sums, in pairs).
+// "kn" interleaves two weight rows into (k, k+1) pairs per column; "nk" rows already are.
+constexpr int64_t PT = 32;  // columns per "kn" tile: two vectors of 16 float32 sums
+
+alignas(64) constexpr uint16_t kPairOrder[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                                 37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                                 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+
+// y[m0:m0+MB, c0:c1] += x[m0:m0+MB, k0:k0+kb] @ w[k0:k0+kb, c0:c1], kb even.
+template <int MB>
+inline void kn_pairs_tile(const bf16* __restrict x, const bf16* __restrict w, float* __restrict y,
+                          int64_t K, int64_t N, int64_t m0, int64_t k0, int64_t kb, int64_t c0,
+                          int64_t c1) {
+  const __m512i lo = _mm512_load_si512(kPairOrder);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t c = c0; c < c1; c += PT) {
+    __m512 acc[MB][2];
+    for (int m = 0; m < MB; ++m)
+      for (int v = 0; v < 2; ++v) acc[m][v] = _mm512_loadu_ps(y + (m0 + m) * N + c + v * 16);
+    for (int64_t k = k0; k < k0 + kb; k += 2) {
+#if PF_DEF
+      if (k + PF_DEF + 1 < K) {
+        _mm_prefetch(reinterpret_cast<const char*>(w + (k + PF_DEF) * N + c), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(w + (k + PF_DEF + 1) * N + c), _MM_HINT_T0);
+      }
+#endif
+      const __m512i r0 = _mm512_loadu_si512(w + k * N + c), r1 = _mm512_loadu_si512(w + (k + 1) * N + c);
+      const __m512bh b0 = (__m512bh)_mm512_permutex2var_epi16(r0, lo, r1);
+      const __m512bh b1 = (__m512bh)_mm512_permutex2var_epi16(r0, hi, r1);
+      for (int m = 0; m < MB; ++m) {
+        int32_t pair;
+        std::memcpy(&pair, x + (m0 + m) * K + k, sizeof pair);
+        const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+        acc[m][0] = _mm512_dpbf16_ps(acc[m][0], a, b0);
+        acc[m][1] = _mm512_dpbf16_ps(acc[m][1], a, b1);
+      }
+    }
+    for (int m = 0; m < MB; ++m)
+      for (int v = 0; v < 2; ++v) _mm512_storeu_ps(y + (m0 + m) * N + c + v * 16, acc[m][v]);
+  }
+}
+
+inline void kn_pairs_rows(const bf16* x, const bf16* w, float* y, int64_t K, int64_t N, int64_t m0,
+                          int64_t mb, int64_t k0, int64_t kb, int64_t c0, int64_t c1) {
+  switch (mb) {
+    case 1: return kn_pairs_tile<1>(x, w, y, K, N, m0, k0, kb, c0, c1);
+    case 2: return kn_pairs_tile<2>(x, w, y, K, N, m0, k0, kb, c0, c1);
+    case 3: return kn_pairs_tile<3>(x, w, y, K, N, m0, k0, kb, c0, c1);
+    case 4: return kn_pairs_tile<4>(x, w, y, K, N, m0, k0, kb, c0, c1);
+    case 5: return kn_pairs_tile<5>(x, w, y, K, N, m0, k0, kb, c0, c1);
+    case 6: return kn_pairs_tile<6>(x, w, y, K, N, m0, k0, kb, c0, c1);
+    case 7: return kn_pairs_tile<7>(x, w, y, K, N, m0, k0, kb, c0, c1);
+    default: return kn_pairs_tile<8>(x, w, y, K, N, m0, k0, kb, c0, c1);
+  }
+}
+
+// Columns [c0, c1) of y = x @ w (* scale), K even.
+void kn_pairs_item(const bf16* x, const bf16* w, const float* scale, float* y, int64_t M,
+                   int64_t K, int64_t N, int64_t c0, int64_t c1) {
+  for (int64_t m = 0; m < M; ++m) std::fill(y + m * N + c0, y + m * N + c1, 0.0f);
+  const int64_t cv = c0 + (c1 - c0) / PT * PT;
+  const int64_t cb = std::max<int64_t>(PT, CB_FLOATS / std::max<int64_t>(M, 1) / PT * PT);
+  for (int64_t b0 = c0; b0 < cv; b0 += cb) {
+    const int64_t b1 = std::min(b0 + cb, cv);
+    for (int64_t k0 = 0; k0 < K; k0 += KB) {
+      const int64_t kb = std::min(KB, K - k0);
+      for (int64_t m0 = 0; m0 < M; m0 += 8)
+        kn_pairs_rows(x, w, y, K, N, m0, std::min<int64_t>(8, M - m0), k0, kb, b0, b1);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = cv; c < c1; ++c) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += to_float(x[m * K + k]) * to_float(w[k * N + c]);
+      y[m * N + c] = s;
+    }
+  if (scale)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = c0; c < c1; ++c) y[m * N + c] *= scale[c];
+}
+
+// y[m0:m0+MB, n0:n0+NB] = x[m0:m0+MB] . w[n0:n0+NB] along K, 32 bf16 (16 pairs) a step.
+template <int MB, int NB>
+inline void nk_pairs_block(const bf16* __restrict x, const bf16* __restrict w, float* __restrict y,
+                           int64_t K, int64_t N, int64_t m0, int64_t n0) {
+  __m512 acc[MB][NB];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 live = K - k >= 32 ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
+    __m512bh wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(live, w + (n0 + j) * K + k);
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(live, x + (m0 + m) * K + k);
+      for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], xv, wv[j]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < NB; ++j) y[(m0 + m) * N + n0 + j] = _mm512_reduce_add_ps(acc[m][j]);
+}
+
+template <int NB>
+inline void nk_pairs_rows(const bf16* x, const bf16* w, float* y, int64_t M, int64_t K, int64_t N,
+                          int64_t n0) {
+  int64_t m0 = 0;
+  for (; m0 + NKM <= M; m0 += NKM) nk_pairs_block<NKM, NB>(x, w, y, K, N, m0, n0);
+  for (; m0 < M; ++m0) nk_pairs_block<1, NB>(x, w, y, K, N, m0, n0);
+}
+
+// Rows [r0, r1) of w: y[:, r0:r1] = x @ w[r0:r1]^T (* scale).
+void nk_pairs_item(const bf16* x, const bf16* w, const float* scale, float* y, int64_t M,
+                   int64_t K, int64_t N, int64_t r0, int64_t r1) {
+  int64_t n = r0;
+  for (; n + NKB <= r1; n += NKB) {
+#if NKPF_DEF
+    if (n + 2 * NKB <= r1) {
+      const char* p = reinterpret_cast<const char*>(w + (n + NKB) * K);
+      for (int64_t b = 0; b < static_cast<int64_t>(NKB * K * sizeof(bf16)); b += 64)
+        _mm_prefetch(p + b, _MM_HINT_T0);
+    }
+#endif
+    nk_pairs_rows<NKB>(x, w, y, M, K, N, n);
+  }
+  for (; n < r1; ++n) nk_pairs_rows<1>(x, w, y, M, K, N, n);
+  if (scale)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = r0; c < r1; ++c) y[m * N + c] *= scale[c];
+}
+
+void run_pairs(ffi::ThreadPool& pool, bool nk, const bf16* x, const bf16* w, const float* scale,
+               float* y, int64_t M, int64_t K, int64_t N) {
+  const int64_t unit = nk ? NKB : PT;
+  const int64_t units = (N + unit - 1) / unit;
+  const int64_t items = std::clamp<int64_t>(4 * num_threads(pool), 1, units);
+  parallel_for(pool, items, [=](int64_t i, std::vector<float>&) {
+    const int64_t c0 = std::min(N, units * i / items * unit);
+    const int64_t c1 = std::min(N, units * (i + 1) / items * unit);
+    if (c0 >= c1) return;
+    if (nk)
+      nk_pairs_item(x, w, scale, y, M, K, N, c0, c1);
+    else
+      kn_pairs_item(x, w, scale, y, M, K, N, c0, c1);
+  });
+}
+#define FTJAX_BF16_PAIRS 1
+#endif  // __AVX512BF16__
+
+// x [M, K] float32 or bfloat16; w "kn" [K, N] / "nk" [N, K] of float32, bfloat16 or
+// int8; scale float32 [N] or empty (no scale); nk: 0 or 1; y [M, N] float32. bf16 x with
+// bf16 w at 2+ rows takes the `vdpbf16ps` path where the CPU has it; any other bf16 x is
+// widened to float32 first (exactly).
+ffi::Error matmul_impl(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
                        ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t nk) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2)
@@ -211,15 +367,33 @@ ffi::Error matmul_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
     return ffi::Error::InvalidArgument("cpu matmul: scale must have one value per output");
   const float* s = ns ? scale.typed_data() : nullptr;
   float* out = y->typed_data();
+  std::vector<float> widened;
+  const float* xf = nullptr;
+  if (x.element_type() == ffi::DataType::BF16) {
+    const bf16* xb = static_cast<const bf16*>(x.untyped_data());
+#ifdef FTJAX_BF16_PAIRS
+    if (w.element_type() == ffi::DataType::BF16 && M >= 2 && (nk || K % 2 == 0)) {
+      run_pairs(pool, nk, xb, static_cast<const bf16*>(w.untyped_data()), s, out, M, K, N);
+      return ffi::Error::Success();
+    }
+#endif
+    widened.resize(M * K);
+    for (int64_t i = 0; i < M * K; ++i) widened[i] = to_float(xb[i]);
+    xf = widened.data();
+  } else if (x.element_type() == ffi::DataType::F32) {
+    xf = static_cast<const float*>(x.untyped_data());
+  } else {
+    return ffi::Error::InvalidArgument("cpu matmul: x must be float32 or bfloat16");
+  }
   switch (w.element_type()) {
     case ffi::DataType::F32:
-      run(pool, nk, x.typed_data(), static_cast<const float*>(w.untyped_data()), s, out, M, K, N);
+      run(pool, nk, xf, static_cast<const float*>(w.untyped_data()), s, out, M, K, N);
       break;
     case ffi::DataType::BF16:
-      run(pool, nk, x.typed_data(), static_cast<const bf16*>(w.untyped_data()), s, out, M, K, N);
+      run(pool, nk, xf, static_cast<const bf16*>(w.untyped_data()), s, out, M, K, N);
       break;
     case ffi::DataType::S8:
-      run(pool, nk, x.typed_data(), static_cast<const int8_t*>(w.untyped_data()), s, out, M, K, N);
+      run(pool, nk, xf, static_cast<const int8_t*>(w.untyped_data()), s, out, M, K, N);
       break;
     default:
       return ffi::Error::InvalidArgument("cpu matmul: weights must be float32, bfloat16 or int8");
@@ -232,7 +406,7 @@ ffi::Error matmul_impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBu
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FtjaxSmallMatmul, matmul_impl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -59,6 +59,26 @@ def test_matmul_matches_numpy(m, k, n, dtype, nk):
     _check(y, x, w64, scale, nk)
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 768, 2304), (2, 768, 96), (8, 768, 3072), (9, 64, 50),
+                                   (16, 96, 128), (3, 37, 33), (8, 40, 7)])
+@pytest.mark.parametrize("nk", [False, True])
+def test_bf16_rows_against_bf16_weights_match_numpy(m, k, n, nk):
+    """A bf16 model's decode rows stay bf16 into the kernel: at 2+ rows it multiplies
+    bf16 pairs (`vdpbf16ps`: products exact in float32, float32 sums taken two at a time)
+    where the CPU has them, else (one row, odd K against a `[K, N]` weight, no AVX-512
+    BF16) widens x exactly first. Either way the float64 product of the bf16 values, to
+    the float32 sum tolerance stated above; the per-output scale too."""
+    rng = np.random.default_rng(m * 1000 + k + n + 7)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    w, w64 = _weights(rng, (n, k) if nk else (k, n), "bfloat16")
+    scale = rng.uniform(0.5, 2.0, n).astype(np.float32) if m == 9 else None
+    y = jax.jit(lambda x, w, s: cpu_matmul.matmul(x, w, s, nk=nk))(x, w, scale)
+    _check(y, np.asarray(x, np.float64), w64, scale, nk)
+    (call,) = [ln for ln in jax.jit(lambda x, w: cpu_matmul.matmul(x, w, nk=nk)).lower(x, w)
+               .as_text(dialect="hlo").splitlines() if cpu_matmul.TARGET in ln]
+    assert f"operand_layout_constraints={{bf16[{m},{k}]" in call  # x not cast to float32
+
+
 def test_unsupported_arguments_name_the_problem():
     x = jnp.ones((2, 8), jnp.float32)
     assert "int32" in cpu_matmul.supported(x, jnp.ones((8, 4), jnp.int32))
