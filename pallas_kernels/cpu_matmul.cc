@@ -22,6 +22,8 @@
 // 24-35 -> 19-22 ms float32, and 17 -> 11 ms for one bf16 row); "nk" gives items of
 // weight rows (contiguous already), 2 at a time against 8 x rows, dot products along K.
 
+#include <type_traits>
+
 #include "cpu_simd.h"
 
 namespace {
@@ -152,6 +154,46 @@ void nk_item(const float* x, const WT* w, const float* scale, float* y, int64_t 
       for (int64_t c = r0; c < r1; ++c) y[m * N + c] *= scale[c];
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// "nk" float32 at 2..8 rows (a tied LM head's decode step): the rows of x in the 8 lanes
+// of a ymm vector (x transposed once per call into xt [K][8]), each weight element
+// broadcast against them: no horizontal sums, NKL weight rows (contiguous) per block.
+constexpr int NKL = 8;
+constexpr int64_t LANE_ROWS = 8;  // most rows of x this path takes
+
+template <int R>
+inline void nk_lanes_block(const float* __restrict xt, const float* __restrict w,
+                           float* __restrict y, int64_t M, int64_t K, int64_t N, int64_t n0) {
+  __m256 acc[R];
+  for (int j = 0; j < R; ++j) acc[j] = _mm256_setzero_ps();
+  const float* wr = w + n0 * K;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 xv = _mm256_loadu_ps(xt + k * 8);
+    for (int j = 0; j < R; ++j)
+      acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(wr + j * K + k), xv, acc[j]);
+  }
+  alignas(32) float t[R][8];
+  for (int j = 0; j < R; ++j) _mm256_store_ps(t[j], acc[j]);
+  for (int64_t m = 0; m < M; ++m)
+    for (int j = 0; j < R; ++j) y[m * N + n0 + j] = t[j][m];
+}
+
+// Rows [r0, r1) of w: y[:, r0:r1] = x @ w[r0:r1]^T (* scale), x given as xt [K][8].
+inline void nk_lanes_item(const float* xt, const float* w, const float* scale, float* y,
+                          int64_t M, int64_t K, int64_t N, int64_t r0, int64_t r1) {
+  int64_t n = r0;
+  for (; n + NKL <= r1; n += NKL) nk_lanes_block<NKL>(xt, w, y, M, K, N, n);
+  for (; n < r1; ++n) nk_lanes_block<1>(xt, w, y, M, K, N, n);
+  if (scale)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t c = r0; c < r1; ++c) y[m * N + c] *= scale[c];
+}
+#else
+constexpr int64_t LANE_ROWS = 0;
+inline void nk_lanes_item(const float*, const float*, const float*, float*, int64_t, int64_t,
+                          int64_t, int64_t, int64_t) {}
+#endif
+
 // "kn" by ranges of weight rows: item i streams rows [k0, k1) of w, a contiguous stretch
 // of memory, through every column into its own partial sums ([M, N] float32); the
 // partials are added after. `tile(m0, mb, k0, kb, c0, c1, out)` accumulates
@@ -192,30 +234,56 @@ void kn_by_rows(ffi::ThreadPool& pool, int64_t items, const float* scale, float*
   }
 }
 
-template <typename WT>
-void run(ffi::ThreadPool& pool, bool nk, const float* x, const WT* w, const float* scale,
-         float* y, int64_t M, int64_t K, int64_t N) {
+// y = x @ w (* scale): "kn" by ranges of weight rows (`kn_by_rows`, tiles of tn columns,
+// row ranges in multiples of kstep), "nk" by items of weight rows, a few per thread
+// (`nk_rows_item(r0, r1)`; the rows are contiguous already).
+template <typename XT, typename WT, typename Tile, typename NkItem>
+void run_split(ffi::ThreadPool& pool, bool nk, const XT* x, const WT* w, const float* scale,
+               float* y, int64_t M, int64_t K, int64_t N, int64_t tn, int64_t kstep,
+               const Tile& tile, const NkItem& nk_rows_item) {
   if (!nk) {
-    kn_by_rows(
-        pool, num_threads(pool), scale, y, M, K, N, TN, 1,
-        [=](int64_t m0, int64_t mb, int64_t k0, int64_t kb, int64_t c0, int64_t c1, float* out) {
-          kn_tile(x, w, out, K, N, m0, mb, k0, kb, c0, c1);
-        },
-        [=](int64_t c, int64_t m) {
-          float t = 0.0f;
-          for (int64_t k = 0; k < K; ++k) t += x[m * K + k] * to_float(w[k * N + c]);
-          return t;
-        });
+    kn_by_rows(pool, num_threads(pool), scale, y, M, K, N, tn, kstep, tile,
+               [=](int64_t c, int64_t m) {
+                 float t = 0.0f;
+                 for (int64_t k = 0; k < K; ++k) t += to_float(x[m * K + k]) * to_float(w[k * N + c]);
+                 return t;
+               });
     return;
   }
-  // "nk": items of weight rows (contiguous already), a few per thread.
   const int64_t units = (N + NKB - 1) / NKB;
   const int64_t items = std::clamp<int64_t>(4 * num_threads(pool), 1, units);
   parallel_for(pool, items, [=](int64_t i, std::vector<float>&) {
     const int64_t r0 = std::min(N, units * i / items * NKB);
     const int64_t r1 = std::min(N, units * (i + 1) / items * NKB);
-    if (r0 < r1) nk_item(x, w, scale, y, M, K, N, r0, r1);
+    if (r0 < r1) nk_rows_item(r0, r1);
   });
+}
+
+template <typename WT>
+void run(ffi::ThreadPool& pool, bool nk, const float* x, const WT* w, const float* scale,
+         float* y, int64_t M, int64_t K, int64_t N) {
+  // float32 "nk" at 2..LANE_ROWS rows: x transposed into the lanes (one buffer per
+  // calling thread, kept between calls).
+  const bool lanes = std::is_same<WT, float>::value && nk && M >= 2 && M <= LANE_ROWS;
+  thread_local std::vector<float> xt_buffer;
+  const float* xt = nullptr;
+  if (lanes) {
+    xt_buffer.assign(static_cast<size_t>(K) * 8, 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xt_buffer[k * 8 + m] = x[m * K + k];
+    xt = xt_buffer.data();
+  }
+  run_split(
+      pool, nk, x, w, scale, y, M, K, N, TN, 1,
+      [=](int64_t m0, int64_t mb, int64_t k0, int64_t kb, int64_t c0, int64_t c1, float* out) {
+        kn_tile(x, w, out, K, N, m0, mb, k0, kb, c0, c1);
+      },
+      [=](int64_t r0, int64_t r1) {
+        if (lanes)
+          nk_lanes_item(xt, reinterpret_cast<const float*>(w), scale, y, M, K, N, r0, r1);
+        else
+          nk_item(x, w, scale, y, M, K, N, r0, r1);
+      });
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -328,26 +396,12 @@ void nk_pairs_item(const bf16* x, const bf16* w, const float* scale, float* y, i
 
 void run_pairs(ffi::ThreadPool& pool, bool nk, const bf16* x, const bf16* w, const float* scale,
                float* y, int64_t M, int64_t K, int64_t N) {
-  if (!nk) {
-    kn_by_rows(
-        pool, num_threads(pool), scale, y, M, K, N, PT, 2,
-        [=](int64_t m0, int64_t mb, int64_t k0, int64_t kb, int64_t c0, int64_t c1, float* out) {
-          kn_pairs_rows(x, w, out, K, N, m0, mb, k0, kb, c0, c1);
-        },
-        [=](int64_t c, int64_t m) {
-          float t = 0.0f;
-          for (int64_t k = 0; k < K; ++k) t += to_float(x[m * K + k]) * to_float(w[k * N + c]);
-          return t;
-        });
-    return;
-  }
-  const int64_t units = (N + NKB - 1) / NKB;
-  const int64_t items = std::clamp<int64_t>(4 * num_threads(pool), 1, units);
-  parallel_for(pool, items, [=](int64_t i, std::vector<float>&) {
-    const int64_t r0 = std::min(N, units * i / items * NKB);
-    const int64_t r1 = std::min(N, units * (i + 1) / items * NKB);
-    if (r0 < r1) nk_pairs_item(x, w, scale, y, M, K, N, r0, r1);
-  });
+  run_split(
+      pool, nk, x, w, scale, y, M, K, N, PT, 2,
+      [=](int64_t m0, int64_t mb, int64_t k0, int64_t kb, int64_t c0, int64_t c1, float* out) {
+        kn_pairs_rows(x, w, out, K, N, m0, mb, k0, kb, c0, c1);
+      },
+      [=](int64_t r0, int64_t r1) { nk_pairs_item(x, w, scale, y, M, K, N, r0, r1); });
 }
 #define FTJAX_BF16_PAIRS 1
 #endif  // __AVX512BF16__

@@ -37,6 +37,8 @@ TARGET = "FtjaxSmallMatmul"
 # weight is read once for many rows anyway and XLA's GEMM (YNNPACK) is compute-bound.
 MAX_ROWS = 16
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.int8)
+# Most rows of a float32 `[N, K]` matmul the kernel takes in vector lanes (`cpu_matmul.cc`).
+NK_LANE_ROWS = 8
 
 
 __all__ = ["MAX_ROWS", "available", "preferred", "supported", "matmul"]
@@ -47,13 +49,15 @@ def preferred(rows: int, dtype, nk: bool = False) -> bool:
     faster here than XLA's dot, as measured (`examples/dot_roofline.py`, gpt2-124m
     shapes, 2-core AMD EPYC, GB/s of weight read): bf16 / int8 weights at any rows up to
     MAX_ROWS (XLA converts them in memory first: 0.3-1.8 GB/s; the kernel 13-25 bf16,
-    7-24 int8); float32 `[K, N]` at 2..16 rows (17-23 vs 12-19 GB/s); float32 at one
-    row and float32 `[N, K]` tables stay on XLA (its matrix-vector code: 25-30 GB/s, at
-    8 rows 13 vs 11.5). `FTJAX_CPU_MATMUL=0` turns the kernel off (an A/B switch)."""
+    7-24 int8); float32 `[K, N]` at 2..16 rows (17-23 vs 12-19 GB/s); float32 `[N, K]`
+    tables (a tied LM head) at 4..8 rows, the rows in a vector's lanes (gpt2 heads at 8
+    rows 14.2-17.0 vs 11.0-12.8 GB/s, at 4 rows 12.6-15.7 vs 13.0-14.1; at 2 rows equal);
+    float32 at one row stays on XLA (its matrix-vector code: 25-30 GB/s).
+    `FTJAX_CPU_MATMUL=0` turns the kernel off (an A/B switch)."""
     if rows > MAX_ROWS or os.environ.get("FTJAX_CPU_MATMUL", "1") == "0":
         return False
     if jnp.dtype(dtype) == jnp.float32:
-        return not nk and rows >= 2
+        return 4 <= rows <= NK_LANE_ROWS if nk else rows >= 2
     return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8))
 
 

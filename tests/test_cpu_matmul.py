@@ -121,11 +121,16 @@ def test_einsum_takes_the_kernel_for_few_rows_only():
 
 def test_logits_take_the_kernel_for_bf16_and_int8_tables():
     """The LM head over an embedding table `[V, E]`: bf16 and per-row int8 tables go
-    through the kernel (nk); a float32 table stays on XLA (as fast there)."""
+    through the kernel (nk); a float32 table at 4..8 rows too (its rows in vector lanes),
+    at fewer rows it stays on XLA (as fast there)."""
     rng = np.random.default_rng(1)
     table = jnp.asarray(rng.standard_normal((101, 40)).astype(np.float32))
     x = jnp.asarray(rng.standard_normal((3, 1, 40)).astype(np.float32))
     assert cpu_matmul.TARGET not in _hlo(lambda x: quant.logits(x, table, "cpu"), x)
+    x8 = jnp.asarray(rng.standard_normal((4, 2, 40)).astype(np.float32))
+    assert cpu_matmul.TARGET in _hlo(lambda x: quant.logits(x, table, "cpu"), x8)
+    np.testing.assert_allclose(quant.logits(x8, table, "cpu"), quant.logits(x8, table),
+                               rtol=1e-5, atol=1e-5)
     for head in (table.astype(jnp.bfloat16), quant.quantize_rows(table)):
         got = quant.logits(x, head, "cpu")
         assert cpu_matmul.TARGET in _hlo(lambda x: quant.logits(x, head, "cpu"), x)
