@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ftjax
-from hf_models import check_low_precision, hf_greedy, hf_logits, make_gpt2
+from hf_models import EPS, LOW_TOL_EPS, check_low_precision, hf_greedy, hf_logits, make_gpt2
 
 pytestmark = pytest.mark.torch
 ATOL = 1e-4
@@ -89,3 +89,51 @@ def test_low_precision_close_to_hf(tmp_path, dtype):
     hf32 = make_gpt2(tmp_path, initializer_range=0.15)
     ids = np.random.default_rng(4).integers(0, 211, (8, 33))
     check_low_precision(tmp_path, hf32, dtype, ids, label="gpt2")
+
+
+def test_batched_decode_matches_hf(pair):
+    """Five prompts decoded together: a decode step's 2..5 live rows go through the native
+    CPU kernels (each thread a range of weight rows; a tied float32 LM head at 4..8 rows
+    with the rows in vector lanes). Each row's greedy tokens = HF's for that prompt alone
+    (both stopping at eos), and its log-probs = HF's log-softmax within ATOL."""
+    import torch
+
+    hf, model = pair
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(1, 200, n).tolist() for n in (3, 5, 7, 4, 6)]
+    out = model.generate(prompts, max_new_tokens=12)  # rows end at eos (0) or 12 tokens
+    assert max(len(t) for t in out.tokens) == 12
+    for prompt, toks, lps in zip(prompts, out.tokens, out.log_probs):
+        assert toks == hf_greedy(hf, prompt, 12, eos=0)
+        seq = prompt + toks
+        ref = torch.log_softmax(torch.tensor(hf_logits(hf, [seq[:-1]]))[0], -1)
+        ref = ref[len(prompt) - 1:][torch.arange(len(toks)), torch.tensor(toks)].numpy()
+        assert np.abs(np.asarray(lps) - ref).max() <= ATOL
+
+
+def test_bf16_batched_decode_close_to_hf(tmp_path):
+    """bf16 decode at 4 rows (the CPU kernel multiplies bf16 pairs where the CPU has
+    them) against HF in bf16, teacher-forced on ftjax's tokens: the chosen tokens'
+    log-probs within `check_low_precision`'s bounds (16 eps of the logit scale, and at
+    most twice HF's own bf16-vs-fp32 error at those positions)."""
+    import torch
+    import transformers
+
+    hf32 = make_gpt2(tmp_path, initializer_range=0.15)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), dtype=torch.bfloat16).eval()
+    model = ftjax.load(str(tmp_path), dtype="bfloat16")
+    prompts = np.random.default_rng(6).integers(1, 200, (4, 9)).tolist()
+    new = 8
+    out = model.generate(prompts, max_new_tokens=new, sampling=NO_STOP)
+    seqs = [p + t for p, t in zip(prompts, out.tokens)]
+    ids = np.asarray([s[:-1] for s in seqs])
+    ls = lambda m: torch.log_softmax(torch.tensor(hf_logits(m, ids)), -1)[:, 8:].numpy()
+    ref, ref32 = ls(hf), ls(hf32)
+    chosen = np.take_along_axis(ref, np.asarray(out.tokens)[:, :, None], -1)[..., 0]
+    ours = np.asarray(out.log_probs)
+    assert np.isfinite(ours).all()
+    err = np.abs(ours - chosen).max()
+    scale = np.abs(hf_logits(hf32, ids)).max()
+    assert err <= LOW_TOL_EPS * EPS["bfloat16"] * scale
+    assert err <= 2 * np.abs(ref - ref32).max()
