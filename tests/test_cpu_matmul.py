@@ -79,6 +79,32 @@ def test_bf16_rows_against_bf16_weights_match_numpy(m, k, n, nk):
     assert f"operand_layout_constraints={{bf16[{m},{k}]" in call  # x not cast to float32
 
 
+@pytest.mark.parametrize("dtype,nk", [("bfloat16", False), ("bfloat16", True),
+                                      ("float32", False), ("float32", True)])
+def test_nan_and_inf_reach_exactly_the_outputs_they_touch(dtype, nk):
+    """A NaN / inf in x or in the weight (a corrupt checkpoint, an overflowed activation)
+    is not hidden by any path (bf16 pairs, row-range partial sums, the LM head's lanes):
+    every output it contributes to is NaN / inf as in numpy, every other one is finite."""
+    rng = np.random.default_rng(3)
+    m, k, n = 4, 64, 40
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k) if nk else (k, n)).astype(np.float32)
+    x[1, 5] = np.nan
+    x[2, 7] = np.inf
+    if nk:
+        w[3, 9] = np.nan
+    else:
+        w[9, 3] = np.nan
+    xd = jnp.asarray(x, dtype)
+    wd = jnp.asarray(w, dtype)
+    y = np.asarray(jax.jit(lambda x, w: cpu_matmul.matmul(x, w, nk=nk))(xd, wd))
+    want = np.asarray(xd, np.float64) @ (np.asarray(wd, np.float64).T if nk
+                                         else np.asarray(wd, np.float64))
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(want))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(want))
+    assert np.isnan(y).any() and np.isinf(want).any() and np.isfinite(y).sum() > m * n // 3
+
+
 def test_unsupported_arguments_name_the_problem():
     x = jnp.ones((2, 8), jnp.float32)
     assert "int32" in cpu_matmul.supported(x, jnp.ones((8, 4), jnp.int32))
