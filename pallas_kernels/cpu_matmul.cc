@@ -133,10 +133,11 @@ inline void nk_rows(const float* x, const WT* w, float* y, int64_t M, int64_t K,
   for (; m0 < M; ++m0) nk_block<WT, 1, NB>(x, w, y, K, N, m0, n0);
 }
 
-// Rows [r0, r1) of w: y[:, r0:r1] = x @ w[r0:r1]^T (* scale).
-template <typename WT>
-void nk_item(const float* x, const WT* w, const float* scale, float* y, int64_t M, int64_t K,
-             int64_t N, int64_t r0, int64_t r1) {
+// Rows [r0, r1) of w, NKB at a time (then one at a time), prefetching the next block:
+// `rows(n, nb)` computes y[:, n:n+nb] for nb an std::integral_constant; then * scale.
+template <typename WT, typename Rows>
+void nk_walk(const WT* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+             int64_t r0, int64_t r1, const Rows& rows) {
   int64_t n = r0;
   for (; n + NKB <= r1; n += NKB) {
 #if NKPF_DEF
@@ -146,12 +147,21 @@ void nk_item(const float* x, const WT* w, const float* scale, float* y, int64_t 
         _mm_prefetch(p + b, _MM_HINT_T0);
     }
 #endif
-    nk_rows<WT, NKB>(x, w, y, M, K, N, n);
+    rows(n, std::integral_constant<int, NKB>());
   }
-  for (; n < r1; ++n) nk_rows<WT, 1>(x, w, y, M, K, N, n);
+  for (; n < r1; ++n) rows(n, std::integral_constant<int, 1>());
   if (scale)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t c = r0; c < r1; ++c) y[m * N + c] *= scale[c];
+}
+
+// Rows [r0, r1) of w: y[:, r0:r1] = x @ w[r0:r1]^T (* scale).
+template <typename WT>
+void nk_item(const float* x, const WT* w, const float* scale, float* y, int64_t M, int64_t K,
+             int64_t N, int64_t r0, int64_t r1) {
+  nk_walk(w, scale, y, M, K, N, r0, r1, [=](int64_t n, auto nb) {
+    nk_rows<WT, decltype(nb)::value>(x, w, y, M, K, N, n);
+  });
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -279,10 +289,10 @@ void run(ffi::ThreadPool& pool, bool nk, const float* x, const WT* w, const floa
         kn_tile(x, w, out, K, N, m0, mb, k0, kb, c0, c1);
       },
       [=](int64_t r0, int64_t r1) {
-        if (lanes)
-          nk_lanes_item(xt, reinterpret_cast<const float*>(w), scale, y, M, K, N, r0, r1);
-        else
-          nk_item(x, w, scale, y, M, K, N, r0, r1);
+        if constexpr (std::is_same<WT, float>::value) {
+          if (lanes) return nk_lanes_item(xt, w, scale, y, M, K, N, r0, r1);
+        }
+        nk_item(x, w, scale, y, M, K, N, r0, r1);
       });
 }
 
@@ -377,21 +387,9 @@ inline void nk_pairs_rows(const bf16* x, const bf16* w, float* y, int64_t M, int
 // Rows [r0, r1) of w: y[:, r0:r1] = x @ w[r0:r1]^T (* scale).
 void nk_pairs_item(const bf16* x, const bf16* w, const float* scale, float* y, int64_t M,
                    int64_t K, int64_t N, int64_t r0, int64_t r1) {
-  int64_t n = r0;
-  for (; n + NKB <= r1; n += NKB) {
-#if NKPF_DEF
-    if (n + 2 * NKB <= r1) {
-      const char* p = reinterpret_cast<const char*>(w + (n + NKB) * K);
-      for (int64_t b = 0; b < static_cast<int64_t>(NKB * K * sizeof(bf16)); b += 64)
-        _mm_prefetch(p + b, _MM_HINT_T0);
-    }
-#endif
-    nk_pairs_rows<NKB>(x, w, y, M, K, N, n);
-  }
-  for (; n < r1; ++n) nk_pairs_rows<1>(x, w, y, M, K, N, n);
-  if (scale)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = r0; c < r1; ++c) y[m * N + c] *= scale[c];
+  nk_walk(w, scale, y, M, K, N, r0, r1, [=](int64_t n, auto nb) {
+    nk_pairs_rows<decltype(nb)::value>(x, w, y, M, K, N, n);
+  });
 }
 
 void run_pairs(ffi::ThreadPool& pool, bool nk, const bf16* x, const bf16* w, const float* scale,
