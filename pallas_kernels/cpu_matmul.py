@@ -6,8 +6,9 @@ weights at 27-30 GB/s for one row but 12-18 GB/s for 2 to 16 rows (YNNPACK), and
 int8 weights at 0.3-1.8 GB/s (it converts them to float32 in memory first); measured
 with `examples/dot_roofline.py` on a 2-core AMD EPYC. This kernel (`cpu_matmul.cc`)
 reads each weight once per call, widens bf16 / int8 to float32 in registers, and takes
-every row's products from it there; items of output columns shared over XLA's intra-op
-thread pool. Built with ftjax's other CPU kernels (`pallas_kernels.cpu_native`).
+every row's products from it there, shared over XLA's intra-op thread pool: `[K, N]`
+weights by ranges of weight rows (each thread streams one contiguous stretch into its own
+partial sums), `[N, K]` tables by items of rows. Built with ftjax's other CPU kernels (`pallas_kernels.cpu_native`).
 
 bf16 rows against a bf16 weight (a bf16 model's decode) stay bf16: at 2+ rows the kernel
 multiplies bf16 pairs with `vdpbf16ps` where the CPU has AVX-512 BF16 (the widened path
@@ -79,7 +80,8 @@ def matmul(x, w, scale=None, *, nk: bool = False):
     """`x [M, K] @ w [K, N]` (or `w [N, K]` with nk) `* scale [N]`, float32 `[M, N]`.
 
     x is taken in float32 (cast here), or as bf16 when both x and w are bf16. ValueError
-    for arguments the kernel does not take; RuntimeError when the kernels are not built on this machine / are off.
+    for arguments the kernel does not take; RuntimeError when the kernels are not built
+    on this machine / are off.
     """
     why = supported(x, w, scale, nk=nk)
     if why:
